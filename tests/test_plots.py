@@ -1,0 +1,270 @@
+"""Tests for visinspect.plots and visinspect.widgets: what each figure draws for a fake model."""
+
+import matplotlib
+
+matplotlib.use("Agg")  # before pyplot: no display needed
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+from matplotlib.container import BarContainer
+from matplotlib.patches import Rectangle
+from PIL import Image
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+from visinspect import plots, widgets
+from visinspect.boxes import Box, heatmap_to_boxes
+from visinspect.cam import HeatmapNormalizer
+from visinspect.data import build_sample_table, summarize
+from visinspect.errors import DataError, VisinspectError
+from visinspect.inference import Predictions
+from visinspect.metrics import classification_metrics
+from visinspect.synthetic import generate_synthetic_dataset
+
+
+@pytest.fixture(scope="module")
+def preds(tmp_path_factory) -> Predictions:
+    """7 synthetic round_pill images (4 good, 3 defective with masks), random logits and CAMs."""
+    root = generate_synthetic_dataset(
+        tmp_path_factory.mktemp("plots") / "synthetic", image_size=64, n_train_good=2,
+        n_test_good=2, n_test_per_defect=1, categories=["round_pill"],
+    )
+    samples = build_sample_table(root).samples
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(len(samples), 2, generator=g) * 2
+    cams = torch.randn(len(samples), 4, 4, generator=g)
+    return Predictions(samples, logits, cams, image_size=64)
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+def rectangles(ax) -> list[tuple[float, float, float, float]]:
+    return [
+        (p.get_x(), p.get_y(), p.get_width(), p.get_height())
+        for p in ax.patches
+        if isinstance(p, Rectangle)
+    ]
+
+
+def as_rectangles(boxes: list[Box]) -> list[tuple[float, float, float, float]]:
+    return [(b.x0 - 0.5, b.y0 - 0.5, b.width, b.height) for b in boxes]
+
+
+def test_apply_style_is_idempotent():
+    plots.apply_style()
+    first = dict(matplotlib.rcParams)
+    plots.apply_style()
+    assert dict(matplotlib.rcParams) == first
+    assert matplotlib.rcParams["image.cmap"] == plots.HEATMAP_CMAP
+
+
+def test_class_balance_stacks_the_counts(preds):
+    summary = summarize(preds.samples)
+    fig = plots.plot_class_balance(summary)
+    (ax,) = fig.axes
+    good, anomaly = ax.containers
+    assert [b.get_height() for b in good] == [summary["round_pill"]["good"]]
+    assert [b.get_height() for b in anomaly] == [summary["round_pill"]["anomaly"]]
+    assert [b.get_y() for b in anomaly] == [summary["round_pill"]["good"]]  # stacked on good
+    (ax,) = plots.plot_class_balance(summary, by_split=True).axes
+    splits = summary["round_pill"]["splits"]
+    good_per_split = [splits["train"]["good"], splits["test"]["good"]]
+    assert [b.get_height() for b in ax.containers[0]] == good_per_split
+
+
+def test_sample_grid_spreads_over_defect_types_and_draws_masks(preds):
+    fig = plots.plot_sample_grid(preds.samples, n_per_category=5, image_size=64)
+    assert len(fig.axes) == 5  # one category x 5
+    titles = [ax.get_title() for ax in fig.axes]
+    types = [t.split(" · ")[1] for t in titles]
+    assert types == ["good", "contamination", "crack", "stain", "good"]
+    has_contour = [bool(ax.collections) for ax in fig.axes]
+    assert has_contour == [False, True, True, True, False]
+
+
+def test_overlay_rectangles_hug_pixel_edges():
+    _, ax = plt.subplots()
+    image = np.zeros((20, 30, 3), np.uint8)
+    boxes = [Box(2, 3, 7, 5, 0.9), Box(0, 0, 1, 1, 0.5)]
+    plots.overlay(ax, image, heatmap=np.full((20, 30), 0.2), boxes=boxes, mask=np.eye(20, 30) > 0)
+    assert rectangles(ax) == [(1.5, 2.5, 5, 2), (-0.5, -0.5, 1, 1)]
+    assert ax.images[1].get_clim() == (0.0, 1.0)  # a normalised map keeps the fixed scale
+    assert ax.get_xlim() == (-0.5, 29.5)
+    with pytest.raises(DataError, match="heatmap has shape"):
+        plots.overlay(ax, image, heatmap=np.zeros((10, 10)))
+    with pytest.raises(DataError, match="denormalize"):
+        plots.overlay(ax, np.full((4, 4, 3), 2.0))
+
+
+@pytest.mark.parametrize("boxes_for", ["all", "predicted"])
+def test_prediction_grid_draws_exactly_the_boxes(preds, boxes_for):
+    normalizer = HeatmapNormalizer.fit(preds.cams)
+    indices = list(range(len(preds.samples)))  # 7 images: 3 rows of 3, two empty panels
+    fig = plots.plot_prediction_grid(
+        preds, indices, threshold=0.0, normalizer=normalizer, box_threshold=0.5, min_area=4,
+        boxes_for=boxes_for,
+    )
+    assert len(fig.axes) == 9 + 1  # panels + shared colorbar
+    heat = preds.heatmaps(indices, "dataset", normalizer).numpy()
+    predicted = preds.margins > 0.0
+    assert 0 < predicted.sum() < len(indices)  # the fake model says both
+    n_drawn = 0
+    for i, ax in zip(indices, fig.axes, strict=False):
+        expected = heatmap_to_boxes(heat[i], 0.5, 4) if boxes_for == "all" or predicted[i] else []
+        assert rectangles(ax) == as_rectangles(expected)
+        n_drawn += len(expected)
+        assert f"pred: {'anomaly' if predicted[i] else 'good'}" in ax.get_title()
+    assert n_drawn > 0
+    assert not fig.axes[7].axison and not fig.axes[8].axison
+
+
+def test_prediction_grid_rejects_bad_input(preds):
+    with pytest.raises(DataError, match="out of range"):
+        plots.plot_prediction_grid(preds, [99], threshold=0.0)
+    with pytest.raises(VisinspectError, match="boxes_for"):
+        plots.plot_prediction_grid(preds, [0], threshold=0.0, boxes_for="some")
+
+
+def test_confusion_matrix_annotations_are_the_counts():
+    cm = {"tp": 5, "fn": 2, "fp": 1, "tn": 9}
+    (ax,) = plots.plot_confusion_matrix(cm).axes
+    cells = {(round(t.get_position()[1] - 0.5), round(t.get_position()[0] - 0.5)): t.get_text()
+             for t in ax.texts}
+    assert cells == {(0, 0): "5\n71%", (0, 1): "2\n29%", (1, 0): "1\n10%", (1, 1): "9\n90%"}
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["anomaly", "good"]
+    assert "positive class: anomaly" in ax.get_title()
+    metrics = classification_metrics([0, 1, 1], [0.1, 0.9, 0.2], 0.5)  # the whole dict works too
+    (ax,) = plots.plot_confusion_matrix(metrics).axes
+    assert sorted(t.get_text().split("\n")[0] for t in ax.texts) == ["0", "1", "1", "1"]
+    with pytest.raises(DataError, match="tn"):
+        plots.plot_confusion_matrix({"tp": 1, "fn": 0, "fp": 0})
+
+
+def test_roc_pr_curves_and_legends():
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(30), np.ones(20)].astype(int)
+    scores = rng.normal(size=50) + labels
+    roc_ax, pr_ax = plots.plot_roc_pr(labels, scores).axes
+    legend = [t.get_text() for t in roc_ax.get_legend().get_texts()]
+    assert f"AUROC = {roc_auc_score(labels, scores):.3f}" in legend
+    fpr, tpr, _ = roc_curve(labels, scores)
+    np.testing.assert_allclose(roc_ax.lines[0].get_xydata(), np.column_stack([fpr, tpr]))
+    pr_legend = [t.get_text() for t in pr_ax.get_legend().get_texts()]
+    assert pr_legend == [f"AP = {average_precision_score(labels, scores):.3f}", "chance = 0.400"]
+    with pytest.raises(DataError, match="both good and anomalous"):
+        plots.plot_roc_pr([1, 1], [0.2, 0.3])
+
+
+def test_history_plots_train_and_validation():
+    history = {"loss": [1.0, 0.5, 0.25], "val_loss": [1.1, 0.7, 0.6], "accuracy": [0.5, 0.7, 0.9]}
+    loss_ax, acc_ax = plots.plot_history(history).axes
+    drawn = [line.get_ydata().tolist() for line in loss_ax.lines]
+    assert drawn == [history["loss"], history["val_loss"]]
+    assert loss_ax.lines[0].get_xdata().tolist() == [1, 2, 3]
+    assert len(acc_ax.lines) == 1
+    assert len(plots.plot_history({"loss": [1.0]}).axes) == 1
+    with pytest.raises(DataError, match="neither"):
+        plots.plot_history({"lr": [0.1]})
+
+
+def test_score_distributions_per_group():
+    labels = np.array([0, 0, 1, 0, 1, 1, 1])
+    scores = np.array([-2.0, -1.0, 1.0, 3.0, 4.0, 5.0, 0.5])
+    groups = ["bottle", "bottle", "bottle", "screw", "screw", "screw", "screw"]
+    fig = plots.plot_score_distributions(labels, scores, threshold=0.7, groups=groups, bins=5)
+    assert [ax.get_title() for ax in fig.axes] == ["bottle", "screw"]
+    for ax, name in zip(fig.axes, ["bottle", "screw"], strict=True):
+        sel = np.array(groups) == name
+        heights = [p.get_height() for p in ax.patches]
+        assert sum(heights[:5]) == (sel & (labels == 0)).sum()  # good drawn first
+        assert sum(heights[5:]) == (sel & (labels == 1)).sum()
+        assert ax.lines[0].get_xdata()[0] == 0.7
+    assert len(plots.plot_score_distributions(labels, scores).axes) == 1
+
+
+def test_metric_bars_show_mean_and_std_over_seeds():
+    rows = [
+        {"model": "seed", "target": "bottle", "seed": s, "auroc": v}
+        for s, v in enumerate([0.6, 0.8])
+    ] + [{"model": "simclr", "target": "bottle", "seed": 0, "auroc": 0.9},
+         {"model": "simclr", "target": "screw", "seed": 0, "auroc": None}]
+    (ax,) = plots.plot_metric_bars(rows, "auroc").axes
+    (bars,) = [c for c in ax.containers if isinstance(c, BarContainer)]  # "screw": no value
+    assert [round(b.get_height(), 6) for b in bars] == [0.7, 0.9]
+    segments = bars.errorbar.lines[2][0].get_segments()
+    spans = [s[1, 1] - s[0, 1] for s in segments]
+    np.testing.assert_allclose(spans, [2 * np.std([0.6, 0.8], ddof=1), 0])
+    with pytest.raises(DataError, match="lacks target"):
+        plots.plot_metric_bars([{"model": "a", "auroc": 1.0}], "auroc")
+
+
+def test_save_figure_writes_png_and_closes(tmp_path):
+    fig = plt.figure(figsize=(4, 3))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.imshow(np.zeros((30, 40)))
+    ax.set_axis_off()
+    path = plots.save_figure(fig, tmp_path / "new" / "dir" / "figure.png")
+    assert path.stat().st_size > 0
+    with Image.open(path) as img:
+        assert img.format == "PNG"
+        assert img.size == (round(4.2 * plots.DPI), round(3.2 * plots.DPI))  # + 0.1 in tight pad
+    assert not plt.fignum_exists(fig.number)
+    assert [p.name for p in path.parent.iterdir()] == ["figure.png"]  # no temporary file left
+    with pytest.raises(VisinspectError, match=r"\.png"):
+        plots.save_figure(plt.figure(), tmp_path / "figure.pdf")
+
+
+def test_threshold_metrics_equal_classification_metrics():
+    labels = [0, 0, 1, 1, 1]
+    scores = [-1.0, 0.5, 0.2, 2.0, 3.0]
+    full = classification_metrics(labels, scores, 0.3)
+    m = widgets.threshold_metrics(labels, scores, 0.3)
+    assert m == {k: full[k] for k in ("threshold", "precision", "recall", "f1", "accuracy")} | full[
+        "confusion_matrix"
+    ]
+    assert (m["tp"], m["fn"], m["fp"], m["tn"]) == (2, 1, 1, 1)
+
+
+def test_boxes_at_and_heatmap_view_agree(preds):
+    heat = preds.heatmaps([2], "image").numpy()[0]
+    boxes = widgets.boxes_at(preds, 2, box_threshold=0.4, min_area=4, heat_mode="image")
+    assert boxes == heatmap_to_boxes(heat, 0.4, 4) and boxes
+    fig = widgets.render_heatmap_view(preds, 2, 0.4, 4, "image", None)
+    assert rectangles(fig.axes[0]) == as_rectangles(boxes)
+    assert len(fig.axes) == 2  # image + colorbar
+
+
+def test_heatmap_explorer_redraws_with_the_slider_values(preds, monkeypatch):
+    calls = []
+    render = widgets.render_heatmap_view
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return render(*args, **kwargs)
+
+    monkeypatch.setattr(widgets, "render_heatmap_view", spy)
+    box = widgets.heatmap_explorer(preds)
+    (image, mode), (box_threshold, min_area) = (row.children for row in box.children[:2])
+    assert len(image.options) == len(preds.samples) and "(true: " in image.options[0][0]
+    box_threshold.value = 0.3
+    mode.value = "image"
+    image.value = 3
+    assert len(calls) == 4  # the first drawing, then one per change
+    assert calls[-1][1:5] == (3, 0.3, min_area.value, "image")
+
+
+def test_threshold_explorer_updates_the_table():
+    labels = [0, 0, 1, 1, 1]
+    scores = [-1.0, 0.5, 0.2, 2.0, 3.0]
+    box = widgets.threshold_explorer(labels, scores)
+    slider, (table, _) = box.children[0], box.children[1].children
+    assert (slider.min, slider.max) == (-1.0, 3.0)
+    slider.value = 1.0
+    m = widgets.threshold_metrics(labels, scores, slider.value)
+    assert f"{m['recall']:.3f}" in table.value
+    assert "anomaly if score > 1.00" in table.value

@@ -1,0 +1,197 @@
+"""The VGG16-CAM model of the seed project and where its ImageNet weights come from.
+
+VGG16's convolutional layers, cut after conv5_3 + ReLU (512 x 14 x 14 at 224 px), then global
+average pooling and one dense layer to two logits (good, anomaly). Because the head is pure GAP
+followed by a linear layer, the class activation map (CAM) is exact: the mean of the anomaly CAM
+equals the anomaly logit minus its bias.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import warnings
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from visinspect.errors import VisinspectError
+
+CLASS_NAMES = ("good", "anomaly")
+ANOMALY = 1
+# torchvision indices in vgg16().features: 23 is pool4, 24/26/28 are conv5_1/conv5_2/conv5_3.
+FROZEN_END = 24  # features[:24] (conv1_1 .. conv4_3 + pool4) is frozen, as in the seed
+CONV4_3_END = 23  # features[:23] ends at conv4_3 + ReLU (28 x 28 at 224 px)
+FEATURES_END = 30  # features[:30] ends at conv5_3 + ReLU; VGG's last max-pool is dropped
+WEIGHTS_ENV = "VISINSPECT_BACKBONE_WEIGHTS"
+OFFLINE_ENV = "VISINSPECT_OFFLINE"
+TORCHVISION_URL = torchvision.models.VGG16_Weights.IMAGENET1K_V1.url
+
+
+class VGG16CAM(nn.Module):
+    """VGG16 conv layers + global average pooling + Linear(512, 2); frozen up to conv4_3.
+
+    `frozen_end` is the index of the first trainable layer in `features` (24 = conv5_1, the
+    seed's choice); SimCLR pre-training may unfreeze more.
+    """
+
+    def __init__(self, frozen_end: int = FROZEN_END) -> None:
+        super().__init__()
+        # Keep torchvision's indices so ImageNet state dicts (`features.N.*`) load unchanged.
+        self.features = torchvision.models.vgg16(weights=None).features[:FEATURES_END]
+        self.fc = nn.Linear(512, len(CLASS_NAMES))
+        self.frozen_end = frozen_end
+        self.set_frozen(frozen_end)
+
+    def set_frozen(self, frozen_end: int) -> None:
+        """Freeze features[:frozen_end]; everything after it (and the dense layer) trains."""
+        if not 0 <= frozen_end <= FEATURES_END:
+            raise ValueError(f"frozen_end must be in [0, {FEATURES_END}]; got {frozen_end}")
+        self.frozen_end = frozen_end
+        for i, layer in enumerate(self.features):
+            layer.requires_grad_(i >= frozen_end)
+
+    @property
+    def frozen(self) -> nn.Sequential:
+        return self.features[: self.frozen_end]
+
+    @property
+    def trainable(self) -> nn.Sequential:
+        return self.features[self.frozen_end :]
+
+    def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """conv5_3 + ReLU maps A (N, 512, h, w) of normalised images x (N, 3, H, W)."""
+        return self.features(x)
+
+    def head(self, maps: torch.Tensor) -> torch.Tensor:
+        """Logits (N, 2) from conv5_3 maps: global average pooling then the dense layer."""
+        return self.fc(maps.mean(dim=(2, 3)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.feature_maps(x))
+
+
+def logit_margin(logits: torch.Tensor) -> torch.Tensor:
+    """Anomaly logit minus good logit: the score to rank on (P(anomaly) = sigmoid(margin)).
+
+    In float32, P(anomaly) rounds to exactly 1.0 once the margin passes ~17, so on unfamiliar
+    products many images tie at 1.0 and AUROC collapses; the margin keeps them ordered.
+    """
+    return (logits[..., ANOMALY] - logits[..., 1 - ANOMALY]).float()
+
+
+# ----------------------------------------------------------------------------- backbone weights
+
+
+def sha256_file(path: str | Path) -> str:
+    """SHA-256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _features_state_dict(raw: dict, path: Path) -> dict[str, torch.Tensor]:
+    """Accept torchvision's full VGG16 file or a features-only file; return `N.weight` keys."""
+    if not isinstance(raw, dict):
+        raise VisinspectError(f"{path} is not a state dict of VGG16 weights")
+    out = {}
+    for key, value in raw.items():
+        name = key.removeprefix("features.")
+        index = name.split(".")[0]
+        if key.startswith("classifier.") or not index.isdigit():
+            continue
+        if int(index) < FEATURES_END:
+            out[name] = value
+    return out
+
+
+def _load_file(model: VGG16CAM, path: Path) -> None:
+    if not path.is_file():
+        raise VisinspectError(
+            f"backbone weights file {path} does not exist: pass an existing .pth file, or unset "
+            f"{WEIGHTS_ENV}"
+        )
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a weights file"
+        raise VisinspectError(f"cannot load backbone weights {path}: {e}") from None
+    state = _features_state_dict(raw, path)
+    expected = set(model.features.state_dict())
+    if set(state) != expected:
+        missing = sorted(expected - set(state))[:4]
+        raise VisinspectError(
+            f"{path} does not hold VGG16 conv weights in torchvision layout "
+            f"(missing e.g. {missing}); expected keys like features.0.weight ... features.28.bias"
+        )
+    model.features.load_state_dict(state)
+
+
+def _torchvision_weights(model: VGG16CAM, timeout: float) -> dict:
+    """torchvision's VGG16_Weights.IMAGENET1K_V1, from the torch hub cache or downloaded."""
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(TORCHVISION_URL).name
+    if not cached.is_file():
+        if os.environ.get(OFFLINE_ENV):
+            raise OSError(f"{OFFLINE_ENV} is set, not downloading")
+        old = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(timeout)  # never hang on a machine without internet
+        try:
+            torch.hub.load_state_dict_from_url(TORCHVISION_URL, progress=False, check_hash=True)
+        finally:
+            socket.setdefaulttimeout(old)
+    _load_file(model, cached)
+    return {"source": "torchvision", "path": str(cached), "sha256": sha256_file(cached)}
+
+
+def load_backbone_weights(
+    model: VGG16CAM, weights: str | Path | None = "auto", *, timeout: float = 20.0
+) -> dict:
+    """Load ImageNet weights into `model.features` and return where they came from.
+
+    Order for "auto": the environment variable VISINSPECT_BACKBONE_WEIGHTS, then torchvision's
+    VGG16_Weights.IMAGENET1K_V1 (hub cache, else a download with a timeout), then random
+    initialisation with a warning nobody can miss. A path loads that file; "random" skips it all.
+    The returned dict (source, path, sha256) goes into every checkpoint and report.
+    """
+    if weights is None or weights == "random":
+        return {"source": "random", "path": None, "sha256": None}
+    if weights not in ("auto", "torchvision"):
+        path = Path(weights).expanduser()
+        _load_file(model, path)
+        return {"source": "file", "path": str(path), "sha256": sha256_file(path)}
+    env = os.environ.get(WEIGHTS_ENV)
+    if env and weights == "auto":
+        path = Path(env).expanduser()
+        _load_file(model, path)
+        return {"source": f"env:{WEIGHTS_ENV}", "path": str(path), "sha256": sha256_file(path)}
+    try:
+        return _torchvision_weights(model, timeout)
+    except (OSError, RuntimeError) as e:
+        warnings.warn(
+            "\n" + "!" * 78 + "\n"
+            "NO PRETRAINED WEIGHTS: the VGG16 backbone is RANDOMLY INITIALISED.\n"
+            f"torchvision's ImageNet weights could not be had ({type(e).__name__}: {e}).\n"
+            "Results will be far worse than the seed's. Fix: download\n"
+            f"  {TORCHVISION_URL}\n"
+            f"and pass it with --backbone-weights FILE or set {WEIGHTS_ENV}=FILE.\n" + "!" * 78,
+            stacklevel=2,
+        )
+        return {"source": "random", "path": None, "sha256": None}
+
+
+def build_model(weights: str | Path | None = "auto", frozen_end: int = FROZEN_END) -> tuple[VGG16CAM, dict]:
+    """A fresh VGG16-CAM with backbone weights loaded; returns (model, provenance)."""
+    model = VGG16CAM(frozen_end=frozen_end)
+    return model, load_backbone_weights(model, weights)
+
+
+def describe_backbone(provenance: dict) -> str:
+    """One line for reports: which weights the backbone started from."""
+    if provenance.get("source") == "random":
+        return "backbone: RANDOM initialisation (no ImageNet weights found)"
+    sha = (provenance.get("sha256") or "")[:12]
+    return f"backbone: ImageNet VGG16 from {provenance.get('source')} ({provenance.get('path')}, sha256 {sha}...)"

@@ -1,0 +1,327 @@
+"""A good-reference (one-class) anomaly score from K good images: the PatchCore idea, small.
+
+The classifier learnt what defects look like on *other* products. This score instead learns what
+*this* product looks like when it is good, and calls anything unlike it anomalous, so it needs no
+labelled defect at all. It runs the same VGG16 backbone (baseline or SimCLR-adapted) on the CPU.
+Both scores can be fused (`fit_fusion`): each is standardised on the good images, then averaged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from visinspect.calibration import require_good_train_samples
+from visinspect.cam import upsample
+from visinspect.data import Sample
+from visinspect.errors import DataError, VisinspectError
+from visinspect.inference import make_loader
+from visinspect.models import CONV4_3_END, FEATURES_END, VGG16CAM
+from visinspect.utils import autocast, resolve_precision
+
+LAYERS = ("conv4_3", "conv5_3")
+# Search cost per image is (patches per image) x max_patches x feature dim multiply-adds: 4096
+# bank patches of 512 dims keep the nearest-neighbour search near 10 images/s at 224 px on
+# 2 AVX2 cores, cheaper than the backbone itself.
+DEFAULT_MAX_PATCHES = 4096
+CHUNK_ELEMENTS = 1 << 22  # distances computed at once (16 MB of float32): memory stays flat
+MIN_STD = 1e-6
+
+
+def backbone_maps(
+    model: VGG16CAM, x: torch.Tensor, conv5_3: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """conv4_3 + ReLU maps (N, 512, S/8, S/8) and, if asked, conv5_3 + ReLU maps, in one pass.
+
+    The conv5_3 maps are what the classifier's head and CAM take, so a caller can share one
+    backbone pass: `model.head(c5)`, `cam.anomaly_cam(model, c5)` and `patch_features(c4, ...)`.
+    """
+    c4 = model.features[:CONV4_3_END](x)
+    c5 = model.features[CONV4_3_END:FEATURES_END](c4) if conv5_3 else None
+    return c4, c5
+
+
+def patch_features(conv4_3: torch.Tensor, conv5_3: torch.Tensor | None = None) -> torch.Tensor:
+    """Patch features (N, C, S/8, S/8) float32: each position averaged over its 3x3 neighbours.
+
+    The 3x3 average is PatchCore's local aggregation: a patch feature describes a small region,
+    not one position, so it tolerates small shifts. conv5_3 (coarser, more semantic) is
+    aggregated at its own resolution, bilinearly upsampled to conv4_3's and concatenated.
+    """
+    maps = [_local_average(conv4_3)]
+    if conv5_3 is not None:
+        up = F.interpolate(
+            _local_average(conv5_3), size=conv4_3.shape[-2:], mode="bilinear", align_corners=False
+        )
+        maps.append(up)
+    return torch.cat(maps, dim=1)
+
+
+def _local_average(maps: torch.Tensor) -> torch.Tensor:
+    # count_include_pad=False: border patches average their real neighbours, not zero padding.
+    return F.avg_pool2d(maps.float(), 3, stride=1, padding=1, count_include_pad=False)
+
+
+def _check_layers(layers: Sequence[str]) -> tuple[str, ...]:
+    layers = tuple(layers)
+    if layers not in (("conv4_3",), ("conv4_3", "conv5_3")):
+        raise VisinspectError(
+            f"layers must be ('conv4_3',) or ('conv4_3', 'conv5_3'); got {layers!r}"
+        )
+    return layers
+
+
+@torch.inference_mode()
+def _features_by_batch(
+    model: VGG16CAM,
+    samples: Sequence[Sample],
+    image_size: int,
+    layers: tuple[str, ...],
+    batch_size: int,
+    precision: str,
+    progress: bool = False,
+):
+    """Yield the patch features of `samples`, one batch at a time, in order."""
+    precision = resolve_precision(precision)
+    device = next(model.parameters()).device
+    model = model.eval().to(memory_format=torch.channels_last)
+    loader = make_loader(samples, image_size, batch_size)
+    for batch in tqdm(loader, desc="reference", unit="batch", disable=not progress, leave=False):
+        x = batch["image"].to(device, memory_format=torch.channels_last)
+        with autocast(device, precision):
+            c4, c5 = backbone_maps(model, x, conv5_3="conv5_3" in layers)
+        yield patch_features(c4, c5).cpu()
+
+
+def _patches(feats: torch.Tensor) -> torch.Tensor:
+    """(N, C, h, w) -> (N * h * w, C), image by image, row by row."""
+    return feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
+
+
+@dataclass
+class PatchMemoryBank:
+    """Nearest-neighbour anomaly score against patches of good images (PatchCore, simplified).
+
+    PatchCore (Roth et al., CVPR 2022) in five steps:
+    1. run an ImageNet CNN on good images and keep mid-level maps (here conv4_3, + conv5_3);
+    2. every position, averaged over its 3x3 neighbourhood, is a patch feature;
+    3. the patches of all good images form a memory bank, subsampled to keep search cheap;
+    4. a test patch's score is the L2 distance to its nearest neighbour in the bank;
+    5. the image score is the largest patch score; the patch scores form the anomaly map.
+    PatchCore subsamples with a greedy coreset (covers rare good patches); we draw a seeded
+    random subset instead: on 2 CPU cores a coreset of thousands of patches costs tens of seconds.
+    """
+
+    bank: torch.Tensor  # (M, C) float32 patch features
+    owners: torch.Tensor  # (M,) index of the good image each patch came from
+    layers: tuple[str, ...]
+    image_size: int
+    images: list[str] = field(default_factory=list)
+    # Each good image scored against the patches of the *other* good images (leave-one-out):
+    # in-bank images score ~0, so these are the honest good-image statistics for thresholds.
+    good_scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    good_maps: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, 0))
+
+    @classmethod
+    def fit(
+        cls,
+        model: VGG16CAM,
+        good_samples: Sequence[Sample],
+        image_size: int = 224,
+        layers: Sequence[str] = ("conv4_3",),
+        max_patches: int | None = DEFAULT_MAX_PATCHES,
+        seed: int = 0,
+        batch_size: int = 16,
+        precision: str = "auto",
+        progress: bool = False,
+    ) -> PatchMemoryBank:
+        """Build the bank from good train/ images (at least 2); max_patches=None keeps them all."""
+        require_good_train_samples(good_samples)
+        layers = _check_layers(layers)
+        if len(good_samples) < 2:
+            raise DataError(
+                "need at least 2 good images: each one's reference score is measured against "
+                "the others (leave-one-out)"
+            )
+        if max_patches is not None and max_patches < 1:
+            raise VisinspectError(f"max_patches must be at least 1 (or None); got {max_patches}")
+        feats = torch.cat(
+            list(
+                _features_by_batch(
+                    model, good_samples, image_size, layers, batch_size, precision, progress
+                )
+            )
+        )
+        n, _, h, w = feats.shape
+        patches = _patches(feats)
+        owners = torch.arange(n).repeat_interleave(h * w)
+        keep = torch.arange(len(patches))
+        if max_patches is not None and len(patches) > max_patches:
+            g = torch.Generator().manual_seed(seed)
+            keep = torch.randperm(len(patches), generator=g)[:max_patches].sort().values
+        if len(owners[keep].unique()) < 2:
+            raise VisinspectError(
+                f"max_patches={max_patches} kept patches of a single image: raise it"
+            )
+        bank = cls(
+            patches[keep].contiguous(), owners[keep], layers, image_size,
+            [str(s.path) for s in good_samples],
+        )
+        dist = bank._nearest(patches, exclude=owners).view(n, h, w)
+        bank.good_maps = dist
+        bank.good_scores = dist.flatten(1).amax(1).double().numpy()
+        return bank
+
+    def _nearest(self, queries: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+        """L2 distance of each query (P, C) to its nearest bank patch, skipping `exclude` owners."""
+        out = torch.empty(len(queries))
+        rows = max(1, CHUNK_ELEMENTS // len(self.bank))
+        for i in range(0, len(queries), rows):
+            q = queries[i : i + rows]
+            d = torch.cdist(q, self.bank)
+            if exclude is not None:
+                d.masked_fill_(exclude[i : i + rows, None] == self.owners[None, :], float("inf"))
+            nearest = d.argmin(dim=1)
+            # cdist's fast matrix-product formula loses digits when a query nearly equals a bank
+            # patch; recomputing the winner's distance directly gives ~0 for an in-bank patch.
+            out[i : i + rows] = (q - self.bank[nearest]).norm(dim=1)
+        return out
+
+    def score_features(self, feats: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+        """Image scores (N,) = max patch distance, and distance maps (N, h, w), from features."""
+        n, c, h, w = feats.shape
+        if c != self.bank.shape[1]:
+            raise VisinspectError(
+                f"features have {c} channels but the memory bank has {self.bank.shape[1]} "
+                f"(layers {self.layers}): use patch_features with the same layers as fit"
+            )
+        maps = self._nearest(_patches(feats.float().cpu())).view(n, h, w)
+        return maps.flatten(1).amax(1).double().numpy(), maps
+
+    def score(
+        self,
+        model: VGG16CAM,
+        samples: Sequence[Sample],
+        batch_size: int = 16,
+        precision: str = "auto",
+        progress: bool = False,
+    ) -> tuple[np.ndarray, torch.Tensor]:
+        """Image scores (N,) and maps (N, S/8, S/8) at the bank's image size, with its model.
+
+        The maps are patch distances at conv4_3 resolution (28 x 28 at 224 px): upsample them
+        with cam.upsample for display. Use the model the bank was fitted with.
+        """
+        if not samples:
+            return np.zeros(0), torch.zeros(0, 0, 0)
+        results = [
+            self.score_features(f)
+            for f in _features_by_batch(
+                model, samples, self.image_size, self.layers, batch_size, precision, progress
+            )
+        ]
+        return np.concatenate([s for s, _ in results]), torch.cat([m for _, m in results])
+
+
+# ----------------------------------------------------------------------------- fusion
+
+
+@dataclass
+class Standardizer:
+    """z = (x - mean) / std, with mean and std measured on good images."""
+
+    mean: float
+    std: float
+
+    @classmethod
+    def fit(cls, values) -> Standardizer:
+        v = np.asarray(values, dtype=np.float64).ravel()
+        if v.size == 0 or not np.isfinite(v).all():
+            raise DataError(f"need finite good-image values to standardise; got {v.size} values")
+        mean = float(v.mean())
+        std = float(v.std(ddof=1)) if v.size > 1 else 0.0
+        # One image, or identical scores, would divide by zero: floor the spread.
+        return cls(mean, max(std, MIN_STD, 1e-3 * abs(mean)))
+
+    def __call__(self, x):
+        return (x - self.mean) / self.std
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean, "std": self.std}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Standardizer:
+        return cls(float(d["mean"]), float(d["std"]))
+
+
+@dataclass
+class FusedScorer:
+    """The mean of the classifier's and the reference's z-scores, each measured on good images.
+
+    Standardising puts a logit margin and a feature distance on one scale ("how many good-image
+    standard deviations above normal"); the mean weighs both equally, because with only good
+    images there is nothing to learn better weights from. Calibrate the fused score like any
+    other (calibration.fit_calibration on the good images' fused scores and maps).
+    """
+
+    classifier: Standardizer
+    reference: Standardizer
+    classifier_map: Standardizer | None = None
+    reference_map: Standardizer | None = None
+
+    def score(self, classifier_scores, reference_scores) -> np.ndarray:
+        """Fused image scores (N,) from logit margins and reference scores."""
+        c = np.asarray(classifier_scores, dtype=np.float64)
+        r = np.asarray(reference_scores, dtype=np.float64)
+        if c.shape != r.shape:
+            raise DataError(f"need one classifier and one reference score per image; got {c.shape} and {r.shape}")
+        return (self.classifier(c) + self.reference(r)) / 2
+
+    def heatmap(self, cams: torch.Tensor, reference_maps: torch.Tensor) -> torch.Tensor:
+        """Fused maps (N, h, w) at the reference maps' resolution (CAMs upsampled to it)."""
+        if self.classifier_map is None or self.reference_map is None:
+            raise VisinspectError("this fusion was fitted without good-image maps: pass them to fit_fusion")
+        cams = upsample(cams, tuple(reference_maps.shape[-2:]))
+        return (self.classifier_map(cams) + self.reference_map(reference_maps.float())) / 2
+
+    def to_dict(self) -> dict:
+        parts = ("classifier", "reference", "classifier_map", "reference_map")
+        return {"method": "mean_z"} | {
+            p: None if getattr(self, p) is None else getattr(self, p).to_dict() for p in parts
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FusedScorer:
+        def part(name: str) -> Standardizer | None:
+            return None if d.get(name) is None else Standardizer.from_dict(d[name])
+
+        return cls(part("classifier"), part("reference"), part("classifier_map"), part("reference_map"))
+
+
+def fit_fusion(
+    good_classifier_scores,
+    good_reference_scores,
+    good_cam_maps: torch.Tensor | None = None,
+    good_ref_maps: torch.Tensor | None = None,
+) -> FusedScorer:
+    """Standardise both scores (and maps, if given) on the same K good images.
+
+    Pass the memory bank's leave-one-out `good_scores` / `good_maps`, not scores of the bank's
+    own images (those are ~0 and would make every new good part look anomalous).
+    """
+    c = np.asarray(good_classifier_scores, dtype=np.float64).ravel()
+    r = np.asarray(good_reference_scores, dtype=np.float64).ravel()
+    if c.size != r.size:
+        raise DataError(f"need both scores of the same good images; got {c.size} and {r.size}")
+    if (good_cam_maps is None) != (good_ref_maps is None):
+        raise DataError("pass both good-image maps (classifier CAMs and reference maps) or neither")
+    fused = FusedScorer(Standardizer.fit(c), Standardizer.fit(r))
+    if good_cam_maps is not None:
+        cams = upsample(good_cam_maps, tuple(good_ref_maps.shape[-2:]))
+        fused.classifier_map = Standardizer.fit(cams)
+        fused.reference_map = Standardizer.fit(good_ref_maps.float())
+    return fused
