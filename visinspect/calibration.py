@@ -149,7 +149,7 @@ def fit_calibration(
     max(good score) + margin, a safety margin for the good parts not seen yet.
     """
     scores = np.asarray(good_scores, dtype=np.float64).ravel()
-    if not (len(scores) == len(good_cams) == len(images)):
+    if not scores.size or not (len(scores) == len(good_cams) == len(images)):
         raise DataError(
             f"need one score, one map and one image path per good image; got {len(scores)} "
             f"scores, {len(good_cams)} maps and {len(images)} paths"
@@ -248,4 +248,5 @@ def load_calibration(path: str | Path) -> dict[str, Calibration]:
     try:
         return {name: Calibration.from_dict(d) for name, d in data["calibrations"].items()}
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"{path} holds a malformed calibration ({type(e).__name__}: {e})") from None
+        problem = f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"{path} holds a malformed calibration ({problem})") from None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pickle
 import platform
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -37,18 +36,19 @@ def library_versions() -> dict[str, str]:
 
 def _plain(obj):
     """Tensors, numbers, strings, lists and dicts only: what `weights_only=True` can read back."""
+    if isinstance(obj, np.generic):  # before float: np.float64 is a float subclass that pickles as numpy
+        return obj.item()
     if isinstance(obj, torch.Tensor) or obj is None or isinstance(obj, (bool, int, float)):
         return obj
     if isinstance(obj, str):
         return str(obj)  # str subclasses such as torch's TorchVersion are not plain data
-    if isinstance(obj, np.generic):
-        return obj.item()
     if isinstance(obj, np.ndarray):
         return torch.from_numpy(obj.copy())
     if isinstance(obj, Path):
         return str(obj)
     if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
+        # int keys stay ints: an optimiser's state dict is keyed by parameter index.
+        return {k if isinstance(k, int) else str(k): _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
     raise TypeError(f"cannot store {type(obj).__name__} in a checkpoint (only plain data)")
@@ -82,7 +82,7 @@ def load_checkpoint(path: str | Path, *, kind: str | None = None) -> dict:
             f"({lines[0].strip().split('. ')[0][:160]}); "
             "visinspect checkpoints hold only tensors and numbers — was it written by visinspect?"
         ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+    except Exception as e:  # the safe unpickler fails on garbage with any error (IndexError, ...)
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint (truncated or another file type?): "
             f"{str(e).splitlines()[0][:160] if str(e) else type(e).__name__}"

@@ -13,10 +13,10 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from visinspect.errors import VisinspectError
-
 from visinspect.demo import SOURCE as SYNTHETIC_SOURCE
 from visinspect.demo import TARGET as SYNTHETIC_TARGET
+from visinspect.demo import DemoSettings
+from visinspect.errors import VisinspectError
 
 
 def _csv(value: str) -> list[str]:
@@ -62,10 +62,14 @@ def cmd_info(args) -> int:
         for cat, s in summary.items():
             types = ", ".join(f"{t} {n}" for t, n in s["defect_types"].items()) or "-"
             sp = s["splits"]
-            print(f"| {cat} | {sp['train']['good']} | {sp['test']['good']} | "
-                  f"{sp['test']['anomaly']} | {s['masks']} | {types} |")
-        print(f"{len(table)} images; {len(table.stray_files)} stray files ignored; "
-              f"{len(table.missing_masks)} defective images without mask")
+            print(
+                f"| {cat} | {sp['train']['good']} | {sp['test']['good']} | "
+                f"{sp['test']['anomaly']} | {s['masks']} | {types} |"
+            )
+        print(
+            f"{len(table)} images; {len(table.stray_files)} stray files ignored; "
+            f"{len(table.missing_masks)} defective images without mask"
+        )
         for w in caught:
             print(f"warning: {w.message}")
     if not args.check:
@@ -88,8 +92,9 @@ def cmd_info(args) -> int:
 def cmd_synth(args) -> int:
     from visinspect.synthetic import generate_synthetic_dataset
 
-    out = generate_synthetic_dataset(args.out, seed=args.seed, image_size=args.image_size,
-                                     overwrite=args.overwrite)
+    out = generate_synthetic_dataset(
+        args.out, seed=args.seed, image_size=args.image_size, overwrite=args.overwrite
+    )
     print(f"wrote the synthetic dataset to {out}")
     return 0
 
@@ -97,9 +102,12 @@ def cmd_synth(args) -> int:
 def cmd_download(args) -> int:
     from visinspect.download import download_categories
 
-    paths = download_categories(_csv(args.categories), Path(args.to),
-                                archive=Path(args.archive) if args.archive else None,
-                                sha256=args.sha256)
+    paths = download_categories(
+        _csv(args.categories),
+        Path(args.to),
+        archive=Path(args.archive) if args.archive else None,
+        sha256=args.sha256,
+    )
     for p in paths:
         print(f"ready: {p}")
     return 0
@@ -120,54 +128,148 @@ def cmd_train(args) -> int:
     from visinspect.train import TrainConfig, train_baseline
 
     train, val = _train_val(args, SYNTHETIC_SOURCE)
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         image_size=args.image_size, seed=args.seed, precision=args.precision)
-    print(f"training on {len(train)} images of {', '.join(sorted({s.category for s in train}))}; "
-          f"{len(val)} validation images")
+    config = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        image_size=args.image_size,
+        seed=args.seed,
+        precision=args.precision,
+    )
+    print(
+        f"training on {len(train)} images of {', '.join(sorted({s.category for s in train}))}; "
+        f"{len(val)} validation images"
+    )
     state = Path(str(args.out) + ".state")
+    model = provenance = None
+    if args.pretrained:
+        from visinspect.models import VGG16CAM
+        from visinspect.simclr import load_pretrained_encoder
+
+        model = VGG16CAM()
+        provenance = load_pretrained_encoder(args.pretrained, model)
     try:
-        model, info = train_baseline(train, val, config, weights=args.backbone_weights,
-                                     checkpoint_path=state, resume=args.resume)
+        model, info = train_baseline(
+            train,
+            val,
+            config,
+            weights=args.backbone_weights,
+            model=model,
+            provenance=provenance,
+            checkpoint_path=state,
+            resume=args.resume,
+        )
     except KeyboardInterrupt:
         # The state after the last finished epoch is already on disk (written atomically).
-        print(f"interrupted: continue with --resume {state}" if state.is_file() else "interrupted",
-              file=sys.stderr)
+        print(
+            f"interrupted: continue with --resume {state}" if state.is_file() else "interrupted",
+            file=sys.stderr,
+        )
         return 130
     save_classifier(args.out, model, **info)
     state.unlink(missing_ok=True)
     print(describe_backbone(info["backbone"]))
     h = info["history"]
-    print(f"{h['epochs_run']} epochs, final train loss {h['loss'][-1]:.4f}, "
-          f"accuracy {h['accuracy'][-1]:.3f}; validation threshold (logit margin) "
-          f"{info['threshold']:.3f}")
+    print(
+        f"{h['epochs_run']} epochs, final train loss {h['loss'][-1]:.4f}, "
+        f"accuracy {h['accuracy'][-1]:.3f}; validation threshold (logit margin) "
+        f"{info['threshold']:.3f}"
+    )
     print(f"saved {args.out}")
     return 0
 
 
-def _evaluate_checkpoint(args, default_categories: Sequence[str]) -> dict:
+def _threshold(value: str, info: dict) -> float:
+    """--threshold as a logit margin: 'val' (the checkpoint's) or a P(anomaly) such as 0.5."""
+    from visinspect.errors import ConfigError
+    from visinspect.evaluate import probability_to_margin
+
+    if value == "val":
+        return float(info["threshold"])
+    try:
+        p = float(value)
+    except ValueError:
+        raise ConfigError(f"--threshold must be 'val' or a probability such as 0.5; got {value!r}") from None
+    return probability_to_margin(p)
+
+
+def _evaluate_checkpoint(args, default_categories: Sequence[str]) -> tuple:
     from visinspect.cam import HeatmapNormalizer
     from visinspect.checkpoint import load_classifier
     from visinspect.data import build_sample_table
-    from visinspect.evaluate import evaluate_predictions, probability_to_margin
+    from visinspect.evaluate import evaluate_predictions
     from visinspect.inference import predict
 
     model, info = load_classifier(args.checkpoint)
+    threshold = _threshold(args.threshold, info)  # checked before the (slow) predictions
     table = build_sample_table(_data_roots(args), _categories(args, default_categories), split=args.split)
-    preds = predict(model, table.samples, info["image_size"], precision=args.precision,
-                    progress=not args.quiet)
-    if args.threshold == "val":
-        threshold = float(info["threshold"])
-    else:
-        threshold = probability_to_margin(float(args.threshold))
+    samples, calibration = table.samples, None
+    if getattr(args, "calibrate", None):
+        calibration, samples = _calibrate(model, info, table.samples, args)
+    preds = predict(model, samples, info["image_size"], precision=args.precision, progress=not args.quiet)
     normalizer = HeatmapNormalizer.from_dict(info["normalizer"]) if info.get("normalizer") else None
     heat_mode = args.heat_mode if normalizer is not None else "image"
-    report = evaluate_predictions(preds, threshold, heat_mode=heat_mode, normalizer=normalizer,
-                                  box_threshold=args.box_threshold, min_area=args.min_area)
+    loc = {"box_threshold": args.box_threshold, "min_area": args.min_area}
+    report = evaluate_predictions(preds, threshold, heat_mode=heat_mode, normalizer=normalizer, **loc)
+    report["threshold_rule"] = (
+        info["threshold_rule"] if args.threshold == "val" else f"P(anomaly) > {args.threshold}"
+    )
+    if calibration is not None:
+        from visinspect.compare import IDENTITY, calibrated_view
+        from visinspect.evaluate import evaluate_scored
+
+        uncalibrated = report
+        view = calibrated_view(preds.scored(), calibration["by_category"])
+        report = evaluate_scored(
+            view,
+            0.0,
+            score_name="logit margin minus the product's calibrated threshold",
+            heat_mode="dataset",
+            normalizer=IDENTITY,
+            **loc,
+        )
+        report["threshold_rule"] = (
+            f"calibrated on {args.calibrate} good train/ images per category "
+            f"(false-alarm rate {args.false_alarm_rate})"
+        )
+        report["uncalibrated"] = {k: v for k, v in uncalibrated.items() if k != "per_defect_type"}
+        report["calibration"] = {k: v for k, v in calibration.items() if k != "by_category"}
+        heat_mode = "calibrated"
     report["backbone"] = info["backbone"]
     report["checkpoint"] = str(args.checkpoint)
-    report["threshold_rule"] = info["threshold_rule"] if args.threshold == "val" else f"P(anomaly) > {args.threshold}"
     report["heat_mode"] = heat_mode
     return report, preds, threshold, normalizer, heat_mode
+
+
+def _calibrate(model, info: dict, samples, args) -> tuple[dict, list]:
+    """Fit each category's threshold and heatmap scale on K good train/ images; save the JSON
+    next to the checkpoint; return it and the images left to evaluate on (never the K)."""
+    from visinspect.calibration import (
+        calibrate_classifier,
+        default_calibration_path,
+        save_calibration,
+        select_good_images,
+    )
+
+    k = args.calibrate
+    by_category = {}
+    for category in sorted({s.category for s in samples}):
+        good = select_good_images(samples, category, k, seed=0)
+        by_category[category] = calibrate_classifier(
+            model, good, info["image_size"], args.false_alarm_rate, precision=args.precision
+        )
+    path = save_calibration(default_calibration_path(args.checkpoint, k), by_category)
+    print(f"calibration on {k} good images per category saved to {path}")
+    used = {p for c in by_category.values() for p in c.images}
+    calibration = {
+        "k": k,
+        "false_alarm_rate": args.false_alarm_rate,
+        "threshold": {c: cal.threshold for c, cal in by_category.items()},
+        "images": {c: cal.images for c, cal in by_category.items()},
+        "file": str(path),
+        "by_category": by_category,
+    }
+    return calibration, [s for s in samples if str(s.path) not in used]
 
 
 def cmd_evaluate(args) -> int:
@@ -175,7 +277,17 @@ def cmd_evaluate(args) -> int:
     from visinspect.models import describe_backbone
 
     report, *_ = _evaluate_checkpoint(args, SYNTHETIC_TARGET)
-    print(markdown_table(report))
+    if "uncalibrated" in report:
+        print(
+            markdown_table(
+                report["uncalibrated"],
+                title="Before calibration (threshold learnt on the training products): ",
+            ),
+            end="\n\n",
+        )
+        print(markdown_table(report, title="After calibration on good images of each product: "))
+    else:
+        print(markdown_table(report))
     print(describe_backbone(report["backbone"]))
     if args.json:
         out = Path(args.json)
@@ -186,42 +298,174 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from visinspect.predict import predict_folder
+    from visinspect.checkpoint import load_classifier
+    from visinspect.predict import predict_images
 
-    summary = predict_folder(args.checkpoint, [Path(p) for p in args.inputs], Path(args.out),
-                             overlays=not args.no_overlays, batch_size=args.batch_size,
-                             box_threshold=args.box_threshold, min_area=args.min_area,
-                             resume=args.resume)
-    print(f"{summary['n_images']} images: {summary['n_anomalous']} predicted anomalous, "
-          f"{summary['n_failed']} failed; results in {args.out}")
+    model, info = load_classifier(args.checkpoint)
+    if args.calibration:
+        cal = _pick_calibration(args.calibration, args.category)
+        # The product's own threshold and heatmap scale replace the ones learnt on other products.
+        info = {**info, "threshold": cal.threshold, "normalizer": cal.normalizer.to_dict()}
+        print(
+            f"calibration for {cal.category!r}: threshold (logit margin) {cal.threshold:.3f}, "
+            f"from {cal.k} good images"
+        )
+    summary = predict_images(
+        model,
+        info,
+        [Path(p) for p in args.inputs],
+        Path(args.out),
+        overlays=not args.no_overlays,
+        batch_size=args.batch_size,
+        box_threshold=args.box_threshold,
+        min_area=args.min_area,
+        resume=args.resume,
+    )
+    print(
+        f"{summary['n_images']} images: {summary['n_anomalous']} predicted anomalous, "
+        f"{summary['n_failed']} failed; results in {args.out}"
+    )
     return 1 if summary["n_failed"] else 0
+
+
+def _pick_calibration(path: str, category: str | None):
+    from visinspect.calibration import load_calibration
+    from visinspect.errors import ConfigError
+
+    calibrations = load_calibration(path)
+    if category is None and len(calibrations) == 1:
+        return next(iter(calibrations.values()))
+    if category not in calibrations:
+        raise ConfigError(
+            f"{path} holds calibrations for {', '.join(sorted(calibrations))}: name the product "
+            "of these images with --category"
+        )
+    return calibrations[category]
 
 
 def cmd_demo(args) -> int:
     """Train on the synthetic source categories, evaluate on the held-out ones, draw a grid."""
+    from visinspect.cam import HeatmapNormalizer
+    from visinspect.demo import DemoSettings, demo_model, demo_split
+    from visinspect.evaluate import evaluate_predictions, markdown_table, round_floats
+    from visinspect.inference import predict
+    from visinspect.models import describe_backbone
     from visinspect.plots import plot_prediction_grid, save_figure
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    args.checkpoint = out / "baseline.pt"
-    args.out = args.checkpoint
-    args.categories = None
-    cmd_train(args)
-    args.categories, args.split, args.threshold, args.quiet = None, "all", "val", True
-    report, preds, threshold, normalizer, heat_mode = _evaluate_checkpoint(args, SYNTHETIC_TARGET)
-    from visinspect.evaluate import markdown_table, round_floats
-
-    table = markdown_table(report, title="Unknown context: trained on " + ", ".join(SYNTHETIC_SOURCE)
-                           + "; tested on " + ", ".join(SYNTHETIC_TARGET) + ". ")
+    settings = DemoSettings(image_size=args.image_size, epochs=args.epochs, seed=args.seed)
+    model, info = demo_model(out / "baseline.pt", settings, weights=args.backbone_weights, retrain=True)
+    _, _, test = demo_split(settings=settings)
+    preds = predict(model, test, settings.image_size, precision=args.precision)
+    normalizer = HeatmapNormalizer.from_dict(info["normalizer"])
+    threshold = float(info["threshold"])
+    report = evaluate_predictions(
+        preds, threshold, normalizer=normalizer, box_threshold=args.box_threshold, min_area=args.min_area
+    )
+    report["backbone"] = info["backbone"]
+    title = (
+        f"Unknown context: trained on {', '.join(SYNTHETIC_SOURCE)}; tested on "
+        f"{', '.join(SYNTHETIC_TARGET)} (synthetic, {settings.image_size} px). "
+    )
+    table = markdown_table(report, title=title) + "\n\n" + describe_backbone(info["backbone"])
     (out / "metrics.md").write_text(table + "\n")
     (out / "metrics.json").write_text(json.dumps(round_floats(report), indent=2) + "\n")
     print(table)
     picks = _grid_indices(preds.labels, preds.margins, per_class=6)
-    fig = plot_prediction_grid(preds, picks, threshold, heat_mode=heat_mode, normalizer=normalizer,
-                               box_threshold=args.box_threshold, min_area=args.min_area, ncols=4)
+    fig = plot_prediction_grid(
+        preds,
+        picks,
+        threshold,
+        normalizer=normalizer,
+        box_threshold=args.box_threshold,
+        min_area=args.min_area,
+        ncols=4,
+    )
     save_figure(fig, out / "predictions.png")
-    print(f"wrote {out / 'baseline.pt'}, {out / 'metrics.md'}, {out / 'metrics.json'}, "
-          f"{out / 'predictions.png'}")
+    print(
+        f"wrote {out / 'baseline.pt'}, {out / 'metrics.md'}, {out / 'metrics.json'}, "
+        f"{out / 'predictions.png'}"
+    )
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from visinspect.data import build_sample_table, unknown_context_split
+    from visinspect.simclr import (
+        PretrainConfig,
+        build_simclr_model,
+        pretrain,
+        pretrain_samples,
+        save_pretrained,
+    )
+
+    table = build_sample_table(_data_roots(args))
+    source = (
+        _csv(args.source) if args.source else list(SYNTHETIC_SOURCE if not args.data else table.categories)
+    )
+    target = _csv(args.target) if args.target else ([] if args.data else list(SYNTHETIC_TARGET))
+    src, tgt = unknown_context_split(table.samples, source, target)
+    preset = PretrainConfig.demo if args.preset == "demo" else PretrainConfig.full
+    overrides = {
+        k: v
+        for k, v in (
+            ("epochs", args.epochs),
+            ("image_size", args.image_size),
+            ("seed", args.seed),
+            ("trainable_from", args.trainable_from),
+            ("temperature", args.temperature),
+        )
+        if v is not None
+    }
+    config = preset(**overrides)
+    images = pretrain_samples(src, tgt, include_target_good=args.include_target_good)
+    print(
+        f"SimCLR pre-training on {len(images)} unlabeled images ({args.preset} preset, "
+        f"{config.image_size} px, {config.epochs} epochs, temperature {config.temperature})"
+    )
+    model, provenance = build_simclr_model(config, args.backbone_weights)
+    history = pretrain(model, images, config)
+    save_pretrained(args.out, model, config, history, provenance)
+    print(f"loss per epoch {history['loss']}; {history['images_per_s'][-1]:.1f} images/s")
+    print(f"saved {args.out}; train a classifier on it with `train --pretrained {args.out}`")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from visinspect.compare import ComparePreset, run_comparison, summary_table
+    from visinspect.evaluate import round_floats
+    from visinspect.plots import plot_metric_bars, plot_model_heatmaps, save_figure
+
+    source = _csv(args.source) if args.source else list(SYNTHETIC_SOURCE)
+    target = _csv(args.target) if args.target else list(SYNTHETIC_TARGET)
+    calibrate = [int(k) for k in _csv(args.calibrate)] if args.calibrate else []
+    rows, first = run_comparison(
+        _data_roots(args),
+        source,
+        target,
+        seeds=range(args.seeds),
+        preset=ComparePreset.named(args.preset),
+        calibrate=calibrate,
+        weights=args.backbone_weights,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    print(summary_table(rows))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"rows": round_floats(rows)}, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if args.figures:
+        out = Path(args.figures)
+        for metric in ("image_auroc", "f1"):
+            save_figure(
+                plot_metric_bars([r for r in rows if r["target"] != "all"], metric),
+                out / f"compare_{metric}.png",
+            )
+        base = first.scored["baseline"] if "baseline" in first.scored else next(iter(first.scored.values()))
+        picks = [str(base.samples[i].path) for i in _grid_indices(base.labels, base.scores, 2)]
+        shown = {m: s for m, s in first.scored.items() if "k=" not in m or m.endswith(f"k={max(calibrate)}")}
+        save_figure(plot_model_heatmaps(shown, first.normalizers, picks), out / "compare_heatmaps.png")
+        print(f"wrote figures to {out}")
     return 0
 
 
@@ -239,15 +483,23 @@ def _grid_indices(labels, scores, per_class: int) -> list[int]:
 
 
 def _add_data(p: argparse.ArgumentParser, categories_help: str) -> None:
-    p.add_argument("--data", nargs="+", metavar="ROOT",
-                   help="one or more data roots in MVTec layout (default: the embedded synthetic dataset)")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        metavar="ROOT",
+        help="one or more data roots in MVTec layout (default: the embedded synthetic dataset)",
+    )
     p.add_argument("--categories", help=categories_help)
 
 
 def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
-    p.add_argument("--box-threshold", type=float, default=0.5,
-                   help="heatmap threshold in [0, 1] for boxes (higher = smaller, fewer boxes)")
+    p.add_argument(
+        "--box-threshold",
+        type=float,
+        default=0.5,
+        help="heatmap threshold in [0, 1] for boxes (higher = smaller, fewer boxes)",
+    )
     p.add_argument("--min-area", type=int, default=16, help="smallest box, in pixels")
 
 
@@ -275,40 +527,93 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sha256", help="expected sha256 of the archive")
     p.set_defaults(func=cmd_download)
 
-    for name, func, helptext in (("train", cmd_train, "train the VGG16-CAM baseline"),
-                                 ("demo", cmd_demo, "train + evaluate + figure on synthetic data")):
+    for name, func, helptext in (
+        ("train", cmd_train, "train the VGG16-CAM baseline"),
+        ("demo", cmd_demo, "train + evaluate + figure on synthetic data"),
+    ):
         p = sub.add_parser(name, help=helptext)
         if name == "train":
             _add_data(p, "comma-separated training (source) categories")
             p.add_argument("--out", default="weights/baseline.pt")
             p.add_argument("--image-size", type=int, default=224)
             p.add_argument("--resume", help="continue from OUT.state written after each epoch")
+            p.add_argument("--pretrained", help="start from a SimCLR checkpoint (pretrain --out)")
         else:
             p.set_defaults(data=None)
             p.add_argument("--out", default="runs/demo")
-            p.add_argument("--image-size", type=int, default=128)
-            p.set_defaults(resume=None)
+            p.add_argument("--image-size", type=int, default=DemoSettings.image_size)
+            p.set_defaults(resume=None, pretrained=None)
             _add_eval(p)
-        p.add_argument("--epochs", type=int, default=10)
+        p.add_argument("--epochs", type=int, default=10 if name == "train" else DemoSettings.epochs)
         p.add_argument("--batch-size", type=int, default=10)
         p.add_argument("--lr", type=float, default=1e-4)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--val-fraction", type=float, default=0.2)
-        p.add_argument("--backbone-weights", default="auto",
-                       help="a .pth file, 'auto' (env VISINSPECT_BACKBONE_WEIGHTS, then torchvision) or 'random'")
+        p.add_argument(
+            "--backbone-weights",
+            default="auto",
+            help="a .pth file, 'auto' (env VISINSPECT_BACKBONE_WEIGHTS, then torchvision) or 'random'",
+        )
         if name == "train":
             p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
         p.set_defaults(func=func)
+
+    p = sub.add_parser("pretrain", help="SimCLR pre-training of the VGG16 backbone (labels unused)")
+    p.add_argument("--data", nargs="+", metavar="ROOT", help="data roots (default: synthetic)")
+    p.add_argument("--source", help="comma-separated source categories (default: all but --target)")
+    p.add_argument("--target", help="comma-separated target categories (never their test images)")
+    p.add_argument(
+        "--include-target-good",
+        action="store_true",
+        help="also pre-train on the targets' unlabeled train/good images",
+    )
+    p.add_argument("--out", default="weights/simclr.pt")
+    p.add_argument("--preset", default="demo", choices=("demo", "full"))
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--trainable-from", type=int, help="first trainable layer index of VGG16 features")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--backbone-weights", default="auto")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("compare", help="baseline vs SimCLR vs few good parts on one split")
+    p.add_argument("--data", nargs="+", metavar="ROOT", help="data roots (default: synthetic)")
+    p.add_argument("--source", help="comma-separated source (training) categories")
+    p.add_argument("--target", help="comma-separated target (unknown) categories")
+    p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1; mean ± std over them")
+    p.add_argument("--preset", default="demo", choices=("demo", "full"))
+    p.add_argument("--calibrate", help="comma-separated K values, e.g. 5,20,50: few-good-parts rows")
+    p.add_argument("--json", help="write {'rows': [...]} to this file")
+    p.add_argument("--figures", help="write bar charts and side-by-side heatmaps to this folder")
+    p.add_argument("--backbone-weights", default="auto")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on some categories")
     p.add_argument("--checkpoint", required=True)
     _add_data(p, "comma-separated test (target) categories")
     p.add_argument("--split", default="all", choices=("all", "train", "test"))
-    p.add_argument("--threshold", default="val",
-                   help="'val' (the checkpoint's validation threshold) or a P(anomaly) such as 0.5")
+    p.add_argument(
+        "--threshold",
+        default="val",
+        help="'val' (the checkpoint's validation threshold) or a P(anomaly) such as 0.5",
+    )
     p.add_argument("--heat-mode", default="dataset", choices=("dataset", "image"))
     p.add_argument("--json", help="write every metric to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--calibrate",
+        type=int,
+        metavar="K",
+        help="fit threshold and heatmap scale per category on K good train/ images "
+        "(they are then left out of the test images)",
+    )
+    p.add_argument(
+        "--false-alarm-rate",
+        type=float,
+        default=0.01,
+        help="with --calibrate: share of good images allowed above the threshold",
+    )
     _add_eval(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -319,6 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-overlays", action="store_true", help="JSON only (faster)")
     p.add_argument("--resume", action="store_true", help="skip images already in OUT/predictions.jsonl")
+    p.add_argument("--calibration", help="a calibration JSON (evaluate --calibrate K writes one)")
+    p.add_argument("--category", help="with --calibration: which product these images show")
     _add_eval(p)
     p.set_defaults(func=cmd_predict)
     return parser

@@ -194,8 +194,8 @@ def stratified_split(
 ) -> tuple[list[Sample], list[Sample]]:
     """Deterministic train/validation split, stratified by (category, defect type).
 
-    Each stratum sends round(n * val_fraction) images to validation (at least one when it has
-    two or more), so every defect type of every category is seen by both sides.
+    Each stratum sends round(n * val_fraction) images to validation (at least one and at most n - 1
+    when it has two or more), so every defect type of every category is seen by both sides.
     """
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be between 0 and 1 (exclusive); got {val_fraction}")
@@ -206,7 +206,7 @@ def stratified_split(
     train, val = [], []
     for key in sorted(strata):
         group = sorted(strata[key], key=lambda s: str(s.path))
-        n_val = max(1, round(len(group) * val_fraction)) if len(group) >= 2 else 0
+        n_val = min(len(group) - 1, max(1, round(len(group) * val_fraction))) if len(group) >= 2 else 0
         order = rng.permutation(len(group))
         val.extend(group[i] for i in order[:n_val])
         train.extend(group[i] for i in order[n_val:])

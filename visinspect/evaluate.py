@@ -15,7 +15,7 @@ import numpy as np
 from visinspect.boxes import heatmap_to_boxes
 from visinspect.cam import HeatmapNormalizer
 from visinspect.errors import ConfigError
-from visinspect.inference import Predictions
+from visinspect.inference import Predictions, ScoredImages
 from visinspect.metrics import (
     POSITIVE_CLASS,
     aupro,
@@ -46,7 +46,7 @@ def validation_threshold(val: Predictions) -> float:
 
 
 def localisation_metrics(
-    preds: Predictions,
+    preds: ScoredImages,
     *,
     heat_mode: str = "dataset",
     normalizer: HeatmapNormalizer | None = None,
@@ -56,7 +56,7 @@ def localisation_metrics(
     """Pixel AUROC, AUPRO (FPR <= 0.3) and box hit rate on the images whose masks are known.
 
     Known masks: every good image (all background) and defective images with a mask file;
-    defective images without a mask are skipped. Pixel metrics use the raw CAM (threshold-free);
+    defective images without a mask are skipped. Pixel metrics use the raw map (threshold-free);
     boxes come from the normalised heatmap, for every defective image whatever its predicted label.
     """
     known = [i for i, s in enumerate(preds.samples) if s.label == 0 or s.mask_path is not None]
@@ -74,24 +74,31 @@ def localisation_metrics(
     return out
 
 
-def evaluate_predictions(
-    preds: Predictions,
+def evaluate_scored(
+    scored: ScoredImages,
     threshold: float = 0.0,
     *,
+    score_name: str = "logit margin (anomaly - good)",
     localisation: bool = True,
     **localisation_kwargs,
 ) -> dict:
     """Every metric of the report: overall, per category, per defect type, localisation."""
-    labels, scores = preds.labels, preds.margins
+    labels, scores = scored.labels, scored.scores
     report = classification_metrics(labels, scores, threshold)
-    report["threshold_probability"] = round(1.0 / (1.0 + math.exp(-threshold)), 6)
-    report["score"] = "logit margin (anomaly - good)"
-    categories = [s.category for s in preds.samples]
+    report["score"] = score_name
+    categories = [s.category for s in scored.samples]
     report["per_category"] = per_group_metrics(labels, scores, categories, threshold)
-    types = [f"{s.category}/{s.defect_type}" for s in preds.samples]
+    types = [f"{s.category}/{s.defect_type}" for s in scored.samples]
     report["per_defect_type"] = per_group_metrics(labels, scores, types, threshold)
     if localisation:
-        report.update(localisation_metrics(preds, **localisation_kwargs))
+        report.update(localisation_metrics(scored, **localisation_kwargs))
+    return report
+
+
+def evaluate_predictions(preds: Predictions, threshold: float = 0.0, **kwargs) -> dict:
+    """The report of a classifier: scores are logit margins, 0.0 is P(anomaly) > 0.5."""
+    report = evaluate_scored(preds.scored(), threshold, **kwargs)
+    report["threshold_probability"] = round(1.0 / (1.0 + math.exp(-threshold)), 6)
     return report
 
 
@@ -108,10 +115,11 @@ def markdown_table(report: dict, title: str = "") -> str:
     cm = report["confusion_matrix"]
     keys = ["image_auroc", "average_precision", "accuracy", "balanced_accuracy", "precision",
             "recall", "f1", "pixel_auroc", "aupro", "box_hit_rate", "mean_iou"]
+    prob = report.get("threshold_probability")
     lines = [
         f"{title}positive class = {POSITIVE_CLASS}; {report['n_images']} images, "
-        f"{report['n_anomalous']} anomalous; threshold on the logit margin = "
-        f"{report['threshold']:.3f} (P(anomaly) = {report['threshold_probability']:.3f})",
+        f"{report['n_anomalous']} anomalous; threshold on the {report.get('score', 'score')} = "
+        f"{report['threshold']:.3f}" + (f" (P(anomaly) = {prob:.3f})" if prob is not None else ""),
         "",
         "| metric | value |",
         "| --- | --- |",

@@ -21,8 +21,54 @@ from visinspect.utils import autocast, resolve_precision
 
 
 @dataclass
+class ScoredImages:
+    """Anomaly scores (higher = more anomalous) and raw low-resolution maps for some samples.
+
+    What every model produces, whatever its score means: the classifier's logit margin and CAM,
+    the good-reference distance and its patch-distance map, or their fusion.
+    """
+
+    samples: list[Sample]
+    scores: np.ndarray  # (N,) float64
+    maps: torch.Tensor  # (N, h, w) raw maps at the model's own resolution
+    image_size: int
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([s.label for s in self.samples], dtype=np.int64)
+
+    def subset(self, indices: Sequence[int]) -> ScoredImages:
+        idx = list(indices)
+        return ScoredImages([self.samples[i] for i in idx], self.scores[idx], self.maps[idx], self.image_size)
+
+    def heatmaps(
+        self,
+        indices: Sequence[int] | None = None,
+        mode: str = "dataset",
+        normalizer: HeatmapNormalizer | None = None,
+    ) -> torch.Tensor:
+        """Upsampled maps (n, S, S): "raw", or scaled to [0, 1] per "image" or per "dataset"."""
+        maps = self.maps if indices is None else self.maps[list(indices)]
+        up = upsample(maps, self.image_size)
+        return up if mode == "raw" else normalize(up, mode, normalizer)
+
+    def masks(self, indices: Sequence[int] | None = None) -> np.ndarray:
+        """Ground-truth masks (n, S, S) bool; zeros for good images and images without a mask."""
+        idx = range(len(self.samples)) if indices is None else indices
+        size = (self.image_size, self.image_size)
+        return np.stack(
+            [
+                load_mask(self.samples[i].mask_path, size)
+                if self.samples[i].mask_path is not None
+                else np.zeros(size, bool)
+                for i in idx
+            ]
+        )
+
+
+@dataclass
 class Predictions:
-    """What a model said about a list of samples, in the samples' order."""
+    """What a VGG16-CAM classifier said about a list of samples, in the samples' order."""
 
     samples: list[Sample]
     logits: torch.Tensor  # (N, 2) float32: good, anomaly
@@ -43,6 +89,10 @@ class Predictions:
         """P(anomaly) — for display; rank and threshold on `margins`."""
         return torch.softmax(self.logits.float(), dim=1)[:, 1].numpy().astype(np.float64)
 
+    def scored(self) -> ScoredImages:
+        """The classifier's view as generic scores: logit margins and anomaly CAMs."""
+        return ScoredImages(self.samples, self.margins, self.cams, self.image_size)
+
     def subset(self, indices: Sequence[int]) -> Predictions:
         idx = list(indices)
         return Predictions(
@@ -56,22 +106,11 @@ class Predictions:
         normalizer: HeatmapNormalizer | None = None,
     ) -> torch.Tensor:
         """Upsampled CAMs (n, S, S): "raw", or scaled to [0, 1] per "image" or per "dataset"."""
-        cams = self.cams if indices is None else self.cams[list(indices)]
-        up = upsample(cams, self.image_size)
-        return up if mode == "raw" else normalize(up, mode, normalizer)
+        return self.scored().heatmaps(indices, mode, normalizer)
 
     def masks(self, indices: Sequence[int] | None = None) -> np.ndarray:
         """Ground-truth masks (n, S, S) bool; zeros for good images and images without a mask."""
-        idx = range(len(self.samples)) if indices is None else indices
-        size = (self.image_size, self.image_size)
-        return np.stack(
-            [
-                load_mask(self.samples[i].mask_path, size)
-                if self.samples[i].mask_path is not None
-                else np.zeros(size, bool)
-                for i in idx
-            ]
-        )
+        return self.scored().masks(indices)
 
 
 def make_loader(samples: Sequence[Sample], image_size: int, batch_size: int) -> DataLoader:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import nn
+from torchvision.models import vgg
 
 from visinspect.errors import VisinspectError
 
@@ -40,8 +41,14 @@ class VGG16CAM(nn.Module):
 
     def __init__(self, frozen_end: int = FROZEN_END) -> None:
         super().__init__()
-        # Keep torchvision's indices so ImageNet state dicts (`features.N.*`) load unchanged.
-        self.features = torchvision.models.vgg16(weights=None).features[:FEATURES_END]
+        # torchvision's own layer builder keeps its indices, so ImageNet state dicts
+        # (`features.N.*`) load unchanged; building only the conv part skips the 102M-parameter
+        # classifier that vgg16() would initialise and we would throw away.
+        self.features = vgg.make_layers(vgg.cfgs["D"])[:FEATURES_END]
+        for layer in self.features:
+            if isinstance(layer, nn.Conv2d):  # the initialisation torchvision's VGG uses
+                nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(layer.bias)
         self.fc = nn.Linear(512, len(CLASS_NAMES))
         self.frozen_end = frozen_end
         self.set_frozen(frozen_end)
@@ -118,7 +125,7 @@ def _load_file(model: VGG16CAM, path: Path) -> None:
         )
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a weights file"
+    except Exception as e:
         raise VisinspectError(f"cannot load backbone weights {path}: {e}") from None
     state = _features_state_dict(raw, path)
     expected = set(model.features.state_dict())
@@ -128,7 +135,14 @@ def _load_file(model: VGG16CAM, path: Path) -> None:
             f"{path} does not hold VGG16 conv weights in torchvision layout "
             f"(missing e.g. {missing}); expected keys like features.0.weight ... features.28.bias"
         )
-    model.features.load_state_dict(state)
+    try:
+        model.features.load_state_dict(state)
+    except RuntimeError:
+        expected_shapes = model.features.state_dict()
+        shapes = [k for k, v in expected_shapes.items() if getattr(state[k], "shape", None) != v.shape]
+        raise VisinspectError(
+            f"{path} holds VGG16 keys with other shapes (e.g. features.{shapes[0]}): not VGG16 weights"
+        ) from None
 
 
 def _torchvision_weights(model: VGG16CAM, timeout: float) -> dict:
@@ -191,7 +205,11 @@ def build_model(weights: str | Path | None = "auto", frozen_end: int = FROZEN_EN
 
 def describe_backbone(provenance: dict) -> str:
     """One line for reports: which weights the backbone started from."""
-    if provenance.get("source") == "random":
+    source = str(provenance.get("source"))
+    if source.startswith("simclr"):
+        start = describe_backbone(provenance.get("backbone") or {}).removeprefix("backbone: ")
+        return f"backbone: SimCLR-adapted ({source}), pre-training started from {start}"
+    if source == "random":
         return "backbone: RANDOM initialisation (no ImageNet weights found)"
     sha = (provenance.get("sha256") or "")[:12]
-    return f"backbone: ImageNet VGG16 from {provenance.get('source')} ({provenance.get('path')}, sha256 {sha}...)"
+    return f"backbone: ImageNet VGG16 from {source} ({provenance.get('path')}, sha256 {sha}...)"

@@ -35,7 +35,7 @@ from visinspect.boxes import Box, heatmap_to_boxes
 from visinspect.cam import HeatmapNormalizer
 from visinspect.data import Sample, load_mask, load_rgb
 from visinspect.errors import DataError, VisinspectError
-from visinspect.inference import Predictions
+from visinspect.inference import Predictions, ScoredImages
 from visinspect.metrics import POSITIVE_CLASS, _labels_scores
 from visinspect.utils import atomic_path
 
@@ -516,6 +516,45 @@ def plot_metric_bars(
 
 
 # ----------------------------------------------------------------------------- files
+
+
+def plot_model_heatmaps(
+    scored: Mapping[str, ScoredImages],
+    normalizers: Mapping[str, HeatmapNormalizer | None],
+    paths: Sequence[str],
+    *,
+    box_threshold: float = 0.5,
+    min_area: int = 16,
+    fig: Figure | None = None,
+) -> Figure:
+    """The same test images (rows) under each model (columns): heatmap, boxes, mask contour.
+
+    Each model's maps are scaled with its own normaliser (per image if it has none), so the
+    colours mean what that model's boxes mean.
+    """
+    models = list(scored)
+    if not models or not paths:
+        raise DataError("need at least one model and one image path to compare heatmaps")
+    fig, axes = _grid(fig, len(paths), len(models), (2.6, 2.8))
+    axes = np.asarray(axes).reshape(len(paths), len(models))
+    for col, name in enumerate(models):
+        s = scored[name]
+        where = {str(x.path): i for i, x in enumerate(s.samples)}
+        missing = [p for p in paths if p not in where]
+        if missing:
+            raise DataError(f"model {name!r} did not score {missing[0]}")
+        idx = [where[p] for p in paths]
+        norm = normalizers.get(name)
+        heat = s.heatmaps(idx, "dataset" if norm else "image", norm).numpy()
+        masks = s.masks(idx)
+        for row, (i, h, m) in enumerate(zip(idx, heat, masks, strict=True)):
+            ax = axes[row, col]
+            boxes = heatmap_to_boxes(h, box_threshold, min_area)
+            overlay(ax, _load_image(s.samples[i].path, s.image_size), h, boxes, m)
+            label = LABEL_NAMES[s.samples[i].label]
+            ax.set_title(f"{name}\n{label} · score {s.scores[i]:.2f}" if row == 0
+                         else f"{label} · score {s.scores[i]:.2f}", fontsize=FONT_SIZES["label"])
+    return fig
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = DPI) -> Path:

@@ -1,150 +1,269 @@
 """Scoring folders of images with a trained checkpoint, streaming: memory stays flat.
 
-Images are read in batches; each result is written at once as one JSON line (flushed), so a
-killed run keeps what it did and `resume=True` skips images already in the output. A file that
-cannot be read is reported in its JSON line with an `error` field and the run goes on.
+Images are read in batches and forgotten after their batch; each result is written as one JSON
+line (flushed per batch), so a killed run keeps what it did and `resume=True` goes on from there.
+A file that cannot be read (corrupt, truncated, empty, larger than `data.MAX_PIXELS`) is reported
+in its JSON line with an `error` field and the run goes on; odd but valid modes (grayscale, 16-bit,
+RGBA, CMYK, palette) are converted to RGB by `data.load_rgb`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
 from tqdm.auto import tqdm
 
-from visinspect.boxes import heatmap_to_boxes
+from visinspect.boxes import Box, heatmap_to_boxes
 from visinspect.cam import HeatmapNormalizer, anomaly_cam, normalize, upsample
 from visinspect.checkpoint import load_classifier
 from visinspect.data import IMAGE_EXTENSIONS, load_rgb, to_tensor
-from visinspect.errors import DataError
-from visinspect.models import logit_margin
+from visinspect.errors import ConfigError, DataError
+from visinspect.models import VGG16CAM, logit_margin
+from visinspect.utils import atomic_path, autocast, resolve_precision
 
 RESULTS_NAME = "predictions.jsonl"
+OVERLAY_DIR = "overlays"
+# Overlays are for looking at: drawing an 8k-pixel photo at full size would cost seconds and GBs.
+OVERLAY_MAX_SIDE = 512
+OVERLAY_MIN_SIDE = 256  # small images are shown larger so that the title fits
 
 
-def iter_images(inputs: Sequence[Path]) -> Iterator[Path]:
-    """Image files named directly or found recursively in folders, sorted, without duplicates."""
-    seen: set[Path] = set()
-    for item in inputs:
+def list_images(inputs: Sequence[str | Path], exclude: str | Path | None = None) -> list[Path]:
+    """Image files named directly, or found recursively in folders; sorted, without duplicates.
+
+    In folders, files with an image extension (any case) count; hidden files and folders (name
+    starting with ".", e.g. macOS `._x.png` copies) are skipped, and so is `exclude` (the output
+    folder, so that a run never scores its own overlays). A file named directly always counts.
+    """
+    skip = Path(exclude).resolve() if exclude is not None else None
+    found: dict[Path, None] = {}  # an ordered set
+    for item in map(Path, inputs):
         if item.is_dir():
-            files = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            files = []
+            for folder, dirs, names in os.walk(item):
+                dirs[:] = [d for d in dirs if not d.startswith(".")
+                           and (skip is None or Path(folder, d).resolve() != skip)]
+                files.extend(Path(folder, n) for n in names if _is_image_name(n))
+            found.update(dict.fromkeys(sorted(files)))
         elif item.exists():
-            files = [item]
+            found[item] = None
         else:
             raise DataError(f"{item} does not exist: name image files or folders to predict on")
-        for f in files:
-            if f not in seen:
-                seen.add(f)
-                yield f
+    return list(found)
 
 
-def _batches(paths: Iterator[Path], size: int) -> Iterator[list[Path]]:
-    batch: list[Path] = []
-    for p in paths:
-        batch.append(p)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+def _is_image_name(name: str) -> bool:
+    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _done(results: Path) -> set[str]:
+def _keep_finished(results: Path) -> set[str]:
+    """Rewrite `results` with only its complete, successful lines; return the paths they cover.
+
+    A kill can cut the last line in half, and an image that failed deserves another try (it may
+    have been fixed), so both are dropped. Streamed through a temporary file: memory stays flat.
+    """
+    done: set[str] = set()
     if not results.is_file():
-        return set()
-    done = set()
-    for line in results.read_text().splitlines():
-        try:
-            done.add(json.loads(line)["path"])
-        except (json.JSONDecodeError, KeyError):
-            continue  # a line cut by a kill: that image is simply done again
+        return done
+    with (
+        open(results, encoding="utf-8", errors="replace") as src,
+        atomic_path(results) as tmp,
+        open(tmp, "w", encoding="utf-8") as dst,
+    ):
+        for line in src:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+            if not isinstance(row, dict) or not isinstance(row.get("path"), str):
+                continue
+            if "error" in row or row["path"] in done:
+                continue
+            done.add(row["path"])
+            dst.write(line.rstrip("\n") + "\n")
     return done
 
 
-def predict_folder(
-    checkpoint: str | Path,
-    inputs: Sequence[Path],
-    out: Path,
+def predict_folder(checkpoint: str | Path, inputs: Sequence[str | Path], out: str | Path,
+                   **options) -> dict:
+    """Load a classifier checkpoint and `predict_images` with it (same options, same summary)."""
+    model, info = load_classifier(checkpoint)
+    return predict_images(model, info, inputs, out, **options)
+
+
+def predict_images(
+    model: VGG16CAM,
+    info: dict,
+    inputs: Sequence[str | Path],
+    out: str | Path,
     *,
     overlays: bool = True,
     batch_size: int = 16,
     box_threshold: float = 0.5,
     min_area: int = 16,
     resume: bool = False,
+    precision: str = "auto",
     progress: bool = True,
 ) -> dict:
-    """Predict every image under `inputs`; write `out/predictions.jsonl` (+ PNG overlays)."""
-    model, info = load_classifier(checkpoint)
-    size = int(info["image_size"])
-    threshold = float(info["threshold"])
-    normalizer = HeatmapNormalizer.from_dict(info["normalizer"]) if info.get("normalizer") else None
+    """Score every image under `inputs`; write `out/predictions.jsonl` and `out/overlays/*.png`.
+
+    `info` is the checkpoint's (image_size, threshold, normalizer). One JSON line per image, in
+    sorted path order: path, width, height, label ("anomaly" iff the logit margin > the
+    threshold), probability, margin, boxes ([x0, y0, x1, y1, peak heat], end-exclusive, in the
+    original image's pixels, for every image: the label says whether they matter) and overlay
+    (its file name, relative to `out`); or path and error. With `resume`, images already scored
+    in the output are skipped and failed ones tried again. Returns counts for this run
+    (n_images, n_anomalous, n_failed), n_skipped and seconds.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1; got {batch_size}")
+    out = Path(out)
+    paths = list_images(inputs, exclude=out)
+    if not paths:
+        names = ", ".join(map(str, inputs))
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {names}")
+    model = model.eval().to(memory_format=torch.channels_last)
+    scorer = _Scorer(model, info, resolve_precision(precision), box_threshold, min_area)
     out.mkdir(parents=True, exist_ok=True)
     results = out / RESULTS_NAME
-    done = _done(results) if resume else set()
-    todo = (p for p in iter_images(inputs) if str(p) not in done)
-    counts = {"n_images": 0, "n_anomalous": 0, "n_failed": 0, "n_skipped": len(done)}
+    done = _keep_finished(results) if resume else set()
+    todo = [p for p in paths if str(p) not in done]
+    counts = {"n_images": 0, "n_anomalous": 0, "n_failed": 0, "n_skipped": len(paths) - len(todo)}
     start = time.perf_counter()
-    bar = tqdm(desc="predict", unit="img", disable=not progress)
-    with open(results, "a" if resume else "w") as f, torch.inference_mode():
-        for batch in _batches(todo, batch_size):
-            images, tensors, rows = [], [], []
-            for path in batch:
-                try:
-                    image = load_rgb(path)
-                except DataError as e:
-                    rows.append({"path": str(path), "error": str(e)})
-                    continue
-                images.append((path, image))
-                tensors.append(to_tensor(image, size))
-            if tensors:
-                x = torch.stack(tensors).to(memory_format=torch.channels_last)
-                maps = model.feature_maps(x)
-                logits = model.head(maps)
-                raw = upsample(anomaly_cam(model, maps), size)
-                heat = normalize(raw, "dataset" if normalizer else "image", normalizer)
-                for (path, image), lg, h in zip(images, logits, heat, strict=True):
-                    rows.append(_result(path, image, lg, h, threshold, box_threshold, min_area))
-                    if overlays:
-                        _save_overlay(out, path, image, h.numpy(), rows[-1])
-            for row in rows:
+    bar = tqdm(total=len(todo), desc="predict", unit="img", disable=not progress, smoothing=0.1)
+    with open(results, "a" if resume else "w", encoding="utf-8") as f, bar:
+        for i in range(0, len(todo), batch_size):
+            batch = todo[i : i + batch_size]
+            for row in scorer(batch, out if overlays else None):
                 counts["n_images"] += 1
                 counts["n_failed"] += "error" in row
                 counts["n_anomalous"] += row.get("label") == "anomaly"
+                # ASCII JSON: file names that are not valid UTF-8 still round-trip (as escapes).
                 f.write(json.dumps(row) + "\n")
             f.flush()
             bar.update(len(batch))
-            bar.set_postfix(img_s=f"{counts['n_images'] / (time.perf_counter() - start):.1f}")
-    bar.close()
     counts["seconds"] = round(time.perf_counter() - start, 2)
     return counts
 
 
-def _result(path, image, logits, heat, threshold, box_threshold, min_area) -> dict:
-    margin = float(logit_margin(logits))
-    h, w = image.shape[:2]
-    sx, sy = w / heat.shape[1], h / heat.shape[0]
-    boxes = [
-        [round(b.x0 * sx), round(b.y0 * sy), round(b.x1 * sx), round(b.y1 * sy), round(b.score, 4)]
-        for b in heatmap_to_boxes(heat.numpy(), box_threshold, min_area)
+class _Scorer:
+    """Turns a batch of paths into result rows (and overlays); holds nothing between batches."""
+
+    def __init__(self, model: VGG16CAM, info: dict, precision: str, box_threshold: float,
+                 min_area: int) -> None:
+        self.model, self.precision = model, precision
+        self.size = int(info["image_size"])
+        self.threshold = float(info["threshold"])
+        norm = info.get("normalizer")
+        self.normalizer = HeatmapNormalizer.from_dict(norm) if norm else None
+        self.box_threshold, self.min_area = box_threshold, min_area
+
+    def __call__(self, paths: Sequence[Path], overlay_root: Path | None) -> list[dict]:
+        rows = [{"path": str(p)} for p in paths]
+        read = {}
+        for i, path in enumerate(paths):
+            try:
+                read[i] = self._read(path, overlay_root is not None)
+            except DataError as e:
+                rows[i]["error"] = str(e)
+        if not read:
+            return rows
+        heat, logits = self._forward(torch.stack([tensor for tensor, _, _ in read.values()]))
+        for (i, (_, shape, thumb)), h, lg in zip(read.items(), heat, logits, strict=True):
+            rows[i].update(self._scores(shape, h, lg))
+            if overlay_root is not None:
+                rows[i]["overlay"] = _save_overlay(overlay_root, paths[i], thumb, h, rows[i])
+        return rows
+
+    def _read(self, path: Path, thumb: bool) -> tuple[torch.Tensor, tuple[int, int], Image.Image]:
+        """The model's input, the original (height, width) and a small copy for overlays (or None).
+
+        The full-size array is dropped here, so a batch of huge photos costs little memory.
+        """
+        image = load_rgb(path)
+        small = None
+        if thumb:
+            small = Image.fromarray(image)
+            small.thumbnail((OVERLAY_MAX_SIDE, OVERLAY_MAX_SIDE))
+        return to_tensor(image, self.size), image.shape[:2], small
+
+    @torch.inference_mode()
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised heatmaps (N, S, S) and logits (N, 2): the path of `inference.predict`."""
+        with autocast("cpu", self.precision):
+            maps = self.model.feature_maps(x.to(memory_format=torch.channels_last))
+        maps = maps.float()
+        raw = upsample(anomaly_cam(self.model, maps), self.size)
+        heat = normalize(raw, "dataset" if self.normalizer else "image", self.normalizer)
+        return heat, self.model.head(maps)
+
+    def _scores(self, shape: tuple[int, int], heat: torch.Tensor, logits: torch.Tensor) -> dict:
+        margin = float(logit_margin(logits))
+        h, w = shape
+        grid = (self.size, self.size)
+        boxes = heatmap_to_boxes(heat.numpy(), self.box_threshold, self.min_area)
+        return {
+            "width": w,
+            "height": h,
+            "label": "anomaly" if margin > self.threshold else "good",
+            "probability": round(float(torch.softmax(logits, 0)[1]), 6),
+            "margin": round(margin, 4),
+            "threshold_margin": round(self.threshold, 4),
+            "boxes": [[*_scale_box(b, grid, (w, h)), round(b.score, 4)] for b in boxes],
+        }
+
+
+def _scale_box(box: Sequence[float], src: tuple[int, int], dst: tuple[int, int]) -> list[int]:
+    """An end-exclusive box (x0, y0, x1, y1) on a src (width, height) grid, in dst's pixels.
+
+    Outward rounding: the scaled box covers every pixel of the region and is never empty.
+    """
+    sx, sy = dst[0] / src[0], dst[1] / src[1]
+    x0, y0, x1, y1 = box[:4]
+    return [
+        min(math.floor(x0 * sx), dst[0] - 1),
+        min(math.floor(y0 * sy), dst[1] - 1),
+        max(min(math.ceil(x1 * sx), dst[0]), 1),
+        max(min(math.ceil(y1 * sy), dst[1]), 1),
     ]
-    return {
-        "path": str(path),
-        "probability": round(float(torch.softmax(logits.float(), 0)[1]), 6),
-        "margin": round(margin, 4),
-        "label": "anomaly" if margin > threshold else "good",
-        "threshold_margin": round(threshold, 4),
-        "boxes": boxes,  # x0, y0, x1, y1 (end exclusive) in the original image's pixels, peak heat
-    }
 
 
-def _save_overlay(out: Path, path: Path, image: np.ndarray, heat: np.ndarray, row: dict) -> None:
-    from visinspect.plots import overlay_figure, save_figure
+def overlay_name(path: Path) -> str:
+    """The overlay file of an image: its stem plus a digest of its full path.
 
-    # A short digest of the folder keeps same-named files from different folders apart.
-    name = f"{hashlib.sha1(str(path.parent).encode()).hexdigest()[:8]}_{path.stem}.png"
-    save_figure(overlay_figure(image, heat, row), out / "overlays" / name)
+    The digest keeps same-named files of different folders (or `a.png` and `a.jpg`) apart; sha1
+    rather than Python's hash(), which changes from one process to the next.
+    """
+    digest = hashlib.sha1(str(path).encode("utf-8", "surrogateescape")).hexdigest()[:10]
+    return f"{path.stem[:80]}_{digest}.png"
+
+
+def _save_overlay(root: Path, path: Path, thumb: Image.Image, heat: torch.Tensor, row: dict) -> str:
+    """Draw the heatmap and (for anomalies) boxes on the image; return the file's relative name."""
+    from matplotlib.figure import Figure  # not pyplot: figures nobody has to close
+
+    from visinspect.plots import DPI, overlay, save_figure
+
+    w, h = thumb.size
+    small = F.interpolate(heat[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+    # Boxes on predicted anomalies only, as in plots.plot_prediction_grid.
+    boxes = [Box(*_scale_box(b, (row["width"], row["height"]), (w, h)), b[4]) for b in row["boxes"]]
+    scale = max(1.0, OVERLAY_MIN_SIDE / max(w, h))
+    fig = Figure(figsize=(w * scale / DPI, h * scale / DPI), dpi=DPI)
+    ax = fig.add_subplot()
+    overlay(ax, np.asarray(thumb), small.numpy(), boxes if row["label"] == "anomaly" else ())
+    verdict = f"{row['label']} · P(anomaly)={row['probability']:.2f}"
+    ax.set_title(f"{path.name[:40]}\n{verdict}", fontsize=8)
+    name = f"{OVERLAY_DIR}/{overlay_name(path)}"
+    save_figure(fig, root / name)
+    return name

@@ -108,7 +108,7 @@ class SimCLRTransform:
             raise ValueError(f"sigmas must be (low, high) with 0 < low <= high; got {sigmas}")
         self.input_size = input_size
         s = cj_strength
-        kernel = int(0.1 * input_size) // 2 * 2 + 1  # odd, as a Gaussian kernel must be
+        kernel = max(3, int(0.1 * input_size) // 2 * 2 + 1)  # odd, as a Gaussian kernel must be
         self.pipeline = T.Compose(
             [
                 T.RandomResizedCrop(input_size, scale=(min_scale, 1.0), antialias=True),
@@ -233,7 +233,8 @@ class SimCLRModel(nn.Module):
     `trainable_from` is the index in `encoder.features` of the first trained layer: 24 = block 5
     only (the baseline's choice, the default), 17 = blocks 4-5, 0 = all. The frozen layers run
     under torch.no_grad, which saves the memory and time of keeping their activations.
-    The encoder's dense layer `fc` is not used here (it stays as it is).
+    The encoder's dense layer `fc` is not used here (it stays as it is). Freezing is done with
+    `encoder.set_frozen(trainable_from)`, so the encoder passed in is changed.
     """
 
     def __init__(
@@ -350,7 +351,7 @@ class PretrainConfig:
 
     @classmethod
     def demo(cls, **overrides) -> PretrainConfig:
-        """A run of under a minute on 2 CPU cores: 64 images at 64 px, 4 epochs of 4 steps."""
+        """Under a minute on 2 idle CPU cores: 64 images at 64 px, 4 epochs of 4 steps."""
         preset = {"epochs": 4, "batch_size": 16, "warmup_epochs": 1.0, "image_size": 64, "max_images": 64}
         return cls(**{**preset, **overrides})
 
@@ -473,6 +474,7 @@ def pretrain(
         shuffle=True,
         drop_last=True,  # NT-Xent and batch norm want full batches; a batch of 1 would fail
         num_workers=config.num_workers,
+        persistent_workers=config.num_workers > 0,  # workers keep their image caches between epochs
         generator=torch.Generator().manual_seed(config.seed),
     )
     steps_per_epoch = len(loader)
@@ -597,7 +599,7 @@ def load_pretrained_encoder(path: str | Path, model: VGG16CAM) -> dict:
     state = data.get("encoder")
     expected = model.features.state_dict()
     if not isinstance(state, dict) or set(state) != set(expected) or any(
-        state[k].shape != expected[k].shape for k in expected
+        not isinstance(state[k], torch.Tensor) or state[k].shape != expected[k].shape for k in expected
     ):
         raise CheckpointError(
             f"{path} does not hold VGG16 conv weights (features.0 .. features.28) of the expected "

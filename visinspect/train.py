@@ -114,7 +114,9 @@ def train_classifier(
     trainable = model.trainable
     model.train()
     epochs = range(state.epoch, config.epochs)
-    bar = tqdm(epochs, desc="train", unit="epoch", disable=not progress, initial=state.epoch, total=config.epochs)
+    bar = tqdm(
+        epochs, desc="train", unit="epoch", disable=not progress, initial=state.epoch, total=config.epochs
+    )
     for epoch in bar:
         if state.stopped_early:
             break
@@ -197,6 +199,7 @@ def train_baseline(
     """
     config = config or TrainConfig()
     if model is None:
+        set_seed(config.seed)  # the dense layer (and a random backbone) start from seeded weights
         model, provenance = build_model(weights)
     history = train_classifier(
         model, train_samples, config, progress=progress, checkpoint_path=checkpoint_path, resume=resume

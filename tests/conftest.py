@@ -1,0 +1,59 @@
+"""Shared fixtures: one tiny synthetic dataset and one random-weight VGG16-CAM per test session.
+
+Both are read-only for the tests: a test that changes data copies the folder (`writable_root`),
+a test that trains a model takes a fresh copy (`fresh_model`).
+"""
+
+import copy
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from visinspect.models import VGG16CAM, build_model
+from visinspect.synthetic import CATEGORIES, generate_synthetic_dataset
+
+# Two products (one texture, one object), 4 train good + 2 test good + 2 per defect type each.
+TINY_CATEGORIES = ("grain_wood", "round_pill")
+TINY = {"image_size": 64, "n_train_good": 4, "n_test_good": 2, "n_test_per_defect": 2}
+TINY_PER_CATEGORY = {
+    "train_good": TINY["n_train_good"],
+    "test_good": TINY["n_test_good"],
+    "anomaly": TINY["n_test_per_defect"] * len(CATEGORIES[TINY_CATEGORIES[0]]),
+}
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "slow: trains or runs the command line end to end (seconds)")
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    """A tiny synthetic dataset in MVTec layout (64 px, 12 images per category); do not write to it."""
+    root = tmp_path_factory.mktemp("tiny") / "synthetic"
+    return generate_synthetic_dataset(root, image_size=TINY["image_size"], n_train_good=TINY["n_train_good"],
+                                      n_test_good=TINY["n_test_good"],
+                                      n_test_per_defect=TINY["n_test_per_defect"],
+                                      categories=list(TINY_CATEGORIES))
+
+
+@pytest.fixture
+def writable_root(tiny_root, tmp_path) -> Path:
+    """A private copy of the tiny dataset that a test may damage."""
+    return Path(shutil.copytree(tiny_root, tmp_path / "data"))
+
+
+@pytest.fixture(scope="session")
+def pristine_model() -> VGG16CAM:
+    """A seeded random-weight VGG16-CAM (building one costs seconds: it is built once)."""
+    torch.manual_seed(0)
+    model, provenance = build_model("random")
+    assert provenance["source"] == "random"
+    return model.eval()
+
+
+@pytest.fixture
+def fresh_model(pristine_model) -> VGG16CAM:
+    """An independent copy of the session's model, free to be trained or changed."""
+    return copy.deepcopy(pristine_model)

@@ -1,0 +1,212 @@
+"""Tests for visinspect.predict: JSON lines, hostile files, overlays, resume after a kill."""
+
+import json
+import shutil
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+from PIL import Image
+from test_fuzz import png_with_header
+
+from visinspect.checkpoint import load_classifier, save_classifier
+from visinspect.errors import ConfigError, DataError
+from visinspect.predict import (
+    RESULTS_NAME,
+    list_images,
+    overlay_name,
+    predict_folder,
+    predict_images,
+)
+
+IMAGE_SIZE = 32
+
+
+def rgb(height: int, width: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), np.uint8)
+
+
+def valid_png_bytes(tmp: Path) -> bytes:
+    path = tmp / "valid.png"
+    Image.fromarray(rgb(40, 40, 9)).save(path)
+    return path.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, pristine_model) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "random.pt"
+    save_classifier(path, pristine_model, image_size=IMAGE_SIZE, threshold=0.0, normalizer=None,
+                    backbone={"source": "random", "path": None, "sha256": None}, config={},
+                    frozen_end=24)
+    return path
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoint) -> tuple:
+    """The checkpoint loaded once (building a VGG16 costs seconds)."""
+    return load_classifier(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> tuple[Path, set[str], set[str]]:
+    """Good images, every odd-but-valid mode and every broken kind, in nested folders.
+
+    Returns (root, names that must be scored, names that must fail).
+    """
+    root = tmp_path_factory.mktemp("images") / "in put"
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / ".hidden").mkdir()
+    good = {
+        "good_0.png": lambda p: Image.fromarray(rgb(48, 64, 0)).save(p),
+        "good_1.jpg": lambda p: Image.fromarray(rgb(64, 64, 1)).save(p),
+        "sub/wide 2.PNG": lambda p: Image.fromarray(rgb(20, 90, 2)).save(p, "PNG"),
+        "sub/défaut.bmp": lambda p: Image.fromarray(rgb(33, 17, 3)).save(p),
+        "sub/deeper/tall.TIF": lambda p: Image.fromarray(rgb(100, 30, 4)).save(p, "TIFF"),
+        "gray.png": lambda p: Image.fromarray(rgb(40, 40, 5)[..., 0]).save(p),
+        "sixteen.png": lambda p: Image.fromarray(
+            np.random.default_rng(6).integers(0, 65536, (40, 36)).astype(np.uint16)).save(p),
+        "rgba.png": lambda p: Image.fromarray(
+            np.random.default_rng(7).integers(0, 256, (40, 40, 4), np.uint8)).save(p),
+        "cmyk.jpeg": lambda p: Image.fromarray(rgb(40, 40, 8)).convert("CMYK").save(p, "JPEG"),
+        "palette.png": lambda p: Image.fromarray(rgb(40, 40, 9)).convert("P").save(p),
+    }
+    valid = valid_png_bytes(root.parent)
+    bad = {
+        "corrupt.png": lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4),
+        "empty.jpg": lambda p: p.write_bytes(b""),
+        "truncated.png": lambda p: p.write_bytes(valid[: len(valid) // 2]),
+        "sub/huge.png": lambda p: p.write_bytes(png_with_header(20_000, 20_000)),
+    }
+    for name, write in {**good, **bad}.items():
+        write(root / name)
+    for name in ("notes.txt", ".DS_Store", "Thumbs.db", "._good_0.png", ".hidden/x.png"):
+        (root / name).write_bytes(b"not an image")  # ignored: not images, or hidden
+    return root, set(good), set(bad)
+
+
+def read_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / RESULTS_NAME).read_text().splitlines()]
+
+
+def relative(rows: list[dict], root: Path) -> list[str]:
+    return [Path(r["path"]).relative_to(root).as_posix() for r in rows]
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint, tree, tmp_path_factory) -> tuple[Path, dict]:
+    """predict_folder without overlays, one image per batch (numbers independent of batching)."""
+    out = tmp_path_factory.mktemp("reference")
+    summary = predict_folder(checkpoint, [tree[0]], out, overlays=False, batch_size=1,
+                             progress=False)
+    return out, summary
+
+
+def test_one_line_per_image_errors_only_for_broken_files(tree, reference):
+    root, good, bad = tree
+    out, summary = reference
+    rows = read_rows(out)
+    names = relative(rows, root)
+    assert names == sorted(names, key=lambda n: Path(root, n)) and set(names) == good | bad
+    assert {n for n, r in zip(names, rows, strict=True) if "error" in r} == bad
+    for name, row in zip(names, rows, strict=True):
+        if "error" in row:
+            assert name.split("/")[-1] in row["error"] and set(row) == {"path", "error"}
+    assert "limit" in next(r for r in rows if r["path"].endswith("huge.png"))["error"]
+    assert summary["n_images"] == len(rows) and summary["n_failed"] == len(bad)
+    assert summary["n_anomalous"] == sum(r.get("label") == "anomaly" for r in rows)
+    assert summary["n_skipped"] == 0
+    assert not (out / "overlays").exists() and not any("overlay" in r for r in rows)
+
+
+def test_scores_and_boxes_in_original_pixels(tree, reference):
+    good = tree[1]
+    rows = [r for r in read_rows(reference[0]) if "error" not in r]
+    assert len(rows) == len(good)
+    n_boxes = 0
+    for r in rows:
+        with Image.open(r["path"]) as img:
+            assert (r["width"], r["height"]) == img.size
+        assert 0.0 <= r["probability"] <= 1.0
+        assert r["label"] == ("anomaly" if r["margin"] > r["threshold_margin"] else "good")
+        for x0, y0, x1, y1, score in r["boxes"]:
+            assert 0 <= x0 < x1 <= r["width"] and 0 <= y0 < y1 <= r["height"]
+            assert 0.5 < score <= 1.0  # the peak heat of a region above the box threshold
+            n_boxes += 1
+    assert n_boxes >= len(rows)  # per-image normalisation puts a hot spot in every image
+
+
+def test_same_input_same_output(loaded, tree, reference, tmp_path):
+    predict_images(*loaded, [tree[0]], tmp_path, overlays=False, batch_size=1, progress=False)
+    assert (tmp_path / RESULTS_NAME).read_bytes() == (reference[0] / RESULTS_NAME).read_bytes()
+
+
+def test_overlays_written_with_deterministic_names(loaded, tree, tmp_path):
+    root = tmp_path / "images"
+    (root / "sub").mkdir(parents=True)
+    for name in ("good_0.png", "gray.png", "sub/wide 2.PNG", "corrupt.png"):
+        shutil.copy(tree[0] / name, root / name)
+    out = root / "results"  # inside the input folder: its overlays must never be scored
+    first = predict_images(*loaded, [root], out, batch_size=2, progress=False)
+    again = predict_images(*loaded, [root], out, batch_size=2, resume=True, progress=False)
+    assert (first["n_images"], first["n_failed"]) == (4, 1)
+    assert (again["n_skipped"], again["n_images"]) == (3, 1)  # only the failure is tried again
+    rows = [r for r in read_rows(out) if "error" not in r]
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == sorted(
+        Path(r["overlay"]).name for r in rows)
+    assert all(r["overlay"] == f"overlays/{overlay_name(Path(r['path']))}" for r in rows)
+    with Image.open(out / rows[0]["overlay"]) as img:
+        assert img.format == "PNG" and min(img.size) > 100
+    assert plt.get_fignums() == []  # no figure left open (they would pile up over a long run)
+    # Same names in different folders, and one stem with two extensions, stay apart.
+    clash = [Path("a/x.png"), Path("b/x.png"), Path("a/x.jpg")]
+    assert len({overlay_name(p) for p in clash}) == 3
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.0])
+def test_resume_after_kill(loaded, tree, reference, tmp_path, cut):
+    """Keep the first lines and half the next (a kill mid-write): resume reaches the same rows."""
+    ref = (reference[0] / RESULTS_NAME).read_text().splitlines(keepends=True)
+    keep = round(len(ref) * cut)
+    (tmp_path / RESULTS_NAME).write_text("".join(ref[:keep]) + ref[keep][: len(ref[keep]) // 2])
+    kept_ok = sum("error" not in json.loads(line) for line in ref[:keep])
+
+    summary = predict_images(*loaded, [tree[0]], tmp_path, overlays=False, batch_size=1,
+                             resume=True, progress=False)
+    rows = read_rows(tmp_path)
+    assert summary["n_skipped"] == kept_ok and summary["n_images"] == len(ref) - kept_ok
+    assert summary["n_failed"] == len(tree[2])  # failed images are tried again (and fail again)
+    assert len({r["path"] for r in rows}) == len(rows) == len(ref)  # no duplicates, none lost
+    by_path = lambda rows: sorted(rows, key=lambda r: r["path"])  # noqa: E731
+    assert by_path(rows) == by_path(map(json.loads, ref))
+
+
+def test_resume_with_everything_done_scores_nothing(loaded, tree, reference, tmp_path):
+    shutil.copy(reference[0] / RESULTS_NAME, tmp_path / RESULTS_NAME)
+    summary = predict_images(*loaded, [tree[0]], tmp_path, overlays=False, batch_size=8,
+                             resume=True, progress=False)
+    assert summary["n_skipped"] == len(tree[1]) and summary["n_images"] == len(tree[2])
+
+
+def test_list_images(tree, tmp_path):
+    root, good, bad = tree
+    found = list_images([root])
+    assert [p.relative_to(root).as_posix() for p in found] == sorted(
+        good | bad, key=lambda n: Path(root, n))
+    # A file named directly counts whatever its name; duplicates are dropped, input order kept.
+    stray = root / "notes.txt"
+    again = list_images([stray, root, root / "sub", root / "good_0.png"])
+    assert again[0] == stray and again[1:] == found
+    assert list_images([root], exclude=root / "sub") == [p for p in found if "sub" not in p.parts]
+
+
+def test_bad_arguments(loaded, tmp_path):
+    with pytest.raises(DataError, match="nope"):
+        predict_images(*loaded, [tmp_path / "nope"], tmp_path / "out", progress=False)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match="no images"):
+        predict_images(*loaded, [tmp_path / "empty"], tmp_path / "out", progress=False)
+    with pytest.raises(ConfigError, match="batch_size"):
+        predict_images(*loaded, [tmp_path], tmp_path / "out", batch_size=0, progress=False)
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,371 @@
+"""Tests for SimCLR pre-training: the NT-Xent loss, the augmentations, training and checkpoints."""
+
+import copy
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from visinspect.checkpoint import save_checkpoint
+from visinspect.data import build_sample_table, denormalize
+from visinspect.errors import CheckpointError, DataError, VisinspectError
+from visinspect.models import VGG16CAM, sha256_file
+from visinspect.simclr import (
+    PretrainConfig,
+    ProjectionHead,
+    SimCLRModel,
+    SimCLRTransform,
+    TwoViewDataset,
+    build_simclr_model,
+    knn_monitor,
+    load_pretrained_encoder,
+    nt_xent_loss,
+    pretrain,
+    pretrain_samples,
+    save_pretrained,
+    warmup_cosine,
+)
+from visinspect.synthetic import generate_synthetic_dataset
+
+SOURCE, TARGET = ("grain_wood", "round_pill"), ("hex_nut",)
+# Every augmentation off: the transform only normalises (the crop covers the whole image).
+NO_AUGMENT = {"min_scale": 1.0, "hf_prob": 0.0, "vf_prob": 0.0, "rr_prob": 0.0, "cj_prob": 0.0,
+              "random_gray_scale": 0.0, "gaussian_blur": 0.0}
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic") / "data"
+    generate_synthetic_dataset(root, image_size=64, n_train_good=4, n_test_good=2,
+                               n_test_per_defect=2, categories=[*SOURCE, *TARGET])
+    return build_sample_table(root).samples
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    """One randomly initialised VGG16CAM to copy (building torchvision's VGG16 takes seconds)."""
+    torch.manual_seed(0)
+    return VGG16CAM()
+
+
+def small_model(encoder: VGG16CAM, trainable_from: int = 24) -> SimCLRModel:
+    torch.manual_seed(1)
+    return SimCLRModel(copy.deepcopy(encoder), ProjectionHead(512, 64, 32), trainable_from)
+
+
+# ----------------------------------------------------------------------------- NT-Xent
+
+
+def loop_nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> float:
+    """The loss written out anchor by anchor, straight from the paper's definition."""
+    z = torch.cat([z1, z2]).double()
+    n = len(z1)
+    total = 0.0
+    for i in range(2 * n):
+        positive = (i + n) % (2 * n)
+        sim = [float(torch.dot(z[i], z[k]) / (z[i].norm() * z[k].norm())) for k in range(2 * n)]
+        denominator = sum(math.exp(sim[k] / temperature) for k in range(2 * n) if k != i)
+        total += -math.log(math.exp(sim[positive] / temperature) / denominator)
+    return total / (2 * n)
+
+
+def test_nt_xent_matches_the_per_pair_definition():
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
+    for temperature in (0.1, 0.2, 1.0):
+        assert nt_xent_loss(z1, z2, temperature).item() == pytest.approx(
+            loop_nt_xent(z1, z2, temperature), rel=1e-5
+        )
+
+
+def test_nt_xent_is_symmetric_and_scale_invariant():
+    g = torch.Generator().manual_seed(1)
+    z1, z2 = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    loss = nt_xent_loss(z1, z2).item()
+    assert nt_xent_loss(z2, z1).item() == pytest.approx(loss, rel=1e-6)
+    assert nt_xent_loss(3.0 * z1, 0.01 * z2).item() == pytest.approx(loss, rel=1e-5)
+
+
+def test_nt_xent_is_lowest_for_identical_views_of_orthogonal_items():
+    n, temperature = 4, 0.2
+    z = torch.eye(n, 8)  # identical views, every pair of items orthogonal
+    # Positive similarity 1, the 2n - 2 negatives 0: the closed form of the best case here.
+    best = -math.log(math.exp(1 / temperature) / (math.exp(1 / temperature) + 2 * n - 2))
+    assert nt_xent_loss(z, z.clone(), temperature).item() == pytest.approx(best, rel=1e-6)
+    random_views = torch.randn(n, 8, generator=torch.Generator().manual_seed(2))
+    assert nt_xent_loss(z, random_views, temperature).item() > best + 1.0
+
+
+@pytest.mark.parametrize(
+    ("shape1", "shape2", "temperature"),
+    [((4, 8), (4, 9), 0.2), ((4, 8), (3, 8), 0.2), ((8,), (8,), 0.2), ((1, 8), (1, 8), 0.2),
+     ((4, 8), (4, 8), 0.0), ((4, 8), (4, 8), -0.5), ((4, 8), (4, 8), float("nan"))],
+)
+def test_nt_xent_rejects_bad_shapes_and_temperatures(shape1, shape2, temperature):
+    with pytest.raises(ValueError):
+        nt_xent_loss(torch.randn(shape1), torch.randn(shape2), temperature)
+
+
+# ----------------------------------------------------------------------------- augmentations
+
+
+def tiny_image(size: int = 16) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def view(image, seed: int = 0, **kwargs) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return SimCLRTransform(**kwargs)(image)
+
+
+def test_transform_gives_normalised_float_views_of_the_asked_size():
+    image = tiny_image(48)
+    for source in (image, Image.fromarray(image)):
+        x = view(source, input_size=32)
+        assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    assert SimCLRTransform.inspection(32)(image).shape == (3, 32, 32)
+    with pytest.raises(DataError, match="load_rgb"):
+        SimCLRTransform(32)(image.astype(np.float32))
+
+
+def test_transform_is_seeded_by_torch():
+    image = tiny_image(48)
+    assert torch.equal(view(image, seed=3, input_size=32), view(image, seed=3, input_size=32))
+    assert not torch.equal(view(image, seed=3, input_size=32), view(image, seed=4, input_size=32))
+
+
+def test_transform_with_everything_off_only_normalises():
+    image = tiny_image()
+    x = view(image, input_size=16, **NO_AUGMENT)
+    np.testing.assert_allclose(denormalize(x), image / 255.0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("option", "expected"),
+    [("hf_prob", lambda x: x.flip(-1)), ("vf_prob", lambda x: x.flip(-2)),
+     ("rr_prob", lambda x: torch.rot90(x, 1, dims=(-2, -1)))],
+)
+def test_flips_and_rotation_do_what_they_say(option, expected):
+    image = tiny_image()
+    plain = view(image, input_size=16, **NO_AUGMENT)
+    changed = view(image, input_size=16, **{**NO_AUGMENT, option: 1.0})
+    assert torch.allclose(changed, expected(plain))
+    assert not torch.allclose(changed, plain)
+
+
+def test_grayscale_makes_the_channels_equal():
+    image = tiny_image()
+    x = denormalize(view(image, input_size=16, **{**NO_AUGMENT, "random_gray_scale": 1.0}))
+    np.testing.assert_allclose(x[..., 0], x[..., 1], atol=1e-5)
+    np.testing.assert_allclose(x[..., 1], x[..., 2], atol=1e-5)
+
+
+def test_blur_smooths_a_checkerboard():
+    board = np.kron((np.indices((8, 8)).sum(0) % 2) * 255, np.ones((2, 2))).astype(np.uint8)
+    image = np.repeat(board[..., None], 3, axis=2)
+    plain = denormalize(view(image, input_size=16, **NO_AUGMENT))
+    blurred = denormalize(view(image, input_size=16, **{**NO_AUGMENT, "gaussian_blur": 1.0,
+                                                         "sigmas": (1.0, 1.0)}))
+    assert blurred.std() < 0.5 * plain.std()
+    assert blurred.mean() == pytest.approx(plain.mean(), abs=0.05)
+
+
+def test_colour_jitter_changes_colours():
+    image = tiny_image()
+    plain = view(image, input_size=16, **NO_AUGMENT)
+    assert not torch.allclose(plain, view(image, input_size=16, **{**NO_AUGMENT, "cj_prob": 1.0}))
+
+
+def test_inspection_preset_is_milder_and_can_be_overridden():
+    crop = SimCLRTransform.inspection(32).pipeline.transforms[0]
+    assert crop.scale == (0.5, 1.0)
+    assert SimCLRTransform.inspection(32, min_scale=0.3).pipeline.transforms[0].scale == (0.3, 1.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"hf_prob": 1.5}, {"rr_prob": -0.1}, {"min_scale": 0.0}, {"cj_hue": 0.3, "cj_strength": 2.0},
+     {"sigmas": (2.0, 1.0)}, {"input_size": 8}],
+)
+def test_transform_rejects_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        SimCLRTransform(**kwargs)
+
+
+def test_two_view_dataset_decodes_each_image_once_and_shrinks_it(samples, monkeypatch):
+    from visinspect import simclr
+
+    calls = []
+    monkeypatch.setattr(simclr, "load_rgb", lambda path: calls.append(path) or tiny_image(64))
+    dataset = TwoViewDataset(samples[:3], SimCLRTransform(32), cache_side=40)
+    v1, v2 = dataset[1]
+    dataset[1]
+    assert len(calls) == 1 and len(dataset) == 3
+    assert v1.shape == v2.shape == (3, 32, 32) and not torch.equal(v1, v2)
+    assert dataset.image(1).shape == (40, 40, 3)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def test_projection_head_layers():
+    assert ProjectionHead(512, 64, 16)(torch.randn(4, 512)).shape == (4, 16)
+    v2 = ProjectionHead(512, 64, 16, num_layers=3)
+    assert sum(isinstance(m, torch.nn.Linear) for m in v2.modules()) == 3
+    no_bn = ProjectionHead(512, 64, 16, batch_norm=False)
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in no_bn.modules())
+    assert all(m.bias is not None for m in no_bn.modules() if isinstance(m, torch.nn.Linear))
+
+
+@pytest.mark.parametrize("trainable_from", [24, 17])
+def test_simclr_model_trains_only_the_chosen_blocks(encoder, trainable_from):
+    model = small_model(encoder, trainable_from)
+    x = torch.randn(4, 3, 32, 32)
+    assert model.representation(x).shape == (4, 512)
+    model(x).sum().backward()
+    for i, layer in enumerate(model.encoder.features):
+        for p in layer.parameters():
+            assert (p.grad is not None) == (i >= trainable_from)
+    trainable = {id(p) for p in model.trainable_parameters()}
+    assert id(model.encoder.features[trainable_from].weight) in trainable
+    assert id(model.encoder.fc.weight) not in trainable  # the CAM head is not SimCLR's business
+    assert all(id(p) in trainable for p in model.head.parameters())
+
+
+def test_build_simclr_model_follows_the_config():
+    config = PretrainConfig(trainable_from=17, proj_output_dim=16)
+    model, provenance = build_simclr_model(config, weights="random")
+    assert provenance["source"] == "random" and model.trainable_from == 17
+    assert model.head.config["output_dim"] == 16
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def test_config_presets_and_validation():
+    demo, full = PretrainConfig.demo(), PretrainConfig.full(epochs=2)
+    assert demo.image_size < full.image_size and full.epochs == 2
+    assert PretrainConfig(**full.to_dict()) == full
+    assert full.make_transform().input_size == full.image_size
+    for bad in ({"batch_size": 1}, {"augment": "strong"}, {"trainable_from": 31}, {"lr": 0.0},
+                {"warmup_epochs": 9, "epochs": 2}, {"max_images": 4, "batch_size": 8}):
+        with pytest.raises(VisinspectError):
+            PretrainConfig(**bad)
+
+
+def test_warmup_then_cosine_schedule():
+    lrs = [warmup_cosine(s, warmup_steps=4, total_steps=14) for s in range(14)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lrs[4] == 1.0 and all(a > b for a, b in itertools.pairwise(lrs[4:]))
+    assert lrs[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 9 / 10)))
+
+
+# ----------------------------------------------------------------------------- data selection
+
+
+def test_pretrain_samples_never_include_target_test_images(samples):
+    source = [s for s in samples if s.category in SOURCE]
+    target = [s for s in samples if s.category in TARGET]
+    with_good = pretrain_samples(source, target, include_target_good=True)
+    added = [s for s in with_good if s.category in TARGET]
+    assert added and all(s.split == "train" and s.label == 0 for s in added)
+    assert len(added) == sum(s.split == "train" and s.label == 0 for s in target)
+    assert set(source) <= set(with_good)
+    assert pretrain_samples(source, target, include_target_good=False) == sorted(
+        source, key=lambda s: (s.category, str(s.path))
+    )
+    with pytest.raises(DataError, match="both source and target"):
+        pretrain_samples(source, source, include_target_good=True)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def fixed_batch_loss(model: SimCLRModel, x: torch.Tensor, temperature: float) -> float:
+    # Train mode (batch statistics) but no gradients: after a few steps the head's batch-norm
+    # running statistics are not yet meaningful, so eval mode would measure them, not learning.
+    with torch.no_grad():
+        return nt_xent_loss(*model.train()(x).chunk(2), temperature=temperature).item()
+
+
+def test_pretraining_lowers_the_loss_on_its_images(samples, encoder):
+    images = [s for s in samples if s.category in SOURCE][:8]
+    config = PretrainConfig(epochs=2, batch_size=8, image_size=32, warmup_epochs=0,
+                            augment_kwargs=NO_AUGMENT)
+    model = small_model(encoder)
+    # With augmentation off both views are the image itself, and one batch holds all images:
+    # every step trains on exactly this fixed batch.
+    dataset = TwoViewDataset(images, config.make_transform())
+    x = torch.stack([dataset[i][0] for i in range(len(images))]).repeat(2, 1, 1, 1)
+    before = fixed_batch_loss(model, x, config.temperature)
+    history = pretrain(model, images, config, progress=False)
+    assert history["epoch"] == [1, 2]
+    assert history["loss"][0] == pytest.approx(before, rel=1e-3)  # the first step saw this batch
+    assert fixed_batch_loss(model, x, config.temperature) < 0.8 * before
+
+
+def test_pretraining_is_seeded_and_leaves_frozen_layers_alone(samples, encoder):
+    images = [s for s in samples if s.category in SOURCE][:8]
+    config = PretrainConfig(epochs=1, batch_size=4, image_size=32)
+    runs = []
+    for _ in range(2):
+        model = small_model(encoder)
+        history = pretrain(model, images, config, progress=False,
+                           on_epoch_end=lambda epoch, record: record.update(seen=epoch))
+        runs.append((model, history))
+    (m1, h1), (m2, h2) = runs
+    assert h1["loss"] == h2["loss"] and h1["seen"] == [1]
+    assert set(h1) == {"epoch", "loss", "lr", "images_per_s", "seconds", "seen"}
+    weights = zip(m1.state_dict().values(), m2.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in weights)
+    before = encoder.features.state_dict()
+    after = m1.encoder.features.state_dict()
+    assert torch.equal(after["21.weight"], before["21.weight"])  # conv4_3: frozen
+    assert not torch.equal(after["28.weight"], before["28.weight"])  # conv5_3: trained
+    assert torch.equal(m1.encoder.fc.weight, encoder.fc.weight)
+
+
+def test_pretrain_refuses_too_few_images_and_a_mismatched_model(samples, encoder):
+    with pytest.raises(DataError, match="fewer than one batch"):
+        pretrain(small_model(encoder), samples[:3], PretrainConfig(batch_size=4), progress=False)
+    with pytest.raises(VisinspectError, match="trainable_from"):
+        pretrain(small_model(encoder, 17), samples, PretrainConfig(), progress=False)
+
+
+def test_knn_monitor_finds_each_image_itself(samples, encoder):
+    model = small_model(encoder).train()
+    images = [s for s in samples if s.category in SOURCE][:10]
+    assert knn_monitor(model, images, images, k=1, image_size=32) == 1.0
+    assert model.training  # the mode is restored
+    with pytest.raises(ValueError, match="k must be"):
+        knn_monitor(model, images[:2], images, k=3, image_size=32)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_round_trip(tmp_path, encoder):
+    model = small_model(encoder)
+    with torch.no_grad():
+        model.encoder.features[28].weight.add_(1.0)  # differs from any fresh model
+    config = PretrainConfig.demo()
+    backbone = {"source": "random", "path": None, "sha256": None}
+    path = save_pretrained(tmp_path / "simclr.pt", model, config, {"loss": [2.5]}, backbone)
+    classifier = copy.deepcopy(encoder)
+    provenance = load_pretrained_encoder(path, classifier)
+    for key, value in model.encoder.features.state_dict().items():
+        assert torch.equal(classifier.features.state_dict()[key], value)
+    assert provenance["source"] == f"simclr:{path}" and provenance["sha256"] == sha256_file(path)
+    assert provenance["backbone"] == backbone and provenance["config"] == config.to_dict()
+
+
+def test_loading_the_wrong_checkpoint_is_refused(tmp_path, encoder):
+    save_checkpoint(tmp_path / "classifier.pt", {"kind": "classifier"})
+    with pytest.raises(CheckpointError, match="simclr"):
+        load_pretrained_encoder(tmp_path / "classifier.pt", copy.deepcopy(encoder))
+    save_checkpoint(tmp_path / "bad.pt", {"kind": "simclr", "encoder": {"0.weight": torch.zeros(1)}})
+    with pytest.raises(CheckpointError, match="VGG16 conv weights"):
+        load_pretrained_encoder(tmp_path / "bad.pt", copy.deepcopy(encoder))
