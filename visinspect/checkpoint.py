@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pickle
 import platform
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,10 @@ def load_checkpoint(path: str | Path, *, kind: str | None = None) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint (not a zip archive: truncated, or another kind of file)"
+        )
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -141,9 +146,8 @@ def load_classifier(path: str | Path, image_size: int | None = None) -> tuple[to
     state = data["state_dict"]
     expected = model.state_dict()
     bad = [k for k in expected if k not in state or state[k].shape != expected[k].shape]
-    if bad or set(state) - set(expected):
-        raise CheckpointError(
-            f"{path} does not match the VGG16-CAM architecture (e.g. parameter {(bad or sorted(set(state) - set(expected)))[0]!r})"
-        )
+    odd = bad or sorted(set(state) - set(expected))
+    if odd:
+        raise CheckpointError(f"{path} does not match the VGG16-CAM architecture (e.g. parameter {odd[0]!r})")
     model.load_state_dict(state)
     return model.eval(), data

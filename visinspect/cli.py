@@ -320,6 +320,7 @@ def cmd_predict(args) -> int:
         box_threshold=args.box_threshold,
         min_area=args.min_area,
         resume=args.resume,
+        precision=args.precision,
     )
     print(
         f"{summary['n_images']} images: {summary['n_anomalous']} predicted anomalous, "
@@ -588,6 +589,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--figures", help="write bar charts and side-by-side heatmaps to this folder")
     p.add_argument("--backbone-weights", default="auto")
     p.set_defaults(func=cmd_compare)
+
+    from visinspect import figures
+
+    p = sub.add_parser("figures", help="draw the pipeline figures of docs/ from the code itself")
+    figures.add_arguments(p)
+    p.set_defaults(func=figures.run)
 
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on some categories")
     p.add_argument("--checkpoint", required=True)

@@ -32,6 +32,7 @@ SPLITS = ("train", "test")
 GOOD = "good"
 # A decompression bomb guard: refuse images larger than this many pixels (about 8k x 8k).
 MAX_PIXELS = 64_000_000
+READ_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "TIFF")
 
 GET_DATA_HINT = (
     "make the embedded synthetic dataset with `python -m visinspect synth data/synthetic`, "
@@ -299,7 +300,8 @@ def load_rgb(path: str | Path) -> np.ndarray:
     """
     path = Path(path)
     try:
-        with Image.open(path) as img:
+        # Only raster formats: PIL would hand EPS files to Ghostscript, an external program.
+        with Image.open(path, formats=READ_FORMATS) as img:
             if img.width * img.height > MAX_PIXELS:
                 raise DataError(
                     f"{path} is {img.width}x{img.height} pixels, more than the limit of "
@@ -319,7 +321,9 @@ def _to_rgb_array(img: Image.Image) -> np.ndarray:
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16-bit and float images: scale the real range to 0..255 (PIL's convert clips instead).
         a = np.asarray(img, dtype=np.float64)
-        lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
+        finite = np.isfinite(a)
+        lo, hi = (float(a[finite].min()), float(a[finite].max())) if finite.any() else (0.0, 0.0)
+        a = np.where(finite, a, lo)  # NaN/inf pixels (float TIFFs) count as the darkest value
         a = np.zeros_like(a) if hi <= lo else (a - lo) / (hi - lo) * 255.0
         return np.repeat(a.round().astype(np.uint8)[..., None], 3, axis=2)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):

@@ -119,6 +119,18 @@ def make_loader(samples: Sequence[Sample], image_size: int, batch_size: int) -> 
 
 
 @torch.inference_mode()
+def forward_batch(model: VGG16CAM, x: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (N, 2) and raw anomaly CAMs (N, h, w) of a batch of normalised images.
+
+    The convolutions run channels_last (and in bf16 where that is fast); the head and the CAM run
+    in fp32 on the maps: they are cheap and keep the logit margin exact.
+    """
+    with autocast("cpu", precision):
+        maps = model.feature_maps(x.to(memory_format=torch.channels_last))
+    maps = maps.float()
+    return model.head(maps), anomaly_cam(model, maps)
+
+
 def predict(
     model: VGG16CAM,
     samples: Sequence[Sample],
@@ -129,16 +141,15 @@ def predict(
 ) -> Predictions:
     """Logits and raw anomaly CAMs for every sample (the fast inference path)."""
     precision = resolve_precision(precision)
+    # Re-layout the weights outside inference mode: inside it they would become inference
+    # tensors, and the model could no longer be trained afterwards.
     model = model.eval().to(memory_format=torch.channels_last)
     logits, cams = [], []
     loader = make_loader(samples, image_size, batch_size)
     for batch in tqdm(loader, desc="predict", unit="batch", disable=not progress, leave=False):
-        x = batch["image"].to(memory_format=torch.channels_last)
-        with autocast("cpu", precision):
-            maps = model.feature_maps(x)
-        maps = maps.float()
-        logits.append(model.head(maps))
-        cams.append(anomaly_cam(model, maps))
+        batch_logits, batch_cams = forward_batch(model, batch["image"], precision)
+        logits.append(batch_logits)
+        cams.append(batch_cams)
     if not logits:
         return Predictions([], torch.zeros(0, 2), torch.zeros(0, 1, 1), image_size)
     return Predictions(list(samples), torch.cat(logits).float(), torch.cat(cams), image_size)

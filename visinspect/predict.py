@@ -24,12 +24,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from visinspect.boxes import Box, heatmap_to_boxes
-from visinspect.cam import HeatmapNormalizer, anomaly_cam, normalize, upsample
+from visinspect.cam import HeatmapNormalizer, normalize, upsample
 from visinspect.checkpoint import load_classifier
 from visinspect.data import IMAGE_EXTENSIONS, load_rgb, to_tensor
 from visinspect.errors import ConfigError, DataError
+from visinspect.inference import forward_batch
 from visinspect.models import VGG16CAM, logit_margin
-from visinspect.utils import atomic_path, autocast, resolve_precision
+from visinspect.utils import atomic_path, resolve_precision
 
 RESULTS_NAME = "predictions.jsonl"
 OVERLAY_DIR = "overlays"
@@ -197,15 +198,12 @@ class _Scorer:
             small.thumbnail((OVERLAY_MAX_SIDE, OVERLAY_MAX_SIDE))
         return to_tensor(image, self.size), image.shape[:2], small
 
-    @torch.inference_mode()
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised heatmaps (N, S, S) and logits (N, 2): the path of `inference.predict`."""
-        with autocast("cpu", self.precision):
-            maps = self.model.feature_maps(x.to(memory_format=torch.channels_last))
-        maps = maps.float()
-        raw = upsample(anomaly_cam(self.model, maps), self.size)
-        heat = normalize(raw, "dataset" if self.normalizer else "image", self.normalizer)
-        return heat, self.model.head(maps)
+        logits, cams = forward_batch(self.model, x, self.precision)
+        mode = "dataset" if self.normalizer else "image"
+        heat = normalize(upsample(cams, self.size), mode, self.normalizer)
+        return heat, logits
 
     def _scores(self, shape: tuple[int, int], heat: torch.Tensor, logits: torch.Tensor) -> dict:
         margin = float(logit_margin(logits))

@@ -9,6 +9,7 @@ the defect-free twin of a defective image.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -567,10 +568,8 @@ def _swap(tmp: Path, out: Path) -> None:
     """Replace the folder `out` by `tmp`; readers see the old or the new dataset, never a mix."""
     for _ in range(3):  # a concurrent run may publish between our two renames: try again
         old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:12]}")
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.rename(out, old)
-        except FileNotFoundError:
-            pass
         published = _publish(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
         if published:

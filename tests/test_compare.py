@@ -1,0 +1,119 @@
+"""The comparison end to end on tiny synthetic data, and the calibration CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from visinspect import cli, compare
+from visinspect.calibration import Calibration, load_calibration
+from visinspect.cam import HeatmapNormalizer
+from visinspect.compare import ComparePreset, calibrated_view, run_comparison, summary_table
+from visinspect.inference import ScoredImages
+from visinspect.simclr import PretrainConfig
+
+TINY_PRESET = ComparePreset(
+    "tiny", image_size=32, epochs=1,
+    pretrain=PretrainConfig.demo(epochs=1, image_size=32, batch_size=4, max_images=8),
+)
+
+
+@pytest.fixture(scope="module")
+def comparison(tiny_root):
+    return run_comparison([tiny_root], ["grain_wood"], ["round_pill"], seeds=[0], preset=TINY_PRESET,
+                          calibrate=[2], weights="random", log=lambda m: None)
+
+
+@pytest.mark.slow
+def test_comparison_rows_cover_every_model_and_target(comparison):
+    rows, first = comparison
+    models = {r["model"] for r in rows}
+    assert models == {
+        "baseline", "simclr-source", "simclr-source+target-good",
+        "baseline calibrated k=2", "simclr-source calibrated k=2",
+        "simclr-source+target-good calibrated k=2", "reference k=2", "fused k=2",
+    }
+    assert {r["target"] for r in rows} == {"all", "round_pill"}
+    for r in rows:
+        assert r["positive_class"] == "anomaly"
+        assert 0.0 <= r["image_auroc"] <= 1.0
+        assert {"f1", "balanced_accuracy", "precision", "recall", "average_precision"} <= set(r)
+    # Every model is scored on the same test images: the calibration images are held out.
+    paths = {name: [str(s.path) for s in sc.samples] for name, sc in first.scored.items()}
+    assert len({tuple(p) for p in paths.values()}) == 1
+    test_paths = next(iter(paths.values()))
+    assert sum("/train/good/" in p for p in test_paths) == 4 - 2  # 4 train/good, 2 held out for K=2
+    n_test = {r["n_images"] for r in rows if r["target"] == "round_pill"}
+    assert n_test == {12 - 2}  # 12 round_pill images minus the K=2 calibration images
+
+
+@pytest.mark.slow
+def test_summary_table_states_positive_class_and_all_models(comparison):
+    rows, _ = comparison
+    table = summary_table(rows + [{**r, "seed": 1} for r in rows])
+    assert "positive class = anomaly" in table
+    assert "± 0.000" in table  # two identical seeds: zero spread
+    assert table.count("| round_pill |") == len({r["model"] for r in rows})
+
+
+def test_calibrated_view_shifts_scores_and_scales_maps(tiny_root):
+    from visinspect.data import build_sample_table
+
+    samples = build_sample_table(tiny_root).samples[:4]
+    scored = ScoredImages(samples, np.array([1.0, 2.0, 3.0, 4.0]), torch.ones(4, 2, 2) * 3.0, 64)
+    cals = {
+        c: Calibration(c, 2, 0.01, threshold=1.5, rule="quantile",
+                       normalizer=HeatmapNormalizer(1.0, 5.0))
+        for c in {s.category for s in samples}
+    }
+    view = calibrated_view(scored, cals)
+    np.testing.assert_allclose(view.scores, [-0.5, 0.5, 1.5, 2.5])
+    torch.testing.assert_close(view.maps, torch.full((4, 2, 2), 0.5))
+
+
+def test_preset_names():
+    assert ComparePreset.named("demo").image_size < ComparePreset.named("full").image_size == 224
+    with pytest.raises(ValueError, match="preset"):
+        ComparePreset.named("huge")
+
+
+@pytest.mark.slow
+def test_compare_cli_writes_json_rows(tiny_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(compare.ComparePreset, "demo", classmethod(lambda cls: TINY_PRESET))
+    out = tmp_path / "rows.json"
+    code = cli.main(["compare", "--data", str(tiny_root), "--source", "grain_wood", "--target",
+                     "round_pill", "--json", str(out), "--backbone-weights", "random",
+                     "--figures", str(tmp_path / "fig")])
+    assert code == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {"model", "seed", "target", "image_auroc", "f1"} <= set(rows[0])
+    assert {r["model"] for r in rows} == set(compare.VARIANTS)
+    assert "positive class = anomaly" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "fig").iterdir()) == [
+        "compare_f1.png", "compare_heatmaps.png", "compare_image_auroc.png"]
+
+
+@pytest.mark.slow
+def test_evaluate_calibrate_uses_only_good_train_images(tiny_root, tmp_path, capsys):
+    ckpt = tmp_path / "m.pt"
+    assert cli.main(["train", "--data", str(tiny_root), "--categories", "grain_wood", "--image-size", "32",
+                     "--epochs", "1", "--backbone-weights", "random", "--out", str(ckpt)]) == 0
+    out = tmp_path / "e.json"
+    assert cli.main(["evaluate", "--checkpoint", str(ckpt), "--data", str(tiny_root), "--categories",
+                     "round_pill", "--calibrate", "3", "--json", str(out), "--quiet"]) == 0
+    report = json.loads(out.read_text())
+    cal = report["calibration"]
+    assert cal["k"] == 3 and cal["false_alarm_rate"] == 0.01
+    images = cal["images"]["round_pill"]
+    assert len(images) == 3 and all("/train/good/" in p for p in images)
+    assert report["n_images"] == 12 - 3 and report["uncalibrated"]["n_images"] == 12 - 3
+    assert {"threshold", "f1", "balanced_accuracy"} <= set(report["uncalibrated"])
+    saved = load_calibration(cal["file"])
+    assert saved["round_pill"].images == images
+    # predict with that calibration uses the product's threshold
+    code = cli.main(["predict", "--checkpoint", str(ckpt), str(tiny_root / "round_pill" / "test" / "good"),
+                     "--out", str(tmp_path / "pred"), "--no-overlays", "--calibration", cal["file"]])
+    assert code == 0
+    lines = [json.loads(x) for x in (tmp_path / "pred" / "predictions.jsonl").read_text().splitlines()]
+    assert {round(x["threshold_margin"], 3) for x in lines} == {round(cal["threshold"]["round_pill"], 3)}
