@@ -1,5 +1,6 @@
 """Tests for visinspect.metrics against scikit-learn and slow reference implementations."""
 
+import itertools
 import json
 import warnings
 
@@ -138,7 +139,7 @@ def test_best_f1_threshold_edge_cases():
     scores = np.array([1.0, np.nextafter(1.0, 0.0)])
     assert ((scores > best_f1_threshold([1, 0], scores)) == [True, False]).all()
     assert best_f1_threshold([0, 0, 1, 1], [0.1, 0.2, 0.7, 0.9]) == pytest.approx(0.45)
-    with pytest.raises(ValueError, match="no anomalous images.*use the default"):
+    with pytest.raises(ValueError, match=r"no anomalous images.*use the default"):
         best_f1_threshold([0, 0], [0.1, 0.2])
     with pytest.raises(ValueError, match="no good images"):
         best_f1_threshold([1, 1], [0.1, 0.2])
@@ -210,7 +211,7 @@ def slow_aupro(masks: np.ndarray, heat: np.ndarray, fpr_limit: float) -> float:
         overlaps = [np.mean(heat[image][region] > t) for image, region in regions]
         points.append((np.mean(good > t), np.mean(overlaps)))
     area = 0.0
-    for (f0, p0), (f1, p1) in zip(points, points[1:], strict=False):
+    for (f0, p0), (f1, p1) in itertools.pairwise(points):
         if f0 >= fpr_limit:
             break
         if f1 > fpr_limit:

@@ -268,3 +268,21 @@ def test_threshold_explorer_updates_the_table():
     m = widgets.threshold_metrics(labels, scores, slider.value)
     assert f"{m['recall']:.3f}" in table.value
     assert "anomaly if score > 1.00" in table.value
+
+
+def test_metric_vs_k_draws_one_line_per_few_good_parts_model():
+    from visinspect.plots import plot_metric_vs_k
+
+    rows = [
+        {"model": "baseline", "target": "all", "image_auroc": 0.7},
+        {"model": "reference k=5", "target": "all", "image_auroc": 0.6},
+        {"model": "reference k=10", "target": "all", "image_auroc": 0.8},
+        {"model": "fused k=5", "target": "all", "image_auroc": 0.65},
+        {"model": "fused k=10", "target": "all", "image_auroc": 0.9},
+        {"model": "fused k=10", "target": "bottle", "image_auroc": 0.1},  # other target: ignored
+    ]
+    ax = plot_metric_vs_k(rows).axes[0]
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    assert list(lines["fused"].get_xdata()) == [5, 10]
+    assert list(lines["fused"].get_ydata()) == [0.65, 0.9]
+    assert lines["baseline (no good images)"].get_ydata()[0] == 0.7

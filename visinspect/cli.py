@@ -435,7 +435,7 @@ def cmd_pretrain(args) -> int:
 def cmd_compare(args) -> int:
     from visinspect.compare import ComparePreset, run_comparison, summary_table
     from visinspect.evaluate import round_floats
-    from visinspect.plots import plot_metric_bars, plot_model_heatmaps, save_figure
+    from visinspect.plots import plot_metric_bars, plot_metric_vs_k, plot_model_heatmaps, save_figure
 
     source = _csv(args.source) if args.source else list(SYNTHETIC_SOURCE)
     target = _csv(args.target) if args.target else list(SYNTHETIC_TARGET)
@@ -457,6 +457,9 @@ def cmd_compare(args) -> int:
         print(f"wrote {args.json}")
     if args.figures:
         out = Path(args.figures)
+        if len(calibrate) > 1:
+            for metric in ("image_auroc", "balanced_accuracy"):
+                save_figure(plot_metric_vs_k(rows, metric), out / f"compare_{metric}_vs_k.png")
         for metric in ("image_auroc", "f1"):
             save_figure(
                 plot_metric_bars([r for r in rows if r["target"] != "all"], metric),

@@ -557,6 +557,37 @@ def plot_model_heatmaps(
     return fig
 
 
+def plot_metric_vs_k(rows: Sequence[Mapping], metric: str = "image_auroc", target: str = "all",
+                     ax: Axes | None = None) -> Figure:
+    """A metric against K, the number of good images of the new product, for each few-good-parts
+    model (rows named "... k=K"), with the uncalibrated models as horizontal reference lines."""
+    by_model: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    flat: dict[str, list[float]] = defaultdict(list)
+    for row in rows:
+        if row.get("target") != target or row.get(metric) is None:
+            continue
+        name, _, k = str(row["model"]).rpartition(" k=")
+        if name and k.isdigit():
+            by_model[name][int(k)].append(float(row[metric]))
+        else:
+            flat[str(row["model"])].append(float(row[metric]))
+    if not by_model:
+        raise DataError(f"no rows with a K ('... k=K' models) and a {metric!r} for target {target!r}")
+    fig, (ax,) = _axes(ax, 1, 1, (6.0, 3.8), "plot_metric_vs_k")
+    for i, (name, ks) in enumerate(sorted(by_model.items())):
+        xs = sorted(ks)
+        ax.plot(xs, [np.mean(ks[k]) for k in xs], marker="o", color=PALETTE[i % len(PALETTE)], label=name)
+    for j, (name, values) in enumerate(sorted(flat.items())):
+        color = PALETTE[(j + len(by_model)) % len(PALETTE)]
+        ax.axhline(np.mean(values), linestyle="--", linewidth=1, color=color,
+                   label=f"{name} (no good images)")
+    ax.set_xlabel("K: good images of the new product")
+    ax.set_ylabel(f"{metric} (positive class = {POSITIVE_CLASS})")
+    ax.set_title(f"{metric} against K, target: {target}")
+    ax.legend(fontsize=FONT_SIZES["label"] - 1, loc="best")
+    return fig
+
+
 def save_figure(fig: Figure, path: str | Path, dpi: int = DPI) -> Path:
     """Write the figure as a PNG (tight bounding box), atomically, then close it."""
     path = Path(path)

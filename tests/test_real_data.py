@@ -1,0 +1,68 @@
+"""Checks on the real defect images in ../shared/data (MVTec AD subset, magnetic tile, DeepPCB).
+
+They skip, saying why, when that folder is absent (set VISINSPECT_SHARED_DATA to its path; CI does).
+Counts are those of the READMEs/MANIFESTs shipped with the data.
+"""
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+from visinspect.data import build_sample_table, load_mask, load_rgb, summarize, unknown_context_split
+from visinspect.predict import list_images
+
+SHARED = os.environ.get("VISINSPECT_SHARED_DATA", "")
+ROOTS = [Path(SHARED) / "mvtec_ad", Path(SHARED) / "industrial"]
+pytestmark = pytest.mark.skipif(
+    not SHARED or not all(r.is_dir() for r in ROOTS),
+    reason="real data absent: set VISINSPECT_SHARED_DATA to a folder with mvtec_ad/ and industrial/",
+)
+
+
+@pytest.fixture(scope="module")
+def table():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # defective images without masks: checked below
+        return build_sample_table(ROOTS)
+
+
+def test_categories_and_counts_match_the_data_readmes(table):
+    summary = summarize(table.samples)
+    assert sorted(summary) == ["bottle", "capsule", "deeppcb", "leather", "magnetic_tile", "pill", "transistor"]
+    assert (summary["bottle"]["good"], summary["bottle"]["anomaly"]) == (229, 63)
+    assert (summary["transistor"]["good"], summary["transistor"]["anomaly"], summary["transistor"]["masks"]) == (
+        273, 40, 40)
+    assert summary["magnetic_tile"]["splits"]["train"]["good"] == 572
+    assert (summary["deeppcb"]["good"], summary["deeppcb"]["anomaly"]) == (500, 500)
+    assert summary["capsule"]["good"] == 0  # the partial copy holds only defective capsules
+
+
+def test_missing_and_orphan_masks_are_reported_not_fatal(table):
+    # bottle ships without masks; leather has masks whose image is absent (stray files).
+    assert sum(p.parts[-4] == "bottle" for p in table.missing_masks) == 63
+    assert any("leather" in p.parts for p in table.stray_files)
+    with pytest.warns(UserWarning, match="have no mask"):
+        build_sample_table(ROOTS, ["bottle"])
+
+
+def test_single_class_source_is_left_out(table):
+    with pytest.warns(UserWarning, match="capsule"):
+        source, target = unknown_context_split(table.samples, ["capsule", "transistor"], ["bottle"])
+    assert {s.category for s in source} == {"transistor"}
+    assert {s.category for s in target} == {"bottle"}
+
+
+def test_every_transistor_image_and_mask_reads(table):
+    rows = [s for s in table.samples if s.category == "transistor"]
+    for s in rows:
+        image = load_rgb(s.path)
+        assert image.ndim == 3 and image.shape[2] == 3
+        if s.mask_path is not None:
+            assert load_mask(s.mask_path, image.shape[:2]).any()
+
+
+def test_prediction_listing_finds_every_image_of_a_category():
+    found = list_images([ROOTS[1] / "magnetic_tile" / "test"])
+    assert len(found) == 380 + 392 and found == sorted(found)
