@@ -39,13 +39,14 @@ def test_comparison_rows_cover_every_model_and_target(comparison):
         assert r["positive_class"] == "anomaly"
         assert 0.0 <= r["image_auroc"] <= 1.0
         assert {"f1", "balanced_accuracy", "precision", "recall", "average_precision"} <= set(r)
-    # Every model is scored on the same test images: the calibration images are held out.
+    # Every model is scored on the same images: the targets' test/ folder, never train/good
+    # (which SimCLR and the calibration may use).
     paths = {name: [str(s.path) for s in sc.samples] for name, sc in first.scored.items()}
     assert len({tuple(p) for p in paths.values()}) == 1
     test_paths = next(iter(paths.values()))
-    assert sum("/train/good/" in p for p in test_paths) == 4 - 2  # 4 train/good, 2 held out for K=2
+    assert all("/test/" in p for p in test_paths)
     n_test = {r["n_images"] for r in rows if r["target"] == "round_pill"}
-    assert n_test == {12 - 2}  # 12 round_pill images minus the K=2 calibration images
+    assert n_test == {2 + 6}  # round_pill's test/: 2 good and 2 of each of its 3 defect types
 
 
 @pytest.mark.slow

@@ -30,10 +30,11 @@ def table():
 
 def test_categories_and_counts_match_the_data_readmes(table):
     summary = summarize(table.samples)
-    assert sorted(summary) == ["bottle", "capsule", "deeppcb", "leather", "magnetic_tile", "pill", "transistor"]
+    assert sorted(summary) == [
+        "bottle", "capsule", "deeppcb", "leather", "magnetic_tile", "pill", "transistor"]
     assert (summary["bottle"]["good"], summary["bottle"]["anomaly"]) == (229, 63)
-    assert (summary["transistor"]["good"], summary["transistor"]["anomaly"], summary["transistor"]["masks"]) == (
-        273, 40, 40)
+    transistor = summary["transistor"]
+    assert (transistor["good"], transistor["anomaly"], transistor["masks"]) == (273, 40, 40)
     assert summary["magnetic_tile"]["splits"]["train"]["good"] == 572
     assert (summary["deeppcb"]["good"], summary["deeppcb"]["anomaly"]) == (500, 500)
     assert summary["capsule"]["good"] == 0  # the partial copy holds only defective capsules

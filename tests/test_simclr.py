@@ -369,3 +369,35 @@ def test_loading_the_wrong_checkpoint_is_refused(tmp_path, encoder):
     save_checkpoint(tmp_path / "bad.pt", {"kind": "simclr", "encoder": {"0.weight": torch.zeros(1)}})
     with pytest.raises(CheckpointError, match="VGG16 conv weights"):
         load_pretrained_encoder(tmp_path / "bad.pt", copy.deepcopy(encoder))
+
+
+def test_interrupted_pretraining_resumes_to_the_same_weights(samples, encoder, tmp_path):
+    images = [s for s in samples if s.category in SOURCE][:8]
+    full = small_model(encoder)
+    pretrain(full, images, PretrainConfig(epochs=2, batch_size=4, image_size=32), progress=False)
+    # "Interrupted" after epoch 1: a one-epoch run writes the state, a new process resumes it.
+    state = tmp_path / "simclr.pt.state"
+    first = small_model(encoder)
+    with pytest.raises(_Interrupt):  # like Ctrl-C during epoch 2: epoch 1's state is on disk
+        pretrain(first, images, PretrainConfig(epochs=2, batch_size=4, image_size=32), progress=False,
+                 checkpoint_path=state, on_epoch_end=_stop_after_first_epoch)
+    resumed = small_model(encoder)
+    torch.manual_seed(123)  # the resume must restore the random state itself
+    history = pretrain(resumed, images, PretrainConfig(epochs=2, batch_size=4, image_size=32),
+                       progress=False, resume=state)
+    assert history["epoch"] == [1, 2]
+    pairs = zip(full.state_dict().values(), resumed.state_dict().values(), strict=True)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in pairs)
+    with pytest.raises(CheckpointError, match="seed"):
+        pretrain(small_model(encoder), images, PretrainConfig(epochs=2, batch_size=4, image_size=32, seed=1),
+                 progress=False, resume=state)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _stop_after_first_epoch(epoch, record):
+    if epoch == 1:
+        return
+    raise _Interrupt

@@ -425,8 +425,16 @@ def cmd_pretrain(args) -> int:
         f"{config.image_size} px, {config.epochs} epochs, temperature {config.temperature})"
     )
     model, provenance = build_simclr_model(config, args.backbone_weights)
-    history = pretrain(model, images, config)
+    state = Path(str(args.out) + ".state")
+    try:
+        history = pretrain(model, images, config, checkpoint_path=state, resume=args.resume)
+    except KeyboardInterrupt:
+        # The state after the last finished epoch is already on disk (written atomically).
+        print(f"interrupted: continue with --resume {state}" if state.is_file() else "interrupted",
+              file=sys.stderr)
+        return 130
     save_pretrained(args.out, model, config, history, provenance)
+    state.unlink(missing_ok=True)
     print(f"loss per epoch {history['loss']}; {history['images_per_s'][-1]:.1f} images/s")
     print(f"saved {args.out}; train a classifier on it with `train --pretrained {args.out}`")
     return 0
@@ -572,6 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also pre-train on the targets' unlabeled train/good images",
     )
     p.add_argument("--out", default="weights/simclr.pt")
+    p.add_argument("--resume", help="continue from OUT.state, written after each epoch")
     p.add_argument("--preset", default="demo", choices=("demo", "full"))
     p.add_argument("--epochs", type=int)
     p.add_argument("--image-size", type=int)

@@ -12,8 +12,8 @@ and, with `calibrate=(K, ...)`, for K good train/ images of each target category
 - `reference k=K`: nearest-neighbour distance to the K images' conv4_3 patches (PatchCore idea);
 - `fused k=K`: baseline and reference, each standardised on the K images, averaged.
 
-Target labels are never used before testing. Calibration images are removed from every model's
-test set (the largest K's images), so all rows of a seed are scored on the same images.
+Target labels are never used before testing. Every model is scored on the targets' test/ images
+only: their train/good images are what SimCLR ("+target-good") and the calibration may use.
 """
 
 from __future__ import annotations
@@ -170,8 +170,9 @@ def run_seed(
     train, val = stratified_split(source, 0.2, seed)
     ks = sorted(set(calibrate))
     calib = {c: select_good_images(target, c, ks[-1], seed) for c in target_names} if ks else {}
-    held = {s.path for images in calib.values() for s in images}
-    test = [s for s in target if s.path not in held]
+    # The targets' train/good images are the unlabeled good parts a factory has: SimCLR may
+    # pre-train on them and calibration draws its K images from them, so none of them is scored.
+    test = [s for s in target if s.split == "test"]
     rows, scored, normalizers = [], {}, {}
     size = preset.image_size
     for variant in variants:

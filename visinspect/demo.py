@@ -19,7 +19,7 @@ from visinspect.data import (
     unknown_context_split,
 )
 from visinspect.errors import CheckpointError
-from visinspect.models import VGG16CAM
+from visinspect.models import VGG16CAM, pretrained_available
 from visinspect.synthetic import ensure_synthetic_dataset
 from visinspect.train import TrainConfig, train_baseline
 
@@ -74,7 +74,9 @@ def demo_model(
     if path.is_file() and not retrain:
         try:
             model, info = load_classifier(path)
-            if info.get("demo_settings") == asdict(settings):
+            # A checkpoint trained from random weights is stale once ImageNet weights are here.
+            stale = info["backbone"].get("source") == "random" and pretrained_available(weights)
+            if info.get("demo_settings") == asdict(settings) and not stale:
                 return model, info
         except CheckpointError:
             pass  # unreadable or foreign: train a fresh one below

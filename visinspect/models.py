@@ -197,6 +197,18 @@ def load_backbone_weights(
         return {"source": "random", "path": None, "sha256": None}
 
 
+def pretrained_available(weights: str | Path | None = "auto") -> bool:
+    """Whether `load_backbone_weights(weights)` would find ImageNet weights without downloading."""
+    if weights is None or weights == "random":
+        return False
+    if weights not in ("auto", "torchvision"):
+        return Path(weights).expanduser().is_file()
+    env = os.environ.get(WEIGHTS_ENV)
+    if env and weights == "auto" and Path(env).expanduser().is_file():
+        return True
+    return (Path(torch.hub.get_dir()) / "checkpoints" / Path(TORCHVISION_URL).name).is_file()
+
+
 def build_model(weights: str | Path | None = "auto", frozen_end: int = FROZEN_END) -> tuple[VGG16CAM, dict]:
     """A fresh VGG16-CAM with backbone weights loaded; returns (model, provenance)."""
     model = VGG16CAM(frozen_end=frozen_end)

@@ -444,8 +444,14 @@ def pretrain(
     *,
     progress: bool = True,
     on_epoch_end: Callable[[int, dict], None] | None = None,
+    checkpoint_path: str | Path | None = None,
+    resume: str | Path | None = None,
 ) -> dict[str, list]:
     """Train `model` with SimCLR on the images of `samples` (labels ignored); returns history.
+
+    With `checkpoint_path`, a resumable state (weights, optimiser, schedule, random states,
+    history) is written atomically after every epoch; `resume` continues from such a file and
+    reaches the same weights as an uninterrupted run with the same config.
 
     History: per-epoch lists "epoch", "loss" (mean over steps), "lr" (of the epoch's last step),
     "images_per_s" (images, each seen as two views, per second) and "seconds".
@@ -487,8 +493,12 @@ def pretrain(
     # channels_last is oneDNN's preferred layout for convolutions on a CPU (see inference.py).
     model.train().to(memory_format=torch.channels_last)
     history: dict[str, list] = {}
-    bar = tqdm(total=total, desc="SimCLR", unit="step", disable=not progress)
-    for epoch in range(1, config.epochs + 1):
+    first = 1
+    if resume is not None:
+        first, history = _restore_state(resume, model, optimizer, scheduler, loader.generator, config)
+    bar = tqdm(total=total, initial=(first - 1) * steps_per_epoch, desc="SimCLR", unit="step",
+               disable=not progress)
+    for epoch in range(first, config.epochs + 1):
         start, losses = time.perf_counter(), []
         for view1, view2 in loader:
             # Both views in one forward pass: one batch-norm batch of 2N, as in the paper.
@@ -521,8 +531,45 @@ def pretrain(
             on_epoch_end(epoch, record)
         for key, value in record.items():
             history.setdefault(key, []).append(value)
+        if checkpoint_path is not None:
+            _save_state(checkpoint_path, model, optimizer, scheduler, loader.generator, config, epoch,
+                        history)
     bar.close()
     return history
+
+
+RESUME_KEYS = ("seed", "batch_size", "lr", "image_size", "temperature", "trainable_from", "max_images")
+
+
+def _save_state(path, model, optimizer, scheduler, generator, config, epoch: int, history: dict) -> None:
+    save_checkpoint(path, {
+        "kind": "simclr-state",
+        "config": config.to_dict(),
+        "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "loader_rng": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),  # the augmentations draw from torch's global RNG
+        "epoch": epoch,
+        "history": history,
+    })
+
+
+def _restore_state(path, model, optimizer, scheduler, generator, config) -> tuple[int, dict]:
+    data = load_checkpoint(path, kind="simclr-state")
+    saved = data["config"]
+    for key in RESUME_KEYS:
+        if saved.get(key) != config.to_dict().get(key):
+            raise CheckpointError(
+                f"{path} was written with {key}={saved.get(key)!r}, but this run has "
+                f"{key}={config.to_dict().get(key)!r}: resume with the same settings"
+            )
+    model.load_state_dict(data["model"])
+    optimizer.load_state_dict(data["optimizer"])
+    scheduler.load_state_dict(data["scheduler"])
+    generator.set_state(data["loader_rng"])
+    torch.set_rng_state(data["torch_rng"])
+    return int(data["epoch"]) + 1, {k: list(v) for k, v in data["history"].items()}
 
 
 @torch.no_grad()
