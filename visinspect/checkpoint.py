@@ -76,7 +76,8 @@ def load_checkpoint(path: str | Path, *, kind: str | None = None) -> dict:
         raise CheckpointError(f"checkpoint {path} does not exist")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
         raise CheckpointError(
-            f"{path} is not a PyTorch checkpoint (not a zip archive: truncated, or another kind of file)"
+            f"{path} is not a readable PyTorch checkpoint "
+            "(not a zip archive: truncated, or another kind of file)"
         )
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)

@@ -32,7 +32,7 @@ SPLITS = ("train", "test")
 GOOD = "good"
 # A decompression bomb guard: refuse images larger than this many pixels (about 8k x 8k).
 MAX_PIXELS = 64_000_000
-READ_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "TIFF")
+READ_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "GIF")
 
 GET_DATA_HINT = (
     "make the embedded synthetic dataset with `python -m visinspect synth data/synthetic`, "
