@@ -111,6 +111,19 @@ def load_checkpoint(path: str | Path, *, kind: str | None = None) -> dict:
     return data
 
 
+def load_resume_state(path: str | Path, kind: str, config: dict, keys: tuple[str, ...]) -> dict:
+    """Load a resumable training state and check it was written with the same settings."""
+    data = load_checkpoint(path, kind=kind)
+    saved = data["config"]
+    for key in keys:
+        if saved.get(key) != config.get(key):
+            raise CheckpointError(
+                f"{path} was written with {key}={saved.get(key)!r}, but this run has "
+                f"{key}={config.get(key)!r}: resume with the same settings"
+            )
+    return data
+
+
 # ----------------------------------------------------------------------------- classifier
 
 

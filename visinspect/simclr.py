@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from visinspect.checkpoint import load_checkpoint, save_checkpoint
+from visinspect.checkpoint import load_checkpoint, load_resume_state, save_checkpoint
 from visinspect.data import IMAGENET_MEAN, IMAGENET_STD, DefectDataset, Sample, load_rgb
 from visinspect.errors import CheckpointError, DataError, VisinspectError
 from visinspect.models import FEATURES_END, FROZEN_END, VGG16CAM, build_model, sha256_file
@@ -556,14 +556,7 @@ def _save_state(path, model, optimizer, scheduler, generator, config, epoch: int
 
 
 def _restore_state(path, model, optimizer, scheduler, generator, config) -> tuple[int, dict]:
-    data = load_checkpoint(path, kind="simclr-state")
-    saved = data["config"]
-    for key in RESUME_KEYS:
-        if saved.get(key) != config.to_dict().get(key):
-            raise CheckpointError(
-                f"{path} was written with {key}={saved.get(key)!r}, but this run has "
-                f"{key}={config.to_dict().get(key)!r}: resume with the same settings"
-            )
+    data = load_resume_state(path, "simclr-state", config.to_dict(), RESUME_KEYS)
     model.load_state_dict(data["model"])
     optimizer.load_state_dict(data["optimizer"])
     scheduler.load_state_dict(data["scheduler"])

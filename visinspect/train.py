@@ -19,9 +19,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from visinspect.cam import HeatmapNormalizer, upsample
-from visinspect.checkpoint import load_checkpoint, save_checkpoint
+from visinspect.checkpoint import load_resume_state, save_checkpoint
 from visinspect.data import Sample
-from visinspect.errors import CheckpointError, DataError
+from visinspect.errors import DataError
 from visinspect.evaluate import validation_threshold
 from visinspect.inference import make_loader, predict
 from visinspect.models import VGG16CAM, build_model
@@ -165,14 +165,8 @@ def _save_resumable(path, model, optimizer, shuffle, config, state: TrainState) 
 
 
 def _restore(path, model, optimizer, shuffle, config: TrainConfig) -> TrainState:
-    data = load_checkpoint(path, kind="train-state")
-    saved = data["config"]
-    for key in ("seed", "batch_size", "lr", "image_size"):
-        if saved.get(key) != getattr(config, key):
-            raise CheckpointError(
-                f"{path} was written with {key}={saved.get(key)!r}, but this run has "
-                f"{key}={getattr(config, key)!r}: resume with the same settings"
-            )
+    keys = ("seed", "batch_size", "lr", "image_size")
+    data = load_resume_state(path, "train-state", config.to_dict(), keys)
     model.load_state_dict(data["state_dict"])
     optimizer.load_state_dict(data["optimizer"])
     shuffle.set_state(data["rng"])
