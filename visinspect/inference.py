@@ -20,6 +20,11 @@ from visinspect.models import VGG16CAM, logit_margin
 from visinspect.utils import autocast, resolve_precision
 
 
+def sample_labels(samples: Sequence[Sample]) -> np.ndarray:
+    """Labels (N,) int64 of samples: 1 = anomaly, 0 = good."""
+    return np.array([s.label for s in samples], dtype=np.int64)
+
+
 @dataclass
 class ScoredImages:
     """Anomaly scores (higher = more anomalous) and raw low-resolution maps for some samples.
@@ -35,7 +40,7 @@ class ScoredImages:
 
     @property
     def labels(self) -> np.ndarray:
-        return np.array([s.label for s in self.samples], dtype=np.int64)
+        return sample_labels(self.samples)
 
     def subset(self, indices: Sequence[int]) -> ScoredImages:
         idx = list(indices)
@@ -77,7 +82,7 @@ class Predictions:
 
     @property
     def labels(self) -> np.ndarray:
-        return np.array([s.label for s in self.samples], dtype=np.int64)
+        return sample_labels(self.samples)
 
     @property
     def margins(self) -> np.ndarray:
