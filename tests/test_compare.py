@@ -74,7 +74,9 @@ def test_calibrated_view_shifts_scores_and_scales_maps(tiny_root):
 
 
 def test_preset_names():
-    assert ComparePreset.named("demo").image_size < ComparePreset.named("full").image_size == 224
+    sizes = [ComparePreset.named(n).image_size for n in ("demo", "medium", "full")]
+    assert sizes == sorted(sizes) and sizes[-1] == 224
+    assert ComparePreset.named("full").max_source_per_category is None  # full: every image
     with pytest.raises(ValueError, match="preset"):
         ComparePreset.named("huge")
 

@@ -20,6 +20,7 @@ from visinspect.data import (
     load_mask,
     load_rgb,
     stratified_split,
+    subsample_per_category,
     summarize,
     to_tensor,
     unknown_context_split,
@@ -335,6 +336,24 @@ def test_stratified_split_is_deterministic_stratified_and_disjoint(tiny_root):
     for key, n in strata.items():
         assert val_strata[key] == max(1, round(n * 0.25))
         assert train_strata[key] == n - val_strata[key]
+
+
+def test_subsample_per_category_caps_big_categories_and_keeps_every_defect_type(tiny_root):
+    samples = build_sample_table(tiny_root).samples
+    per_category = Counter(s.category for s in samples)
+    cap = min(per_category.values()) - 2
+    kept = subsample_per_category(samples, cap, seed=1)
+    assert kept == subsample_per_category(samples, cap, seed=1)
+    assert set(kept) <= set(samples)
+    counts = Counter(s.category for s in kept)
+    for category in per_category:
+        # stratified rounding: within one image per defect type of the cap
+        n_types = len({s.defect_type for s in samples if s.category == category})
+        assert abs(counts[category] - cap) <= n_types
+    assert {(s.category, s.defect_type) for s in kept} == {(s.category, s.defect_type) for s in samples}
+    assert subsample_per_category(samples, None) == sorted(samples, key=lambda s: (s.category, str(s.path)))
+    with pytest.raises(DataError, match="max_per_category"):
+        subsample_per_category(samples, 0)
 
 
 def test_stratified_split_keeps_one_training_image_per_stratum(tiny_root):

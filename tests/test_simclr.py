@@ -19,6 +19,7 @@ from visinspect.simclr import (
     SimCLRModel,
     SimCLRTransform,
     TwoViewDataset,
+    _views_on,
     build_simclr_model,
     knn_monitor,
     load_pretrained_encoder,
@@ -54,6 +55,24 @@ def encoder():
 def small_model(encoder: VGG16CAM, trainable_from: int = 24) -> SimCLRModel:
     torch.manual_seed(1)
     return SimCLRModel(copy.deepcopy(encoder), ProjectionHead(512, 64, 32), trainable_from)
+
+
+def test_augmenting_on_a_device_draws_the_same_views_as_the_dataset(samples):
+    """pretrain() augments on the GPU when it trains there; with the same seed those views must
+    be the CPU loader's views (same random draws, same order), up to float rounding."""
+    transform = SimCLRTransform.inspection(32)
+    dataset = TwoViewDataset(samples[:3], transform)
+    torch.manual_seed(5)
+    expected = [dataset[i] for i in range(3)]
+    torch.manual_seed(5)
+    view1, view2 = _views_on(torch.device("cpu"), transform, [dataset.image(i) for i in range(3)])
+    torch.testing.assert_close(view1, torch.stack([a for a, _ in expected]))
+    torch.testing.assert_close(view2, torch.stack([b for _, b in expected]))
+
+
+def test_transform_refuses_a_float_tensor():
+    with pytest.raises(DataError, match="uint8 tensor"):
+        SimCLRTransform(32)(torch.zeros(3, 40, 40))
 
 
 # ----------------------------------------------------------------------------- NT-Xent

@@ -7,6 +7,7 @@ a traceback means a bug in visinspect.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import warnings
@@ -158,6 +159,7 @@ def cmd_train(args) -> int:
             provenance=provenance,
             checkpoint_path=state,
             resume=args.resume,
+            device=args.device,
         )
     except KeyboardInterrupt:
         # The state after the last finished epoch is already on disk (written atomically).
@@ -399,6 +401,7 @@ def cmd_pretrain(args) -> int:
         pretrain_samples,
         save_pretrained,
     )
+    from visinspect.utils import resolve_device
 
     table = build_sample_table(_data_roots(args))
     source = (
@@ -425,6 +428,7 @@ def cmd_pretrain(args) -> int:
         f"{config.image_size} px, {config.epochs} epochs, temperature {config.temperature})"
     )
     model, provenance = build_simclr_model(config, args.backbone_weights)
+    model.to(resolve_device(args.device))
     state = Path(str(args.out) + ".state")
     try:
         history = pretrain(model, images, config, checkpoint_path=state, resume=args.resume)
@@ -452,10 +456,11 @@ def cmd_compare(args) -> int:
         _data_roots(args),
         source,
         target,
-        seeds=range(args.seeds),
-        preset=ComparePreset.named(args.preset),
+        seeds=range(args.first_seed, args.first_seed + args.seeds),
+        preset=dataclasses.replace(ComparePreset.named(args.preset), precision=args.precision),
         calibrate=calibrate,
         weights=args.backbone_weights,
+        device=args.device,
         log=lambda m: print(m, file=sys.stderr),
     )
     print(summary_table(rows))
@@ -492,6 +497,10 @@ def _grid_indices(labels, scores, per_class: int) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- parser
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="'auto' (a CUDA GPU if any, else the CPU), 'cpu', 'cuda'")
 
 
 def _add_data(p: argparse.ArgumentParser, categories_help: str) -> None:
@@ -568,6 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if name == "train":
             p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+            _add_device(p)
         p.set_defaults(func=func)
 
     p = sub.add_parser("pretrain", help="SimCLR pre-training of the VGG16 backbone (labels unused)")
@@ -588,14 +598,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trainable-from", type=int, help="first trainable layer index of VGG16 features")
     p.add_argument("--seed", type=int)
     p.add_argument("--backbone-weights", default="auto")
+    _add_device(p)
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("compare", help="baseline vs SimCLR vs few good parts on one split")
     p.add_argument("--data", nargs="+", metavar="ROOT", help="data roots (default: synthetic)")
     p.add_argument("--source", help="comma-separated source (training) categories")
     p.add_argument("--target", help="comma-separated target (unknown) categories")
-    p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1; mean ± std over them")
-    p.add_argument("--preset", default="demo", choices=("demo", "full"))
+    p.add_argument("--seeds", type=int, default=1, help="N seeds from --first-seed; mean ± std over them")
+    p.add_argument("--first-seed", type=int, default=0, help="run seeds S..S+N-1 (to split runs up)")
+    p.add_argument("--preset", default="demo", choices=("demo", "medium", "full"))
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    _add_device(p)
     p.add_argument("--calibrate", help="comma-separated K values, e.g. 5,20,50: few-good-parts rows")
     p.add_argument("--json", help="write {'rows': [...]} to this file")
     p.add_argument("--figures", help="write bar charts and side-by-side heatmaps to this folder")

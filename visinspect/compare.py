@@ -28,13 +28,20 @@ import torch
 
 from visinspect.calibration import Calibration, calibrate_classifier, fit_calibration, select_good_images
 from visinspect.cam import HeatmapNormalizer
-from visinspect.data import Sample, build_sample_table, stratified_split, unknown_context_split
+from visinspect.data import (
+    Sample,
+    build_sample_table,
+    stratified_split,
+    subsample_per_category,
+    unknown_context_split,
+)
 from visinspect.evaluate import evaluate_scored
 from visinspect.inference import ScoredImages, predict
 from visinspect.models import FROZEN_END, VGG16CAM, build_model
 from visinspect.reference import PatchMemoryBank, fit_fusion
 from visinspect.simclr import PretrainConfig, build_simclr_model, pretrain, pretrain_samples
 from visinspect.train import TrainConfig, train_baseline
+from visinspect.utils import resolve_device
 
 VARIANTS = ("baseline", "simclr-source", "simclr-source+target-good")
 ROW_KEYS = (
@@ -51,12 +58,17 @@ ROW_KEYS = (
 
 @dataclass(frozen=True)
 class ComparePreset:
-    """Sizes of one comparison: classifier image size and epochs, and the pre-training config."""
+    """Sizes of one comparison: classifier image size and epochs, the pre-training config, the
+    numeric precision of every model ("auto": bf16 only where it is fast, see utils), and caps
+    on the images per source and per target category (None: all; see subsample_per_category)."""
 
     name: str
     image_size: int
     epochs: int
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    precision: str = "auto"
+    max_source_per_category: int | None = None
+    max_test_per_category: int | None = None
 
     @classmethod
     def demo(cls) -> ComparePreset:
@@ -69,10 +81,18 @@ class ComparePreset:
         return cls("full", image_size=224, epochs=10, pretrain=PretrainConfig.full())
 
     @classmethod
+    def medium(cls) -> ComparePreset:
+        """Real data on 2 CPU cores, ~10 minutes per split: 128 px classifier; SimCLR at 96 px on
+        400 images for 4 epochs; at most ~150 images per source and per target category."""
+        pretrain = PretrainConfig(image_size=96, epochs=4, max_images=400)
+        return cls("medium", 128, 10, pretrain, max_source_per_category=150, max_test_per_category=150)
+
+    @classmethod
     def named(cls, name: str) -> ComparePreset:
-        if name not in ("demo", "full"):
-            raise ValueError(f"preset must be 'demo' or 'full'; got {name!r}")
-        return cls.demo() if name == "demo" else cls.full()
+        presets = {"demo": cls.demo, "medium": cls.medium, "full": cls.full}
+        if name not in presets:
+            raise ValueError(f"preset must be one of {', '.join(presets)}; got {name!r}")
+        return presets[name]()
 
 
 @dataclass
@@ -130,14 +150,19 @@ def _train_variant(
     preset: ComparePreset,
     seed: int,
     weights,
+    device: torch.device,
     progress: bool,
 ) -> tuple[VGG16CAM, dict]:
-    config = TrainConfig(epochs=preset.epochs, image_size=preset.image_size, seed=seed)
+    config = TrainConfig(
+        epochs=preset.epochs, image_size=preset.image_size, seed=seed, precision=preset.precision
+    )
     if variant == "baseline":
         model, provenance = build_model(weights)
+        model.to(device)
     else:
-        pre = PretrainConfig(**{**preset.pretrain.to_dict(), "seed": seed})
+        pre = PretrainConfig(**{**preset.pretrain.to_dict(), "seed": seed, "precision": preset.precision})
         simclr, provenance = build_simclr_model(pre, weights)
+        simclr.to(device)
         images = pretrain_samples(source, target, include_target_good=variant.endswith("target-good"))
         history = pretrain(simclr, images, pre, progress=progress)
         model = simclr.encoder
@@ -162,23 +187,34 @@ def run_seed(
     variants: Sequence[str] = VARIANTS,
     weights: str | Path | None = "auto",
     false_alarm_rate: float = 0.01,
+    device: str | torch.device = "auto",
     progress: bool = False,
     log: Callable[[str], None] = print,
 ) -> SeedResult:
-    """Train and score every model of one seed; return its rows (see the module docstring)."""
+    """Train and score every model of one seed; return its rows (see the module docstring).
+
+    Models train and run on `device` ("auto": a CUDA GPU when there is one, else the CPU).
+    """
+    device = resolve_device(device)
+    precision = preset.precision
     source, target = unknown_context_split(table, source_names, target_names)
+    source = subsample_per_category(source, preset.max_source_per_category, seed)
     train, val = stratified_split(source, 0.2, seed)
     ks = sorted(set(calibrate))
     calib = {c: select_good_images(target, c, ks[-1], seed) for c in target_names} if ks else {}
     # The targets' train/good images are the unlabeled good parts a factory has: SimCLR may
     # pre-train on them and calibration draws its K images from them, so none of them is scored.
-    test = [s for s in target if s.split == "test"]
+    test = subsample_per_category(
+        [s for s in target if s.split == "test"], preset.max_test_per_category, seed
+    )
     rows, scored, normalizers = [], {}, {}
     size = preset.image_size
     for variant in variants:
         log(f"seed {seed}: {variant} ...")
-        model, info = _train_variant(variant, train, val, source, target, preset, seed, weights, progress)
-        preds = predict(model, test, size)
+        model, info = _train_variant(
+            variant, train, val, source, target, preset, seed, weights, device, progress
+        )
+        preds = predict(model, test, size, precision=precision)
         norm = HeatmapNormalizer.from_dict(info["normalizer"]) if info["normalizer"] else None
         scored[variant], normalizers[variant] = preds.scored(), norm
         rows += _report_rows(
@@ -186,7 +222,8 @@ def run_seed(
         )
         for k in ks:
             cals = {
-                c: calibrate_classifier(model, calib[c][:k], size, false_alarm_rate) for c in target_names
+                c: calibrate_classifier(model, calib[c][:k], size, false_alarm_rate, precision=precision)
+                for c in target_names
             }
             name = f"{variant} calibrated k={k}"
             view = calibrated_view(preds.scored(), cals)
@@ -196,7 +233,8 @@ def run_seed(
             )
         if variant == "baseline" and ks:
             rows += _reference_rows(
-                model, preds, test, calib, ks, seed, size, false_alarm_rate, scored, normalizers, log
+                model, preds, test, calib, ks, seed, size, precision, false_alarm_rate, scored,
+                normalizers, log,
             )
     return SeedResult(rows, scored, normalizers)
 
@@ -209,6 +247,7 @@ def _reference_rows(
     ks: Sequence[int],
     seed: int,
     size: int,
+    precision: str,
     false_alarm_rate: float,
     scored: dict,
     normalizers: dict,
@@ -225,10 +264,10 @@ def _reference_rows(
         ref_cal, fused_cal = {}, {}
         for c, good in calib.items():
             idx = [i for i, s in enumerate(test) if s.category == c]
-            bank = PatchMemoryBank.fit(model, good[:k], size, seed=seed)
-            s_ref, m_ref = bank.score(model, [test[i] for i in idx])
+            bank = PatchMemoryBank.fit(model, good[:k], size, seed=seed, precision=precision)
+            s_ref, m_ref = bank.score(model, [test[i] for i in idx], precision=precision)
             ref_cal[c] = bank.calibrate(false_alarm_rate)
-            good_preds = predict(model, good[:k], size)
+            good_preds = predict(model, good[:k], size, precision=precision)
             fusion = fit_fusion(good_preds.margins, bank.good_scores, good_preds.cams, bank.good_maps)
             good_fused = fusion.score(good_preds.margins, bank.good_scores)
             fused_cal[c] = fit_calibration(
@@ -267,6 +306,7 @@ def run_comparison(
     calibrate: Sequence[int] = (),
     variants: Sequence[str] = VARIANTS,
     weights: str | Path | None = "auto",
+    device: str | torch.device = "auto",
     progress: bool = False,
     log: Callable[[str], None] = print,
 ) -> tuple[list[dict], SeedResult]:
@@ -284,6 +324,7 @@ def run_comparison(
             calibrate=calibrate,
             variants=variants,
             weights=weights,
+            device=device,
             progress=progress,
             log=log,
         )

@@ -214,6 +214,27 @@ def stratified_split(
     return sorted(train, key=_sort_key), sorted(val, key=_sort_key)
 
 
+def subsample_per_category(
+    samples: Sequence[Sample], max_per_category: int | None, seed: int = 0
+) -> list[Sample]:
+    """About `max_per_category` images of each larger category (None: all), stratified by defect
+    type and seeded, so that a comparison on big datasets stays affordable on a CPU."""
+    if max_per_category is None:
+        return sorted(samples, key=_sort_key)
+    if max_per_category < 1:
+        raise DataError(f"max_per_category must be at least 1 (or None); got {max_per_category}")
+    by_category: dict[str, list[Sample]] = defaultdict(list)
+    for s in samples:
+        by_category[s.category].append(s)
+    kept: list[Sample] = []
+    for group in by_category.values():
+        if len(group) <= max_per_category:
+            kept += group
+        else:  # the "validation" side of a stratified split is a stratified subset of that size
+            kept += stratified_split(group, max_per_category / len(group), seed)[1]
+    return sorted(kept, key=_sort_key)
+
+
 def _sort_key(s: Sample) -> tuple[str, str]:
     return (s.category, str(s.path))
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from visinspect.cam import HeatmapNormalizer, anomaly_cam, normalize, upsample
 from visinspect.data import DefectDataset, Sample, load_mask
 from visinspect.models import VGG16CAM, logit_margin
-from visinspect.utils import autocast, resolve_precision
+from visinspect.utils import autocast, model_device, resolve_precision
 
 
 def sample_labels(samples: Sequence[Sample]) -> np.ndarray:
@@ -127,13 +127,15 @@ def make_loader(samples: Sequence[Sample], image_size: int, batch_size: int) -> 
 def forward_batch(model: VGG16CAM, x: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (N, 2) and raw anomaly CAMs (N, h, w) of a batch of normalised images.
 
-    The convolutions run channels_last (and in bf16 where that is fast); the head and the CAM run
-    in fp32 on the maps: they are cheap and keep the logit margin exact.
+    The convolutions run channels_last (and in bf16 where that is fast) on the model's device;
+    the head and the CAM run in fp32 on the maps: they are cheap and keep the logit margin exact.
+    Both come back on the CPU.
     """
-    with autocast("cpu", precision):
-        maps = model.feature_maps(x.to(memory_format=torch.channels_last))
+    device = model_device(model)
+    with autocast(device, precision):
+        maps = model.feature_maps(x.to(device, memory_format=torch.channels_last))
     maps = maps.float()
-    return model.head(maps), anomaly_cam(model, maps)
+    return model.head(maps).cpu(), anomaly_cam(model, maps).cpu()
 
 
 def predict(

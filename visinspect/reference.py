@@ -23,7 +23,7 @@ from visinspect.data import Sample
 from visinspect.errors import DataError, VisinspectError
 from visinspect.inference import make_loader
 from visinspect.models import CONV4_3_END, FEATURES_END, VGG16CAM
-from visinspect.utils import autocast, resolve_precision
+from visinspect.utils import autocast, model_device, resolve_precision
 
 LAYERS = ("conv4_3", "conv5_3")
 # Search cost per image = patches per image x max_patches x feature dim multiply-adds: at 224 px
@@ -88,7 +88,7 @@ def _features_by_batch(
 ):
     """Yield the patch features of `samples`, one batch at a time, in order."""
     precision = resolve_precision(precision)
-    device = next(model.parameters()).device
+    device = model_device(model)
     model = model.eval().to(memory_format=torch.channels_last)
     loader = make_loader(samples, image_size, batch_size)
     for batch in tqdm(loader, desc="reference", unit="batch", disable=not progress, leave=False):
@@ -204,8 +204,10 @@ class PatchMemoryBank:
             keep = greedy_coreset(patches, max_patches, seed)
         if len(owners[keep].unique()) < 2:
             raise VisinspectError(f"max_patches={max_patches} kept patches of one image: raise it")
+        # The bank lives where the model lives: on a GPU the nearest-neighbour search runs there.
+        device = model_device(model)
         bank = cls(
-            patches[keep].contiguous(), owners[keep], layers, image_size, category,
+            patches[keep].contiguous().to(device), owners[keep].to(device), layers, image_size, category,
             [str(s.path) for s in good_samples],
         )
         dist = bank._nearest(patches, exclude=owners).view(n, h, w)
@@ -229,18 +231,20 @@ class PatchMemoryBank:
         )
 
     def _nearest(self, queries: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
-        """L2 distance of each query (P, C) to its nearest bank patch, skipping `exclude` owners."""
+        """L2 distance of each query (P, C) to its nearest bank patch, skipping `exclude` owners;
+        computed on the bank's device, returned on the CPU."""
+        device = self.bank.device
         out = torch.empty(len(queries))
         rows = max(1, CHUNK_ELEMENTS // len(self.bank))
         for i in range(0, len(queries), rows):
-            q = queries[i : i + rows]
+            q = queries[i : i + rows].to(device)
             d = torch.cdist(q, self.bank)
             if exclude is not None:
-                d.masked_fill_(exclude[i : i + rows, None] == self.owners[None, :], float("inf"))
+                d.masked_fill_(exclude[i : i + rows, None].to(device) == self.owners[None, :], float("inf"))
             nearest = d.argmin(dim=1)
             # cdist's fast matrix-product formula loses digits when a query nearly equals a bank
             # patch; recomputing the winner's distance directly gives ~0 for an in-bank patch.
-            out[i : i + rows] = (q - self.bank[nearest]).norm(dim=1)
+            out[i : i + rows] = (q - self.bank[nearest]).norm(dim=1).cpu()
         return out
 
     def score_features(self, feats: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:

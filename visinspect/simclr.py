@@ -35,7 +35,7 @@ from visinspect.checkpoint import load_checkpoint, load_resume_state, save_check
 from visinspect.data import IMAGENET_MEAN, IMAGENET_STD, DefectDataset, Sample, load_rgb
 from visinspect.errors import CheckpointError, DataError, VisinspectError
 from visinspect.models import FEATURES_END, FROZEN_END, VGG16CAM, build_model, sha256_file
-from visinspect.utils import autocast, resolve_precision, set_seed
+from visinspect.utils import autocast, model_device, resolve_precision, set_seed
 
 KIND = "simclr"
 REPRESENTATION_DIM = 512  # channels of conv5_3, global-average-pooled into h
@@ -64,8 +64,9 @@ def _check_probability(name: str, p: float) -> None:
 
 
 class SimCLRTransform:
-    """One random SimCLR view of an image: RGB uint8 array (H, W, 3) or PIL image in,
-    ImageNet-normalised float tensor (3, input_size, input_size) out.
+    """One random SimCLR view of an image: RGB uint8 array (H, W, 3), PIL image or uint8 tensor
+    (3, H, W) on any device in, ImageNet-normalised float tensor (3, input_size, input_size) out
+    (on the input's device: on a GPU the augmentations run there).
 
     Defaults are the paper's (google-research/simclr, lightly's SimCLRTransform): random resized
     crop of scale (min_scale, 1) and aspect ratio (3/4, 4/3), horizontal flip, colour jitter
@@ -137,7 +138,12 @@ class SimCLRTransform:
         preset = {"min_scale": 0.5, "vf_prob": 0.5, "rr_prob": 0.5, "cj_strength": 0.5, "sigmas": (0.1, 1.0)}
         return cls(input_size=input_size, **{**preset, **overrides})
 
-    def __call__(self, image: np.ndarray | Image.Image) -> torch.Tensor:
+    def __call__(self, image: np.ndarray | Image.Image | torch.Tensor) -> torch.Tensor:
+        if isinstance(image, torch.Tensor):
+            if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+                raise DataError(f"SimCLRTransform needs a uint8 tensor (3, H, W); got {image.dtype} "
+                                f"{tuple(image.shape)}")
+            return self.pipeline(image.float().div(255.0))
         if isinstance(image, Image.Image):
             image = np.asarray(image.convert("RGB"))
         if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3
@@ -151,19 +157,16 @@ class SimCLRTransform:
         return self.pipeline(x)
 
 
-class TwoViewDataset(Dataset):
-    """(view1, view2): two independent random views of each sample's image; labels are ignored.
+class CachedImages(Dataset):
+    """The decoded RGB uint8 image (H, W, 3) of each sample, cached in memory on first use.
 
-    Decoded images are cached in memory on first use (decoding PNGs every epoch would cost more
-    than the augmentations). `cache_side` shrinks larger images so their shorter side is that
-    many pixels before caching: full-resolution MVTec images (1024 px) would need 3 MB each.
+    Decoding PNGs every epoch would cost more than the augmentations. `cache_side` shrinks
+    larger images so their shorter side is that many pixels before caching: full-resolution
+    MVTec images (1024 px) would need 3 MB each.
     """
 
-    def __init__(
-        self, samples: Sequence[Sample], transform: Callable, cache_side: int | None = None
-    ) -> None:
+    def __init__(self, samples: Sequence[Sample], cache_side: int | None = None) -> None:
         self.samples = list(samples)
-        self.transform = transform
         self.cache_side = cache_side
         self._cache: dict[int, np.ndarray] = {}
 
@@ -182,9 +185,30 @@ class TwoViewDataset(Dataset):
             self._cache[index] = image
         return self._cache[index]
 
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.image(index)
+
+
+class TwoViewDataset(CachedImages):
+    """(view1, view2): two independent random views of each sample's image; labels are ignored."""
+
+    def __init__(
+        self, samples: Sequence[Sample], transform: Callable, cache_side: int | None = None
+    ) -> None:
+        super().__init__(samples, cache_side)
+        self.transform = transform
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = self.image(index)
         return self.transform(image), self.transform(image)
+
+
+def _views_on(device: torch.device, transform: Callable, images: list[np.ndarray]):
+    """Both views of a batch of cached images, augmented on `device`, image by image, drawing
+    from the random generator in the same order as TwoViewDataset (view 1, view 2, next image)."""
+    pairs = [(transform(x), transform(x)) for x in (torch.tensor(i, device=device).permute(2, 0, 1)
+                                                    for i in images)]
+    return torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
 
 
 # ----------------------------------------------------------------------------- model and loss
@@ -471,12 +495,20 @@ def pretrain(
             f"{config.batch_size} (incomplete batches are dropped): lower batch_size or add images"
         )
     set_seed(config.seed)
-    device = next(model.parameters()).device
+    device = model_device(model)
     precision = resolve_precision(config.precision)
-    dataset = TwoViewDataset(samples, config.make_transform(), cache_side=2 * config.image_size)
+    transform = config.make_transform()
+    # On a GPU the augmentations run there too: on the CPU they would cost far more than the
+    # GPU's whole training step. The loader then hands over the cached uint8 images as a list.
+    augment_on_device = device.type == "cuda"
+    if augment_on_device:
+        dataset, collate = CachedImages(samples, cache_side=2 * config.image_size), list
+    else:
+        dataset, collate = TwoViewDataset(samples, transform, cache_side=2 * config.image_size), None
     loader = DataLoader(
         dataset,
         batch_size=config.batch_size,
+        collate_fn=collate,
         shuffle=True,
         drop_last=True,  # NT-Xent and batch norm want full batches; a batch of 1 would fail
         num_workers=config.num_workers,
@@ -500,7 +532,8 @@ def pretrain(
                disable=not progress)
     for epoch in range(first, config.epochs + 1):
         start, losses = time.perf_counter(), []
-        for view1, view2 in loader:
+        for batch in loader:
+            view1, view2 = _views_on(device, transform, batch) if augment_on_device else batch
             # Both views in one forward pass: one batch-norm batch of 2N, as in the paper.
             x = torch.cat([view1, view2]).to(device, memory_format=torch.channels_last)
             with autocast(device, precision):
@@ -569,7 +602,7 @@ def _restore_state(path, model, optimizer, scheduler, generator, config) -> tupl
 def _representations(
     model: SimCLRModel, samples: Sequence[Sample], image_size: int, batch_size: int
 ) -> torch.Tensor:
-    device = next(model.parameters()).device
+    device = model_device(model)
     loader = DataLoader(DefectDataset(samples, image_size), batch_size=batch_size, shuffle=False)
     return torch.cat([model.representation(b["image"].to(device)).float().cpu() for b in loader])
 

@@ -25,7 +25,7 @@ from visinspect.errors import DataError
 from visinspect.evaluate import validation_threshold
 from visinspect.inference import make_loader, predict
 from visinspect.models import VGG16CAM, build_model
-from visinspect.utils import autocast, resolve_precision, set_seed
+from visinspect.utils import autocast, model_device, resolve_device, resolve_precision, set_seed
 
 
 @dataclass
@@ -66,14 +66,16 @@ def frozen_features(
     precision: str = "fp32",
     progress: bool = False,
 ) -> torch.Tensor:
-    """Output of the frozen layers for every sample, computed once (N, 512, h, w) float32."""
+    """Output of the frozen layers for every sample, computed once (N, 512, h, w) float32, kept
+    on the model's device."""
     model.eval()
+    device = model_device(model)
     frozen = model.frozen.to(memory_format=torch.channels_last)
     out = []
     loader = make_loader(samples, image_size, batch_size)
     for batch in tqdm(loader, desc="cache frozen layers", unit="batch", disable=not progress, leave=False):
-        with autocast("cpu", precision):
-            out.append(frozen(batch["image"].to(memory_format=torch.channels_last)).float())
+        with autocast(device, precision):
+            out.append(frozen(batch["image"].to(device, memory_format=torch.channels_last)).float())
     return torch.cat(out).contiguous()
 
 
@@ -102,9 +104,12 @@ def train_classifier(
         )
     set_seed(config.seed)
     precision = resolve_precision(config.precision)
+    device = model_device(model)
+    targets = labels.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=config.lr)
-    criterion = nn.CrossEntropyLoss(weight=torch.tensor(config.class_weights, dtype=torch.float32))
+    class_weights = torch.tensor(config.class_weights, dtype=torch.float32, device=device)
+    criterion = nn.CrossEntropyLoss(weight=class_weights)
     shuffle = torch.Generator().manual_seed(config.seed)
     state = TrainState()
     if resume is not None:
@@ -125,14 +130,14 @@ def train_classifier(
         total_loss, correct = 0.0, 0
         for i in range(0, len(order), config.batch_size):
             idx = order[i : i + config.batch_size]
-            with autocast("cpu", precision):
+            with autocast(device, precision):
                 logits = model.head(trainable(cache[idx]))
-            loss = criterion(logits.float(), labels[idx])
+            loss = criterion(logits.float(), targets[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total_loss += loss.item() * len(idx)
-            correct += int((logits.argmax(1) == labels[idx]).sum())
+            correct += int((logits.argmax(1) == targets[idx]).sum())
         accuracy = correct / len(samples)
         state.history["loss"].append(round(total_loss / len(samples), 6))
         state.history["accuracy"].append(round(accuracy, 6))
@@ -184,6 +189,7 @@ def train_baseline(
     progress: bool = True,
     checkpoint_path: str | Path | None = None,
     resume: str | Path | None = None,
+    device: str | torch.device = "auto",
 ) -> tuple[VGG16CAM, dict]:
     """The whole baseline: build (or take) a model, train it, then calibrate on validation images.
 
@@ -195,6 +201,7 @@ def train_baseline(
     if model is None:
         set_seed(config.seed)  # the dense layer (and a random backbone) start from seeded weights
         model, provenance = build_model(weights)
+    model.to(resolve_device(device))  # "auto": a CUDA GPU if there is one; nothing needs one
     history = train_classifier(
         model, train_samples, config, progress=progress, checkpoint_path=checkpoint_path, resume=resume
     )

@@ -12,12 +12,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from visinspect.errors import ConfigError
+
 
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and PyTorch so that the same command gives the same numbers."""
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # seeds every CUDA device too
+    # On a GPU: deterministic convolution algorithms, and fp32 that is really fp32 (no TF32), so
+    # that a GPU run gives the CPU's numbers up to rounding. Harmless without a GPU.
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.allow_tf32 = False
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -40,6 +47,21 @@ def resolve_precision(precision: str = "auto") -> str:
     if precision != "auto":
         return precision
     return "bf16" if torch.cuda.is_available() or cpu_has_fast_bf16() else "fp32"
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """"auto" is the first CUDA GPU when PyTorch sees one, else the CPU; nothing needs a GPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device} asked for, but PyTorch sees no CUDA GPU: use 'cpu' or 'auto'")
+    return device
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's parameters live: inputs are moved there, results come back to the CPU."""
+    return next(model.parameters()).device
 
 
 def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
