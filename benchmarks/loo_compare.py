@@ -83,12 +83,23 @@ def draw(rows: list[dict], folder: Path) -> None:
     for metric in ("image_auroc", "balanced_accuracy"):
         save_figure(plot_metric_bars(plain, metric), folder / f"real_loo_{metric}.png")
     targets = sorted({r["target"] for r in rows if "k=" in r["model"]})
-    if targets:
+    # Per product, calibration shifts the scores and leaves the ranking (AUROC) as it was: the
+    # AUROC panel shows the K-dependent models only; balanced accuracy shows them all.
+    for metric, keep in (
+        ("image_auroc", lambda m: "calibrated" not in m),
+        ("balanced_accuracy", lambda m: True),
+    ):
+        if not targets:
+            break
         fig, axes = plt.subplots(1, len(targets), figsize=(4.2 * len(targets), 3.6), squeeze=False)
         for ax, target in zip(axes[0], targets, strict=True):
-            plot_metric_vs_k([r for r in rows if r["target"] == target], "image_auroc", target, ax=ax)
+            chosen = [r for r in rows if r["target"] == target and keep(r["model"])]
+            plot_metric_vs_k(chosen, metric, target, ax=ax)
             ax.set_title(target)
-        save_figure(fig, folder / "real_loo_auroc_vs_k.png")
+            ax.get_legend().remove()
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, frameon=False)
+        save_figure(fig, folder / f"real_loo_{metric}_vs_k.png")
 
 
 def main() -> int:

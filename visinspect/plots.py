@@ -503,7 +503,7 @@ def plot_metric_bars(
         std = [np.std(a, ddof=1) if len(a) > 1 else 0.0 for a in v]
         offset = (j - (len(hues) - 1) / 2) * width
         ax.bar(np.array(pos) + offset, [np.mean(a) for a in v], width, yerr=std, capsize=3, label=h)
-    rotate = {"rotation": 30, "ha": "right"} if len(xs) > 4 else {}
+    rotate = {"rotation": 30, "ha": "right"} if len(xs) > 4 or max(len(str(x)) for x in xs) > 12 else {}
     ax.set_xticks(range(len(xs)), [str(x) for x in xs], **rotate)
     ax.set_xlabel(by)
     ax.set_ylabel(metric)
