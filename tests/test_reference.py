@@ -173,3 +173,17 @@ def test_fusion_floors_a_zero_spread_and_round_trips():
     for scorer in (fused, full):
         d = json.loads(json.dumps(scorer.to_dict()))
         assert FusedScorer.from_dict(d) == scorer
+
+
+def test_the_model_can_still_be_trained_after_a_bank_is_fitted(data):
+    """Fitting and scoring run in inference mode; they must not leave the model's weights as
+    inference tensors (a later training step would fail), nor the mode switched on."""
+    torch.manual_seed(0)
+    model = VGG16CAM()
+    bank = PatchMemoryBank.fit(model, data[0], image_size=SIZE, batch_size=4, **FP32)
+    bank.score(model, data[0][:1], **FP32)
+    assert not torch.is_inference_mode_enabled()
+    model.train()
+    loss = model(torch.randn(2, 3, SIZE, SIZE)).sum()
+    loss.backward()
+    assert model.fc.weight.grad is not None

@@ -76,7 +76,6 @@ def _check_layers(layers: Sequence[str]) -> tuple[str, ...]:
     return layers
 
 
-@torch.inference_mode()
 def _features_by_batch(
     model: VGG16CAM,
     samples: Sequence[Sample],
@@ -89,13 +88,18 @@ def _features_by_batch(
     """Yield the patch features of `samples`, one batch at a time, in order."""
     precision = resolve_precision(precision)
     device = model_device(model)
+    # Re-layout the weights outside inference mode (else they become inference tensors and the
+    # model can no longer be trained), and enter it per batch: a generator that yields inside
+    # the mode would leave it switched on in the caller's code between batches.
     model = model.eval().to(memory_format=torch.channels_last)
     loader = make_loader(samples, image_size, batch_size)
     for batch in tqdm(loader, desc="reference", unit="batch", disable=not progress, leave=False):
-        x = batch["image"].to(device, memory_format=torch.channels_last)
-        with autocast(device, precision):
-            c4, c5 = backbone_maps(model, x, conv5_3="conv5_3" in layers)
-        yield patch_features(c4, c5).cpu()
+        with torch.inference_mode():
+            x = batch["image"].to(device, memory_format=torch.channels_last)
+            with autocast(device, precision):
+                c4, c5 = backbone_maps(model, x, conv5_3="conv5_3" in layers)
+            feats = patch_features(c4, c5).cpu()
+        yield feats
 
 
 @contextlib.contextmanager
