@@ -132,7 +132,14 @@ def main() -> int:
         print(f"wall time {time.monotonic() - start:.0f} s", flush=True)
     rows = merge(out)
     (out / "rows.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
-    print(summary_table(rows))
+    plain = [r for r in rows if "k=" not in r["model"]]
+    few = [r for r in rows if "k=" in r["model"]]
+    few_keys = ("image_auroc", "balanced_accuracy", "precision", "recall", "pixel_auroc", "box_hit_rate")
+    tables = "### Without good images of the new product\n\n" + summary_table(plain) + "\n"
+    if few:
+        tables += "\n### With K good images of the new product\n\n" + summary_table(few, few_keys) + "\n"
+    (out / "tables.md").write_text(tables)
+    print(tables)
     if args.figures and rows:
         draw(rows, Path(args.figures))
     return 0
