@@ -26,11 +26,12 @@ import torch
 from visinspect.calibration import select_good_images
 from visinspect.cam import anomaly_cam, upsample
 from visinspect.data import DefectDataset, build_sample_table
+from visinspect.inference import forward_batch
 from visinspect.models import build_model, describe_backbone
 from visinspect.reference import PatchMemoryBank, backbone_maps, patch_features
 from visinspect.synthetic import CATEGORIES, generate_synthetic_dataset
 from visinspect.train import TrainConfig, train_classifier
-from visinspect.utils import autocast, resolve_precision, set_seed
+from visinspect.utils import resolve_precision, set_seed
 
 
 def naive_cam(model, x: torch.Tensor) -> torch.Tensor:
@@ -41,15 +42,10 @@ def naive_cam(model, x: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits, 1), cam
 
 
-@torch.inference_mode()
 def fast_cam(model, x: torch.Tensor, precision: str) -> torch.Tensor:
-    """visinspect's path (the same maths as inference.predict)."""
-    with autocast("cpu", precision):
-        maps = model.feature_maps(x.to(memory_format=torch.channels_last))
-    maps = maps.float()
-    logits = model.head(maps)
-    cam = upsample(anomaly_cam(model, maps), x.shape[-1])
-    return torch.softmax(logits, 1), cam
+    """visinspect's path: inference.forward_batch (what predict runs), then the same upsampling."""
+    logits, cam = forward_batch(model, x, precision)
+    return torch.softmax(logits, 1), upsample(cam, x.shape[-1])
 
 
 def images_per_second(fn, x: torch.Tensor, repeats: int) -> float:

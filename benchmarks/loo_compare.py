@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from visinspect.compare import summary_table
-from visinspect.data import build_sample_table
+from visinspect.data import build_sample_table, single_class_categories
 from visinspect.plots import plot_metric_bars, plot_metric_vs_k, save_figure
 
 
@@ -33,9 +33,8 @@ def loo_jobs(roots: list[str], seeds: int, calibrate: list[int]) -> list[dict]:
     """One job per (seed, target): targets need both classes in test/; sources are the rest."""
     table = build_sample_table(roots).samples
     categories = sorted({s.category for s in table})
-    targets = [
-        c for c in categories if {s.label for s in table if s.category == c and s.split == "test"} == {0, 1}
-    ]
+    test = [s for s in table if s.split == "test"]
+    targets = sorted({s.category for s in test} - set(single_class_categories(test)))
     jobs = []
     for seed in range(seeds):
         for target in targets:

@@ -160,7 +160,6 @@ def _train_variant(
     )
     if variant == "baseline":
         model, provenance = build_model(weights)
-        model.to(device)
     else:
         pre = PretrainConfig(**{**preset.pretrain.to_dict(), "seed": seed, "precision": preset.precision})
         simclr, provenance = build_simclr_model(pre, weights)
@@ -175,7 +174,9 @@ def _train_variant(
             "pretrain_images": len(images),
             "pretrain_loss": history["loss"],
         }
-    return train_baseline(train, val, config, model=model, provenance=provenance, progress=progress)
+    return train_baseline(
+        train, val, config, model=model, provenance=provenance, progress=progress, device=device
+    )
 
 
 def run_seed(
@@ -220,7 +221,7 @@ def run_seed(
         norm = HeatmapNormalizer.from_dict(info["normalizer"]) if info["normalizer"] else None
         scored[variant], normalizers[variant] = preds.scored(), norm
         rows += _report_rows(
-            variant, seed, preds.scored(), info["threshold"], norm, "logit margin (anomaly - good)"
+            variant, seed, scored[variant], info["threshold"], norm, "logit margin (anomaly - good)"
         )
         for k in ks:
             cals = {
@@ -228,7 +229,7 @@ def run_seed(
                 for c in target_names
             }
             name = f"{variant} calibrated k={k}"
-            view = calibrated_view(preds.scored(), cals)
+            view = calibrated_view(scored[variant], cals)
             scored[name], normalizers[name] = view, IDENTITY
             rows += _report_rows(
                 name, seed, view, 0.0, IDENTITY, "logit margin minus the product's calibrated threshold"

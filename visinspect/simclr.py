@@ -206,9 +206,12 @@ class TwoViewDataset(CachedImages):
 def _views_on(device: torch.device, transform: Callable, images: list[np.ndarray]):
     """Both views of a batch of cached images, augmented on `device`, image by image, drawing
     from the random generator in the same order as TwoViewDataset (view 1, view 2, next image)."""
-    pairs = [(transform(x), transform(x)) for x in (torch.tensor(i, device=device).permute(2, 0, 1)
-                                                    for i in images)]
-    return torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
+    first, second = [], []
+    for image in images:
+        x = torch.tensor(image, device=device).permute(2, 0, 1)
+        first.append(transform(x))
+        second.append(transform(x))
+    return torch.stack(first), torch.stack(second)
 
 
 # ----------------------------------------------------------------------------- model and loss
