@@ -5,12 +5,15 @@ a test that trains a model takes a fresh copy (`fresh_model`).
 """
 
 import copy
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
+from visinspect.features import STORE_ENV
 from visinspect.models import VGG16CAM, build_model
 from visinspect.synthetic import CATEGORIES, generate_synthetic_dataset
 
@@ -24,8 +27,23 @@ TINY_PER_CATEGORY = {
 }
 
 
+_STORE_DIR: str | None = None
+
+
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "slow: trains or runs the command line end to end (seconds)")
+    # The tests (and the notebooks nbval runs, whose kernels inherit the environment) share one
+    # temporary feature store, so they never fill or depend on the user's cache.
+    global _STORE_DIR
+    if STORE_ENV not in os.environ:
+        _STORE_DIR = tempfile.mkdtemp(prefix="visinspect-test-store-")
+        os.environ[STORE_ENV] = _STORE_DIR
+
+
+def pytest_unconfigure(config) -> None:
+    if _STORE_DIR is not None:
+        os.environ.pop(STORE_ENV, None)
+        shutil.rmtree(_STORE_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import torch
 from visinspect.cam import anomaly_cam
 from visinspect.data import Sample, to_tensor
 from visinspect.errors import DataError, VisinspectError
+from visinspect.features import FeatureStore
 from visinspect.models import VGG16CAM
 from visinspect.reference import (
     FusedScorer,
@@ -114,11 +115,14 @@ def test_greedy_coreset_covers_rare_points():
     assert torch.equal(chosen, greedy_coreset(points, 4, seed=1))
 
 
-def test_score_features_shares_the_classifier_pass(model, data):
+def test_score_features_shares_the_classifier_pass(model, data, tmp_path):
     """One backbone pass gives the classifier's logits and CAM and the reference score."""
     good, defects = data
     layers = ("conv4_3", "conv5_3")
-    two = PatchMemoryBank.fit(model, good, image_size=SIZE, layers=layers, max_patches=None, **FP32)
+    # A float32 feature store, so that the stored path equals one full pass up to float rounding.
+    store = FeatureStore(tmp_path / "store", dtype="float32")
+    two = PatchMemoryBank.fit(model, good, image_size=SIZE, layers=layers, max_patches=None, store=store,
+                              **FP32)
     assert two.bank.shape[1] == 1024
     sample = defects["crack"][0]
     with torch.inference_mode():
@@ -127,7 +131,7 @@ def test_score_features_shares_the_classifier_pass(model, data):
         logits, cam = model.head(c5), anomaly_cam(model, c5)
         scores, maps = two.score_features(patch_features(c4, c5))
     assert logits.shape == (1, 2) and cam.shape == (1, 4, 4)
-    expected_scores, expected_maps = two.score(model, [sample], **FP32)
+    expected_scores, expected_maps = two.score(model, [sample], store=store, **FP32)
     np.testing.assert_allclose(scores, expected_scores, rtol=1e-4)
     torch.testing.assert_close(maps, expected_maps, rtol=1e-4, atol=1e-5)
     with pytest.raises(VisinspectError, match="1024"):

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from visinspect.checkpoint import load_checkpoint
-from visinspect.data import build_sample_table
+from visinspect.data import DefectDataset, build_sample_table
 from visinspect.errors import CheckpointError, DataError
-from visinspect.inference import make_loader
+from visinspect.features import FeatureStore
 from visinspect.train import TrainConfig, frozen_features, train_baseline, train_classifier
 
 SIZE = 32
@@ -67,10 +67,13 @@ def test_same_seed_gives_identical_weights(two_epochs, fresh_model, samples):
     assert_same_weights(fresh_model, two_epochs[0])
 
 
-def test_cached_frozen_layers_equal_the_full_forward(fresh_model, samples):
-    batch = next(iter(make_loader(samples[::3], SIZE, batch_size=4)))
-    labels = torch.as_tensor(batch["label"])
-    cache = frozen_features(fresh_model, samples[::3], SIZE, batch_size=4)
+def test_cached_frozen_layers_equal_the_full_forward(fresh_model, samples, tmp_path):
+    dataset = DefectDataset(samples[::3], SIZE)
+    images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+    labels = torch.tensor([s.label for s in samples[::3]])
+    # A float32 store: the cached path must then equal the full forward up to float rounding.
+    store = FeatureStore(tmp_path / "store", dtype="float32")
+    cache = frozen_features(fresh_model, samples[::3], SIZE, store=store)
     trainable = [p for p in fresh_model.parameters() if p.requires_grad]
 
     def logits_and_grads(logits):
@@ -78,7 +81,7 @@ def test_cached_frozen_layers_equal_the_full_forward(fresh_model, samples):
         return logits.detach(), grads
 
     cached, cached_grads = logits_and_grads(fresh_model.head(fresh_model.trainable(cache)))
-    full, full_grads = logits_and_grads(fresh_model(batch["image"]))
+    full, full_grads = logits_and_grads(fresh_model(images))
     torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
     for g_cached, g_full in zip(cached_grads, full_grads, strict=True):
         torch.testing.assert_close(g_cached, g_full, rtol=1e-4, atol=1e-6)

@@ -370,6 +370,11 @@ def load_mask(path: str | Path, size: tuple[int, int]) -> np.ndarray:
         raise DataError(f"cannot read mask {path} ({type(e).__name__}: {e}); is it corrupt?") from None
 
 
+# What to_tensor does, as a name: the feature store keys on it. Change it whenever to_tensor's
+# output changes, so that features of the old preprocessing are never served again.
+PREPROCESSING = "rgb-uint8/pil-bilinear-square/imagenet-mean-std/v1"
+
+
 def to_tensor(image: np.ndarray, image_size: int) -> torch.Tensor:
     """Resize an RGB uint8 image to a square and normalise it with ImageNet statistics."""
     pil = Image.fromarray(image).resize((image_size, image_size), Image.BILINEAR)

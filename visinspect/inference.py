@@ -1,7 +1,8 @@
 """Running a VGG16-CAM model over samples: logits, logit margins and low-resolution CAMs.
 
-Fast path on a CPU: inference mode (no autograd bookkeeping), channels_last memory layout
-(oneDNN's preferred layout for convolutions) and, where the CPU has native bf16, bf16 autocast.
+The frozen layers' output comes from the feature store (computed once per image); block 5 and
+the head run in inference mode (no autograd bookkeeping), channels_last memory layout (oneDNN's
+preferred layout for convolutions) and, where the CPU has native bf16, bf16 autocast.
 """
 
 from __future__ import annotations
@@ -11,11 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from visinspect.cam import HeatmapNormalizer, anomaly_cam, normalize, upsample
-from visinspect.data import DefectDataset, Sample, load_mask
+from visinspect.data import Sample, load_mask
+from visinspect.features import FeatureStore
 from visinspect.models import VGG16CAM, logit_margin
 from visinspect.utils import autocast, model_device, resolve_precision
 
@@ -118,22 +118,19 @@ class Predictions:
         return self.scored().masks(indices)
 
 
-def make_loader(samples: Sequence[Sample], image_size: int, batch_size: int) -> DataLoader:
-    """An ordered loader (no shuffling: outputs line up with `samples`)."""
-    return DataLoader(DefectDataset(samples, image_size), batch_size=batch_size, shuffle=False)
-
-
 @torch.inference_mode()
-def forward_batch(model: VGG16CAM, x: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (N, 2) and raw anomaly CAMs (N, h, w) of a batch of normalised images.
+def forward_features(
+    model: VGG16CAM, conv4_3: torch.Tensor, precision: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (N, 2) and raw anomaly CAMs (N, h, w) from stored conv4_3 maps (N, 512, S/8, S/8).
 
-    The convolutions run channels_last (and in bf16 where that is fast) on the model's device;
-    the head and the CAM run in fp32 on the maps: they are cheap and keep the logit margin exact.
-    Both come back on the CPU.
+    Block 5 runs channels_last (and in bf16 where that is fast) on the model's device; the head
+    and the CAM run in fp32 on the maps: they are cheap and keep the logit margin exact. Both come
+    back on the CPU.
     """
     device = model_device(model)
     with autocast(device, precision):
-        maps = model.feature_maps(x.to(device, memory_format=torch.channels_last))
+        maps = model.maps_from_conv4_3(conv4_3.to(device, memory_format=torch.channels_last))
     maps = maps.float()
     return model.head(maps).cpu(), anomaly_cam(model, maps).cpu()
 
@@ -145,16 +142,20 @@ def predict(
     batch_size: int = 16,
     precision: str = "auto",
     progress: bool = False,
+    store: FeatureStore | None = None,
 ) -> Predictions:
-    """Logits and raw anomaly CAMs for every sample (the fast inference path)."""
+    """Logits and raw anomaly CAMs for every sample: the frozen layers' output from the feature
+    store (computed there once per image), then block 5 and the head."""
     precision = resolve_precision(precision)
     # Re-layout the weights outside inference mode: inside it they would become inference
     # tensors, and the model could no longer be trained afterwards.
     model = model.eval().to(memory_format=torch.channels_last)
+    feats = (store or FeatureStore.default()).fetch_samples(
+        model, samples, image_size, precision=precision, progress=progress
+    )
     logits, cams = [], []
-    loader = make_loader(samples, image_size, batch_size)
-    for batch in tqdm(loader, desc="predict", unit="batch", disable=not progress, leave=False):
-        batch_logits, batch_cams = forward_batch(model, batch["image"], precision)
+    for c4 in feats.batches(batch_size):
+        batch_logits, batch_cams = forward_features(model, c4, precision)
         logits.append(batch_logits)
         cams.append(batch_cams)
     if not logits:

@@ -73,6 +73,11 @@ class VGG16CAM(nn.Module):
         """conv5_3 + ReLU maps A (N, 512, h, w) of normalised images x (N, 3, H, W)."""
         return self.features(x)
 
+    def maps_from_conv4_3(self, c4: torch.Tensor) -> torch.Tensor:
+        """conv5_3 + ReLU maps from conv4_3 + ReLU maps (pool4, then block 5): the part of the
+        network that runs after the feature store (features.FeatureStore)."""
+        return self.features[CONV4_3_END:](c4)
+
     def head(self, maps: torch.Tensor) -> torch.Tensor:
         """Logits (N, 2) from conv5_3 maps: global average pooling then the dense layer."""
         return self.fc(maps.mean(dim=(2, 3)))

@@ -28,7 +28,8 @@ from visinspect.cam import HeatmapNormalizer, normalize, upsample
 from visinspect.checkpoint import load_classifier
 from visinspect.data import IMAGE_EXTENSIONS, load_rgb, to_tensor
 from visinspect.errors import ConfigError, DataError
-from visinspect.inference import forward_batch
+from visinspect.features import FeatureStore
+from visinspect.inference import forward_features
 from visinspect.models import VGG16CAM, logit_margin
 from visinspect.utils import atomic_path, resolve_precision
 
@@ -115,6 +116,7 @@ def predict_images(
     resume: bool = False,
     precision: str = "auto",
     progress: bool = True,
+    store: FeatureStore | None = None,
 ) -> dict:
     """Score every image under `inputs`; write `out/predictions.jsonl` and `out/overlays/*.png`.
 
@@ -134,7 +136,8 @@ def predict_images(
         names = ", ".join(map(str, inputs))
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {names}")
     model = model.eval().to(memory_format=torch.channels_last)
-    scorer = _Scorer(model, info, resolve_precision(precision), box_threshold, min_area)
+    scorer = _Scorer(model, info, resolve_precision(precision), box_threshold, min_area,
+                     store or FeatureStore.default())
     out.mkdir(parents=True, exist_ok=True)
     results = out / RESULTS_NAME
     done = _keep_finished(results) if resume else set()
@@ -161,8 +164,8 @@ class _Scorer:
     """Turns a batch of paths into result rows (and overlays); holds nothing between batches."""
 
     def __init__(self, model: VGG16CAM, info: dict, precision: str, box_threshold: float,
-                 min_area: int) -> None:
-        self.model, self.precision = model, precision
+                 min_area: int, store: FeatureStore) -> None:
+        self.model, self.precision, self.store = model, precision, store
         self.size = int(info["image_size"])
         self.threshold = float(info["threshold"])
         norm = info.get("normalizer")
@@ -179,7 +182,7 @@ class _Scorer:
                 rows[i]["error"] = str(e)
         if not read:
             return rows
-        heat, logits = self._forward(torch.stack([tensor for tensor, _, _ in read.values()]))
+        heat, logits = self._forward([paths[i] for i in read], [tensor for tensor, _, _ in read.values()])
         for (i, (_, shape, thumb)), h, lg in zip(read.items(), heat, logits, strict=True):
             rows[i].update(self._scores(shape, h, lg))
             if overlay_root is not None:
@@ -198,9 +201,12 @@ class _Scorer:
             small.thumbnail((OVERLAY_MAX_SIDE, OVERLAY_MAX_SIDE))
         return to_tensor(image, self.size), image.shape[:2], small
 
-    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised heatmaps (N, S, S) and logits (N, 2): the path of `inference.predict`."""
-        logits, cams = forward_batch(self.model, x, self.precision)
+    def _forward(self, paths: list[Path], inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised heatmaps (N, S, S) and logits (N, 2): the path of `inference.predict`, the
+        frozen layers' output from the feature store (computed from `inputs` where missing)."""
+        feats = self.store.fetch(self.model, paths, self.size, precision=self.precision,
+                                 read=lambda i: inputs[i])
+        logits, cams = forward_features(self.model, feats.batch(slice(None)), self.precision)
         mode = "dataset" if self.normalizer else "image"
         heat = normalize(upsample(cams, self.size), mode, self.normalizer)
         return heat, logits

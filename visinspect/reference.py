@@ -15,13 +15,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from visinspect.calibration import Calibration, fit_calibration, require_good_train_samples
 from visinspect.cam import upsample
 from visinspect.data import Sample
 from visinspect.errors import DataError, VisinspectError
-from visinspect.inference import make_loader
+from visinspect.features import FeatureStore
 from visinspect.models import CONV4_3_END, FEATURES_END, VGG16CAM
 from visinspect.utils import autocast, model_device, resolve_precision
 
@@ -84,22 +83,28 @@ def _features_by_batch(
     batch_size: int,
     precision: str,
     progress: bool = False,
-):
-    """Yield the patch features of `samples`, one batch at a time, in order."""
+    store: FeatureStore | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the patch features of `samples`, one batch at a time, in order: conv4_3 from the
+    feature store, conv5_3 (if asked) computed from it with the model's block 5."""
     precision = resolve_precision(precision)
     device = model_device(model)
     # Re-layout the weights outside inference mode (else they become inference tensors and the
     # model can no longer be trained), and enter it per batch: a generator that yields inside
     # the mode would leave it switched on in the caller's code between batches.
     model = model.eval().to(memory_format=torch.channels_last)
-    loader = make_loader(samples, image_size, batch_size)
-    for batch in tqdm(loader, desc="reference", unit="batch", disable=not progress, leave=False):
+    feats = (store or FeatureStore.default()).fetch_samples(
+        model, samples, image_size, precision=precision, progress=progress
+    )
+    for c4 in feats.batches(batch_size):
         with torch.inference_mode():
-            x = batch["image"].to(device, memory_format=torch.channels_last)
-            with autocast(device, precision):
-                c4, c5 = backbone_maps(model, x, conv5_3="conv5_3" in layers)
-            feats = patch_features(c4, c5).cpu()
-        yield feats
+            c4 = c4.to(device, memory_format=torch.channels_last)
+            c5 = None
+            if "conv5_3" in layers:
+                with autocast(device, precision):
+                    c5 = model.maps_from_conv4_3(c4)
+            feats_batch = patch_features(c4, c5).cpu()
+        yield feats_batch
 
 
 @contextlib.contextmanager
@@ -182,6 +187,7 @@ class PatchMemoryBank:
         batch_size: int = 16,
         precision: str = "auto",
         progress: bool = False,
+        store: FeatureStore | None = None,
     ) -> PatchMemoryBank:
         """Build the bank from good train/ images (at least 2); max_patches=None keeps them all.
 
@@ -197,7 +203,7 @@ class PatchMemoryBank:
         if max_patches is not None and max_patches < 1:
             raise VisinspectError(f"max_patches must be at least 1 (or None); got {max_patches}")
         batches = _features_by_batch(
-            model, good_samples, image_size, layers, batch_size, precision, progress
+            model, good_samples, image_size, layers, batch_size, precision, progress, store
         )
         feats = torch.cat(list(batches))
         n, _, h, w = feats.shape
@@ -269,6 +275,7 @@ class PatchMemoryBank:
         batch_size: int = 16,
         precision: str = "auto",
         progress: bool = False,
+        store: FeatureStore | None = None,
     ) -> tuple[np.ndarray, torch.Tensor]:
         """Image scores (N,) and maps (N, S/8, S/8) at the bank's image size, with its model.
 
@@ -280,7 +287,7 @@ class PatchMemoryBank:
         results = [
             self.score_features(f)
             for f in _features_by_batch(
-                model, samples, self.image_size, self.layers, batch_size, precision, progress
+                model, samples, self.image_size, self.layers, batch_size, precision, progress, store
             )
         ]
         return np.concatenate([s for s, _ in results]), torch.cat([m for _, m in results])

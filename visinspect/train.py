@@ -2,9 +2,9 @@
 
 The recipe: cross-entropy with class weights good 1 : anomaly 3, Adam lr 1e-4, batch 10, at most
 10 epochs, stop early once the epoch's training accuracy reaches 98 %. The seed uses no data
-augmentation, so the frozen layers (conv1_1 .. conv4_3) see the same input every epoch: we run them
-once per image and cache their output, and later epochs only run conv5 and the head. The result is
-the same as recomputing (up to float rounding); only the time changes.
+augmentation, so the frozen layers (conv1_1 .. conv4_3) see the same input every epoch: their
+output comes from the feature store (visinspect.features), computed once per image for every
+model, split and seed, and each epoch only runs pool4, conv5 and the head.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from tqdm.auto import tqdm
 from visinspect.cam import HeatmapNormalizer, upsample
 from visinspect.checkpoint import load_resume_state, save_checkpoint
 from visinspect.data import Sample
-from visinspect.errors import DataError
+from visinspect.errors import ConfigError, DataError
 from visinspect.evaluate import validation_threshold
-from visinspect.inference import make_loader, predict
-from visinspect.models import VGG16CAM, build_model
+from visinspect.features import FeatureStore
+from visinspect.inference import predict
+from visinspect.models import CONV4_3_END, FROZEN_END, VGG16CAM, build_model
 from visinspect.utils import autocast, model_device, resolve_device, resolve_precision, set_seed
 
 
@@ -40,7 +41,6 @@ class TrainConfig:
     image_size: int = 224
     seed: int = 0
     precision: str = "auto"  # "fp32", "bf16" or "auto" (bf16 only where the hardware is fast)
-    cache_batch_size: int = 16
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -57,26 +57,21 @@ class TrainState:
     stopped_early: bool = False
 
 
-@torch.no_grad()  # not inference_mode: the cached tensors feed conv5's autograd graph later
 def frozen_features(
     model: VGG16CAM,
     samples: Sequence[Sample],
     image_size: int,
-    batch_size: int = 16,
     precision: str = "fp32",
     progress: bool = False,
+    store: FeatureStore | None = None,
 ) -> torch.Tensor:
-    """Output of the frozen layers for every sample, computed once (N, 512, h, w) float32, kept
-    on the model's device."""
-    model.eval()
-    device = model_device(model)
-    frozen = model.frozen.to(memory_format=torch.channels_last)
-    out = []
-    loader = make_loader(samples, image_size, batch_size)
-    for batch in tqdm(loader, desc="cache frozen layers", unit="batch", disable=not progress, leave=False):
-        with autocast(device, precision):
-            out.append(frozen(batch["image"].to(device, memory_format=torch.channels_last)).float())
-    return torch.cat(out).contiguous()
+    """Output of the frozen layers (conv1_1 .. conv4_3 + pool4) for every sample, (N, 512, h, w)
+    float32 in memory: what conv5 trains on. From the feature store, computed there if missing."""
+    feats = (store or FeatureStore.default()).fetch_samples(
+        model, samples, image_size, precision=precision, progress=progress
+    )
+    with torch.no_grad():
+        return model.features[CONV4_3_END:FROZEN_END](feats.batch(slice(None)))
 
 
 def train_classifier(
@@ -88,14 +83,22 @@ def train_classifier(
     checkpoint_path: str | Path | None = None,
     resume: str | Path | None = None,
     on_epoch_end: Callable[[int, dict], None] | None = None,
+    store: FeatureStore | None = None,
 ) -> dict:
     """Fine-tune conv5 + the dense layer on labelled samples; returns the history per epoch.
 
+    conv5 trains on the frozen layers' output from the feature store (`store`, default: the
+    user's), read one batch at a time, so memory stays flat whatever the number of images.
     With `checkpoint_path`, a resumable checkpoint (weights, optimiser, shuffling RNG, history) is
     written atomically after every epoch; `resume` continues from such a file and reaches the
     same weights as an uninterrupted run with the same seed.
     """
     config = config or TrainConfig()
+    if model.frozen_end < CONV4_3_END:
+        raise ConfigError(
+            f"the model trains layers before conv4_3 (frozen_end={model.frozen_end}), but training "
+            f"starts from the stored conv4_3 features: freeze at least features[:{CONV4_3_END}]"
+        )
     labels = torch.tensor([s.label for s in samples])
     if len(samples) == 0 or labels.unique().numel() < 2:
         raise DataError(
@@ -115,8 +118,10 @@ def train_classifier(
     if resume is not None:
         state = _restore(resume, model, optimizer, shuffle, config)
 
-    cache = frozen_features(model, samples, config.image_size, config.cache_batch_size, precision, progress)
-    trainable = model.trainable
+    cache = (store or FeatureStore.default()).fetch_samples(
+        model, samples, config.image_size, precision=precision, progress=progress
+    )
+    after_store = model.features[CONV4_3_END:]  # pool4 (and any frozen layer after conv4_3) + block 5
     model.train()
     epochs = range(state.epoch, config.epochs)
     bar = tqdm(
@@ -130,8 +135,9 @@ def train_classifier(
         total_loss, correct = 0.0, 0
         for i in range(0, len(order), config.batch_size):
             idx = order[i : i + config.batch_size]
+            x = cache.batch(idx.tolist()).to(device, memory_format=torch.channels_last)
             with autocast(device, precision):
-                logits = model.head(trainable(cache[idx]))
+                logits = model.head(after_store(x))
             loss = criterion(logits.float(), targets[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
