@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -486,6 +487,63 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_loo(args) -> int:
+    from visinspect.compare import ComparePreset
+    from visinspect.loo import DEFAULT_MODELS, LeaveOneOut
+
+    preset = dataclasses.replace(ComparePreset.named(args.preset), precision=args.precision)
+    if args.source_cap is not None:
+        preset = dataclasses.replace(preset, max_source_per_category=args.source_cap)
+    run = LeaveOneOut(
+        args.data,
+        args.out,
+        targets=_csv(args.targets) if args.targets else None,
+        models=_csv(args.models) if args.models else DEFAULT_MODELS,
+        seeds=args.seeds,
+        calibrate=[int(k) for k in _csv(args.calibrate)] if args.calibrate else [],
+        preset=preset,
+        weights=args.backbone_weights,
+        device=args.device,
+        log=lambda m: print(m, flush=True),
+    )
+    try:
+        run.run()
+    except KeyboardInterrupt:
+        print(f"interrupted: run the same command again to continue (finished jobs are in {args.out})",
+              file=sys.stderr)
+        return 130
+    print(f"wrote {Path(args.out) / 'rows.json'}, tables.md, budget.json and the figures")
+    return 0
+
+
+def cmd_cache(args) -> int:
+    from visinspect.features import FeatureStore
+
+    store = FeatureStore.default()
+    if not store.enabled:
+        print("the feature store is off (VISINSPECT_FEATURE_STORE=off): nothing is kept")
+        return 0
+    if args.action == "clear":
+        freed = store.clear()
+        print(f"cleared the feature store {store.root}: {freed / 2**20:.1f} MiB freed")
+        return 0
+    info = store.info()
+    if args.json:
+        _print_json(info)
+        return 0
+    print(f"feature store: {info['root']} (set with --feature-store or VISINSPECT_FEATURE_STORE)")
+    print(f"{info['entries']} entries, {info['bytes'] / 2**20:.1f} MiB")
+    for ns in info["namespaces"]:
+        print(
+            f"\n{ns['layer']} at {ns['image_size']} px, {ns['precision']} computed, {ns['dtype']} stored, "
+            f"weights {ns['weights'][:12]}...: {ns['entries']} entries, {ns['bytes'] / 2**20:.1f} MiB"
+        )
+        print("| dataset | entries | MiB |\n| --- | --- | --- |")
+        for name, d in ns["datasets"].items():
+            print(f"| {name} | {d['entries']} | {d['bytes'] / 2**20:.1f} |")
+    return 0
+
+
 def _grid_indices(labels, scores, per_class: int) -> list[int]:
     """The highest-scoring anomalies and good images: what a person wants to look at first."""
     import numpy as np
@@ -497,6 +555,15 @@ def _grid_indices(labels, scores, per_class: int) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- parser
+
+
+def _add_store(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--feature-store",
+        metavar="DIR",
+        help="where frozen-layer features are kept (default: $VISINSPECT_FEATURE_STORE, else "
+        "~/.cache/visinspect/features); 'off' keeps nothing",
+    )
 
 
 def _add_device(p: argparse.ArgumentParser) -> None:
@@ -578,6 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "train":
             p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
             _add_device(p)
+        _add_store(p)
         p.set_defaults(func=func)
 
     p = sub.add_parser("pretrain", help="SimCLR pre-training of the VGG16 backbone (labels unused)")
@@ -614,7 +682,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write {'rows': [...]} to this file")
     p.add_argument("--figures", help="write bar charts and side-by-side heatmaps to this folder")
     p.add_argument("--backbone-weights", default="auto")
+    _add_store(p)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("loo", help="leave-one-out over real products: each in turn is the unknown one")
+    p.add_argument("--data", nargs="+", metavar="ROOT", required=True, help="data roots in MVTec layout")
+    p.add_argument(
+        "--targets", help="comma-separated (default: every category with good and defective test images)"
+    )
+    p.add_argument(
+        "--models",
+        help="comma-separated row names without ' k=K' (default: baseline,baseline calibrated,"
+        "reference,fused; also simclr-source[ calibrated], simclr-source+target-good[ calibrated])",
+    )
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1; tables give mean ± std over them")
+    p.add_argument("--calibrate", default="5,20,50", help="K values (good images of the target)")
+    p.add_argument("--preset", default="full", choices=("demo", "medium", "full"))
+    p.add_argument(
+        "--source-cap", type=int, help="at most ~N images per source category (stratified by defect type)"
+    )
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    p.add_argument(
+        "--out", default="runs/loo", help="jobs, models, rows.json, tables.md, budget.json, figures"
+    )
+    p.add_argument("--backbone-weights", default="auto")
+    _add_device(p)
+    _add_store(p)
+    p.set_defaults(func=cmd_loo)
+
+    p = sub.add_parser("cache", help="show or empty the feature store")
+    p.add_argument("action", choices=("info", "clear"))
+    p.add_argument("--json", action="store_true", help="info as one JSON object")
+    _add_store(p)
+    p.set_defaults(func=cmd_cache)
 
     from visinspect import figures
 
@@ -648,6 +748,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --calibrate: share of good images allowed above the threshold",
     )
     _add_eval(p)
+    _add_store(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="score images or folders; PNG overlays and JSON lines")
@@ -660,12 +761,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", help="a calibration JSON (evaluate --calibrate K writes one)")
     p.add_argument("--category", help="with --calibration: which product these images show")
     _add_eval(p)
+    _add_store(p)
     p.set_defaults(func=cmd_predict)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "feature_store", None):
+        from visinspect.features import STORE_ENV
+
+        # Through the environment: every library call (and any subprocess) then uses that store.
+        os.environ[STORE_ENV] = args.feature_store
     try:
         return int(args.func(args) or 0)
     except VisinspectError as e:

@@ -35,13 +35,14 @@ from visinspect.data import (
     subsample_per_category,
     unknown_context_split,
 )
+from visinspect.errors import ConfigError
 from visinspect.evaluate import evaluate_scored
 from visinspect.inference import ScoredImages, predict
 from visinspect.models import FROZEN_END, VGG16CAM, build_model
 from visinspect.reference import PatchMemoryBank, fit_fusion
 from visinspect.simclr import PretrainConfig, build_simclr_model, pretrain, pretrain_samples
 from visinspect.train import TrainConfig, train_baseline
-from visinspect.utils import resolve_device
+from visinspect.utils import resolve_device, set_seed
 
 VARIANTS = ("baseline", "simclr-source", "simclr-source+target-good")
 ROW_KEYS = (
@@ -101,30 +102,29 @@ class ComparePreset:
 class SeedResult:
     """Rows of one seed plus the scored test images of each model (for figures)."""
 
-    rows: list[dict]
-    scored: dict[str, ScoredImages]
-    normalizers: dict[str, HeatmapNormalizer | None]
+    rows: list[dict] = field(default_factory=list)
+    scored: dict[str, ScoredImages] = field(default_factory=dict)
+    normalizers: dict[str, HeatmapNormalizer | None] = field(default_factory=dict)
 
-
-def _report_rows(
-    model: str,
-    seed: int,
-    scored: ScoredImages,
-    threshold: float,
-    normalizer: HeatmapNormalizer | None,
-    score_name: str,
-) -> list[dict]:
-    """One row per target category and one for all of them together."""
-    rows = []
-    heat = {"heat_mode": "dataset", "normalizer": normalizer} if normalizer else {"heat_mode": "image"}
-    groups = {"all": list(range(len(scored.samples)))}
-    for i, s in enumerate(scored.samples):
-        groups.setdefault(s.category, []).append(i)
-    for target, idx in sorted(groups.items(), key=lambda kv: (kv[0] != "all", kv[0])):
-        report = evaluate_scored(scored.subset(idx), threshold, score_name=score_name, **heat)
-        report.pop("per_category")
-        rows.append({"model": model, "seed": seed, "target": target, **report})
-    return rows
+    def add(
+        self,
+        model: str,
+        seed: int,
+        scored: ScoredImages,
+        threshold: float,
+        normalizer: HeatmapNormalizer | None,
+        score_name: str,
+    ) -> None:
+        """Rows of one model (one per target category and one for all of them together)."""
+        self.scored[model], self.normalizers[model] = scored, normalizer
+        heat = {"heat_mode": "dataset", "normalizer": normalizer} if normalizer else {"heat_mode": "image"}
+        groups = {"all": list(range(len(scored.samples)))}
+        for i, s in enumerate(scored.samples):
+            groups.setdefault(s.category, []).append(i)
+        for target, idx in sorted(groups.items(), key=lambda kv: (kv[0] != "all", kv[0])):
+            report = evaluate_scored(scored.subset(idx), threshold, score_name=score_name, **heat)
+            report.pop("per_category")
+            self.rows.append({"model": model, "seed": seed, "target": target, **report})
 
 
 def calibrated_view(scored: ScoredImages, calibrations: dict[str, Calibration]) -> ScoredImages:
@@ -143,29 +143,94 @@ def calibrated_view(scored: ScoredImages, calibrations: dict[str, Calibration]) 
 IDENTITY = HeatmapNormalizer(0.0, 1.0, "calibrated")
 
 
-def _train_variant(
-    variant: str,
-    train: list[Sample],
-    val: list[Sample],
-    source: list[Sample],
-    target: list[Sample],
-    preset: ComparePreset,
+@dataclass
+class Split:
+    """One unknown-context split of one seed: what every model of it trains and is scored on.
+
+    `train`/`val`: the source categories split 80/20 (after the preset's per-category cap);
+    `test`: the targets' test/ images; `good`: per target, the largest K of its train/good images
+    (a seeded choice; smaller K take its first K); `ks`: the K values every target has.
+    """
+
+    seed: int
+    source: list[Sample]
+    target: list[Sample]
+    train: list[Sample]
+    val: list[Sample]
+    test: list[Sample]
+    good: dict[str, list[Sample]]
+    ks: list[int]
+
+    @property
+    def targets(self) -> list[str]:
+        return sorted({s.category for s in self.target})
+
+
+def make_split(
+    table: Sequence[Sample],
+    source_names: Sequence[str],
+    target_names: Sequence[str],
     seed: int,
-    weights,
-    device: torch.device,
-    progress: bool,
+    preset: ComparePreset,
+    calibrate: Sequence[int] = (),
+    log: Callable[[str], None] = print,
+) -> Split:
+    """The split of one seed; K values larger than some target's train/good folder are dropped."""
+    source, target = unknown_context_split(table, source_names, target_names)
+    source = subsample_per_category(source, preset.max_source_per_category, seed)
+    train, val = stratified_split(source, 0.2, seed)
+    # The targets' train/good images are the unlabeled good parts a factory has: SimCLR may
+    # pre-train on them and calibration draws its K images from them, so none of them is scored.
+    test = subsample_per_category(
+        [s for s in target if s.split == "test"], preset.max_test_per_category, seed
+    )
+    available = min(
+        (sum(s.category == c and s.split == "train" and s.label == 0 for s in target) for c in target_names),
+        default=0,
+    )
+    ks = sorted(k for k in set(calibrate) if k <= available)
+    dropped = sorted(set(calibrate) - set(ks))
+    if dropped:
+        log(f"K = {dropped} left out: a target has only {available} good train/ images")
+    good = {c: select_good_images(target, c, ks[-1], seed) for c in target_names} if ks else {}
+    return Split(seed, source, target, train, val, test, good, ks)
+
+
+def train_variant(
+    variant: str,
+    split: Split,
+    preset: ComparePreset,
+    *,
+    weights: str | Path | None = "auto",
+    device: str | torch.device = "auto",
+    progress: bool = False,
+    state: Path | None = None,
 ) -> tuple[VGG16CAM, dict]:
+    """Train one classifier variant (see the module docstring) on the split's source images.
+
+    With `state` (a path prefix), pre-training and training write resumable states after every
+    epoch and continue from them when they exist.
+    """
+    device = resolve_device(device)
     config = TrainConfig(
-        epochs=preset.epochs, image_size=preset.image_size, seed=seed, precision=preset.precision
+        epochs=preset.epochs, image_size=preset.image_size, seed=split.seed, precision=preset.precision
     )
     if variant == "baseline":
+        set_seed(config.seed)  # the dense layer starts from seeded weights
         model, provenance = build_model(weights)
-    else:
-        pre = PretrainConfig(**{**preset.pretrain.to_dict(), "seed": seed, "precision": preset.precision})
+    elif variant in VARIANTS:
+        pre = PretrainConfig(
+            **{**preset.pretrain.to_dict(), "seed": split.seed, "precision": preset.precision}
+        )
         simclr, provenance = build_simclr_model(pre, weights)
         simclr.to(device)
-        images = pretrain_samples(source, target, include_target_good=variant.endswith("target-good"))
-        history = pretrain(simclr, images, pre, progress=progress)
+        with_good = variant.endswith("target-good")
+        images = pretrain_samples(split.source, split.target, include_target_good=with_good)
+        pre_state = None if state is None else Path(f"{state}.pretrain-state")
+        history = pretrain(
+            simclr, images, pre, progress=progress, checkpoint_path=pre_state,
+            resume=pre_state if pre_state is not None and pre_state.is_file() else None,
+        )
         model = simclr.encoder
         model.set_frozen(FROZEN_END)  # downstream: the seed's recipe, whatever pre-training trained
         provenance = {
@@ -174,9 +239,105 @@ def _train_variant(
             "pretrain_images": len(images),
             "pretrain_loss": history["loss"],
         }
+    else:
+        raise ConfigError(f"unknown classifier variant {variant!r}; known: {', '.join(VARIANTS)}")
+    train_state = None if state is None else Path(f"{state}.train-state")
     return train_baseline(
-        train, val, config, model=model, provenance=provenance, progress=progress, device=device
+        split.train, split.val, config, model=model, provenance=provenance, progress=progress,
+        device=device, checkpoint_path=train_state,
+        resume=train_state if train_state is not None and train_state.is_file() else None,
     )
+
+
+def add_classifier_rows(
+    result: SeedResult,
+    variant: str,
+    model: VGG16CAM,
+    info: dict,
+    split: Split,
+    preset: ComparePreset,
+    *,
+    plain: bool = True,
+    calibrated: bool = True,
+    false_alarm_rate: float = 0.01,
+) -> None:
+    """Rows of a trained classifier: as trained (`plain`) and calibrated on K good images."""
+    size, precision = preset.image_size, preset.precision
+    scored = predict(model, split.test, size, precision=precision).scored()
+    if plain:
+        norm = HeatmapNormalizer.from_dict(info["normalizer"]) if info["normalizer"] else None
+        result.add(variant, split.seed, scored, info["threshold"], norm, "logit margin (anomaly - good)")
+    if not calibrated:
+        return
+    for k in split.ks:
+        cals = {
+            c: calibrate_classifier(model, good[:k], size, false_alarm_rate, precision=precision)
+            for c, good in split.good.items()
+        }
+        result.add(
+            f"{variant} calibrated k={k}", split.seed, calibrated_view(scored, cals), 0.0, IDENTITY,
+            "logit margin minus the product's calibrated threshold",
+        )
+
+
+def add_reference_rows(
+    result: SeedResult,
+    model: VGG16CAM,
+    split: Split,
+    preset: ComparePreset,
+    *,
+    classifier: VGG16CAM | None = None,
+    reference: bool = True,
+    false_alarm_rate: float = 0.01,
+) -> None:
+    """Good-reference rows for each K (`model`'s conv4_3 is ImageNet's: frozen) and, with a
+    trained `classifier`, fused rows (both scores standardised on the K good images, averaged).
+    Both share one memory bank per target and K."""
+    size, precision = preset.image_size, preset.precision
+    preds = predict(classifier, split.test, size, precision=precision) if classifier is not None else None
+    for k in split.ks:
+        ref, fused = {}, {}
+        for c, good in split.good.items():
+            idx = [i for i, s in enumerate(split.test) if s.category == c]
+            bank = PatchMemoryBank.fit(model, good[:k], size, seed=split.seed, precision=precision)
+            scores, maps = bank.score(model, [split.test[i] for i in idx], precision=precision)
+            ref[c] = (idx, scores, maps, bank.calibrate(false_alarm_rate))
+            if preds is not None:
+                fused[c] = (idx, *_fuse(classifier, bank, good[:k], preds.subset(idx), scores, maps,
+                                        preset, false_alarm_rate))
+        parts = {f"reference k={k}": (ref, "nearest good patch distance")} if reference else {}
+        if fused:
+            parts[f"fused k={k}"] = (fused, "mean z-score (classifier, reference)")
+        for name, (by_category, score_name) in parts.items():
+            cals = {c: v[3] for c, v in by_category.items()}
+            view = calibrated_view(_assemble(split.test, size, by_category), cals)
+            result.add(name, split.seed, view, 0.0, IDENTITY, score_name + " minus calibrated threshold")
+
+
+def _fuse(classifier, bank, good, preds, ref_scores, ref_maps, preset, false_alarm_rate) -> tuple:
+    """Fused (scores, maps, calibration) of one target: the fusion is fitted on its K good images."""
+    good_preds = predict(classifier, good, preset.image_size, precision=preset.precision)
+    fusion = fit_fusion(good_preds.margins, bank.good_scores, good_preds.cams, bank.good_maps)
+    calibration = fit_calibration(
+        fusion.score(good_preds.margins, bank.good_scores),
+        fusion.heatmap(good_preds.cams, bank.good_maps),
+        category=bank.category,
+        images=[s.path for s in good],
+        false_alarm_rate=false_alarm_rate,
+        model="fused",
+    )
+    return fusion.score(preds.margins, ref_scores), fusion.heatmap(preds.cams, ref_maps), calibration
+
+
+def _assemble(test: list[Sample], size: int, by_category: dict[str, tuple]) -> ScoredImages:
+    """One ScoredImages of the test images from per-category (indices, scores, maps, ...)."""
+    scores = np.zeros(len(test))
+    maps: torch.Tensor | None = None
+    for idx, s, m, *_ in by_category.values():
+        if maps is None:
+            maps = torch.zeros(len(test), *m.shape[1:])
+        scores[idx], maps[idx] = s, m
+    return ScoredImages(test, scores, maps, size)
 
 
 def run_seed(
@@ -198,105 +359,18 @@ def run_seed(
 
     Models train and run on `device` ("auto": a CUDA GPU when there is one, else the CPU).
     """
-    device = resolve_device(device)
-    precision = preset.precision
-    source, target = unknown_context_split(table, source_names, target_names)
-    source = subsample_per_category(source, preset.max_source_per_category, seed)
-    train, val = stratified_split(source, 0.2, seed)
-    ks = sorted(set(calibrate))
-    calib = {c: select_good_images(target, c, ks[-1], seed) for c in target_names} if ks else {}
-    # The targets' train/good images are the unlabeled good parts a factory has: SimCLR may
-    # pre-train on them and calibration draws its K images from them, so none of them is scored.
-    test = subsample_per_category(
-        [s for s in target if s.split == "test"], preset.max_test_per_category, seed
-    )
-    rows, scored, normalizers = [], {}, {}
-    size = preset.image_size
+    split = make_split(table, source_names, target_names, seed, preset, calibrate, log)
+    result = SeedResult()
     for variant in variants:
         log(f"seed {seed}: {variant} ...")
-        model, info = _train_variant(
-            variant, train, val, source, target, preset, seed, weights, device, progress
-        )
-        preds = predict(model, test, size, precision=precision)
-        norm = HeatmapNormalizer.from_dict(info["normalizer"]) if info["normalizer"] else None
-        scored[variant], normalizers[variant] = preds.scored(), norm
-        rows += _report_rows(
-            variant, seed, scored[variant], info["threshold"], norm, "logit margin (anomaly - good)"
-        )
-        for k in ks:
-            cals = {
-                c: calibrate_classifier(model, calib[c][:k], size, false_alarm_rate, precision=precision)
-                for c in target_names
-            }
-            name = f"{variant} calibrated k={k}"
-            view = calibrated_view(scored[variant], cals)
-            scored[name], normalizers[name] = view, IDENTITY
-            rows += _report_rows(
-                name, seed, view, 0.0, IDENTITY, "logit margin minus the product's calibrated threshold"
+        model, info = train_variant(variant, split, preset, weights=weights, device=device, progress=progress)
+        add_classifier_rows(result, variant, model, info, split, preset, false_alarm_rate=false_alarm_rate)
+        if variant == "baseline" and split.ks:
+            log(f"seed {seed}: reference and fused ...")
+            add_reference_rows(
+                result, model, split, preset, classifier=model, false_alarm_rate=false_alarm_rate
             )
-        if variant == "baseline" and ks:
-            rows += _reference_rows(
-                model, preds, test, calib, ks, seed, size, precision, false_alarm_rate, scored,
-                normalizers, log,
-            )
-    return SeedResult(rows, scored, normalizers)
-
-
-def _reference_rows(
-    model: VGG16CAM,
-    preds,
-    test: list[Sample],
-    calib: dict[str, list[Sample]],
-    ks: Sequence[int],
-    seed: int,
-    size: int,
-    precision: str,
-    false_alarm_rate: float,
-    scored: dict,
-    normalizers: dict,
-    log,
-) -> list[dict]:
-    """Good-reference and fused rows for each K (the baseline's conv4_3 is ImageNet's: frozen)."""
-    rows = []
-    for k in ks:
-        log(f"seed {seed}: reference and fused, k={k} ...")
-        ref_scores = np.zeros(len(test))
-        ref_maps: torch.Tensor | None = None
-        fused_scores = np.zeros(len(test))
-        fused_maps: torch.Tensor | None = None
-        ref_cal, fused_cal = {}, {}
-        for c, good in calib.items():
-            idx = [i for i, s in enumerate(test) if s.category == c]
-            bank = PatchMemoryBank.fit(model, good[:k], size, seed=seed, precision=precision)
-            s_ref, m_ref = bank.score(model, [test[i] for i in idx], precision=precision)
-            ref_cal[c] = bank.calibrate(false_alarm_rate)
-            good_preds = predict(model, good[:k], size, precision=precision)
-            fusion = fit_fusion(good_preds.margins, bank.good_scores, good_preds.cams, bank.good_maps)
-            good_fused = fusion.score(good_preds.margins, bank.good_scores)
-            fused_cal[c] = fit_calibration(
-                good_fused,
-                fusion.heatmap(good_preds.cams, bank.good_maps),
-                category=c,
-                images=[s.path for s in good[:k]],
-                false_alarm_rate=false_alarm_rate,
-                model="fused",
-            )
-            sub = preds.subset(idx)
-            f_scores = fusion.score(sub.margins, s_ref)
-            f_maps = fusion.heatmap(sub.cams, m_ref)
-            if ref_maps is None:
-                ref_maps = torch.zeros(len(test), *m_ref.shape[1:])
-                fused_maps = torch.zeros(len(test), *f_maps.shape[1:])
-            ref_scores[idx], ref_maps[idx] = s_ref, m_ref
-            fused_scores[idx], fused_maps[idx] = f_scores, f_maps
-        for name, s, m, cals, score_name in (
-            (f"reference k={k}", ref_scores, ref_maps, ref_cal, "nearest good patch distance"),
-            (f"fused k={k}", fused_scores, fused_maps, fused_cal, "mean z-score (classifier, reference)"),
-        ):
-            view = calibrated_view(ScoredImages(test, s, m, size), cals)
-            scored[name], normalizers[name] = view, IDENTITY
-            rows += _report_rows(name, seed, view, 0.0, IDENTITY, score_name + " minus calibrated threshold")
-    return rows
+    return result
 
 
 def run_comparison(
@@ -343,6 +417,27 @@ def _mean_std(values: list[float | None]) -> str:
     if len(vals) == 1:
         return f"{vals[0]:.3f}"
     return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}"
+
+
+def pivot_table(rows: Sequence[dict], metric: str = "image_auroc") -> str:
+    """Markdown: targets down, models across, mean ± std of one metric over seeds (K-dependent
+    models are named with their K)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["target"], r["model"]), []).append(r)
+    targets = sorted({t for t, _ in groups}, key=lambda t: (t == "all", t))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    lines = [
+        f"{metric}, positive class = anomaly",
+        "",
+        "| target | n | " + " | ".join(models) + " |",
+        "|" + " --- |" * (len(models) + 2),
+    ]
+    for t in targets:
+        n = next(g[0]["n_images"] for (tt, _), g in groups.items() if tt == t)
+        cells = [_mean_std([r.get(metric) for r in groups.get((t, m), [])]) for m in models]
+        lines.append(f"| {t} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def summary_table(rows: Sequence[dict], keys: Sequence[str] = ROW_KEYS) -> str:

@@ -59,6 +59,25 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return device
 
 
+def describe_machine(device: str | torch.device = "cpu") -> str:
+    """One line for every reported figure: CPU model, cores, PyTorch's CPU capability and
+    threads (or the GPU), and what precision "auto" means here."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA), precision auto = {resolve_precision()}"
+    name = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return (
+        f"{name}, {os.cpu_count()} cores, PyTorch CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads, "
+        f"native bf16 {'yes' if cpu_has_fast_bf16() else 'no'}, precision auto = {resolve_precision()}"
+    )
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     """Where a model's parameters live: inputs are moved there, results come back to the CPU."""
     return next(model.parameters()).device

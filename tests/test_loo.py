@@ -1,0 +1,163 @@
+"""The leave-one-out command: jobs, resuming after a kill to the same rows, model choice, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import visinspect.train as train_module
+from visinspect import cli
+from visinspect.compare import ComparePreset
+from visinspect.data import build_sample_table
+from visinspect.errors import ConfigError
+from visinspect.features import STORE_ENV, FeatureStore
+from visinspect.loo import DEFAULT_MODELS, LeaveOneOut, classifier_of, default_targets, plan_jobs
+from visinspect.simclr import PretrainConfig
+
+TINY = ComparePreset(
+    "tiny", image_size=32, epochs=2, precision="fp32",
+    pretrain=PretrainConfig.demo(epochs=1, image_size=32, batch_size=4, max_images=8),
+)
+
+
+def run_loo(root, out, store, **kw):
+    options = {"seeds": 1, "calibrate": [2], "preset": TINY, "weights": "random", "log": lambda m: None}
+    return LeaveOneOut([root], out, store=store, **(options | kw)).run()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return FeatureStore(tmp_path_factory.mktemp("store") / "features")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_root, tmp_path_factory, store):
+    out = tmp_path_factory.mktemp("loo") / "clean"
+    return out, run_loo(tiny_root, out, store)
+
+
+def test_plan_trains_before_scoring_and_orders_by_seed():
+    jobs = plan_jobs(["a", "b"], ["fused", "reference", "baseline"], [0, 1])
+    assert [str(j) for j in jobs[:4]] == [
+        "train a seed 0 baseline", "score a seed 0 fused", "score a seed 0 reference",
+        "score a seed 0 baseline",
+    ]
+    assert [j.seed for j in jobs] == [0] * 8 + [1] * 8
+    assert classifier_of("simclr-source calibrated") == "simclr-source" and classifier_of("reference") is None
+
+
+@pytest.mark.slow
+def test_rows_cover_every_target_model_and_k(uninterrupted, tiny_root):
+    out, rows = uninterrupted
+    assert {r["target"] for r in rows} == {"grain_wood", "round_pill"}  # each is the unknown once
+    assert {r["model"] for r in rows} == {"baseline", "baseline calibrated k=2", "reference k=2", "fused k=2"}
+    assert all(r["positive_class"] == "anomaly" for r in rows)
+    saved = json.loads((out / "rows.json").read_text())
+    assert saved["rows"] == rows and saved["settings"]["image_size"] == 32
+    tables = (out / "tables.md").read_text()
+    assert "positive class = anomaly" in tables and "| grain_wood |" in tables
+    budget = json.loads((out / "budget.json").read_text())
+    assert budget["all_runs"]["train_jobs"] == 2 and budget["this_run"]["frozen_pass"]["images"] > 0
+    assert sorted(p.name for p in out.glob("*.png")) == [
+        "loo_balanced_accuracy.png", "loo_balanced_accuracy_vs_k.png", "loo_image_auroc.png",
+        "loo_image_auroc_vs_k.png",
+    ]
+
+
+@pytest.mark.slow
+def test_a_second_run_does_nothing_again(uninterrupted, tiny_root, store):
+    out, rows = uninterrupted
+    before = {p: p.stat().st_mtime_ns for p in (out / "rows").rglob("*.json")}
+    assert run_loo(tiny_root, out, store) == rows
+    assert {p: p.stat().st_mtime_ns for p in (out / "rows").rglob("*.json")} == before
+
+
+@pytest.mark.slow
+def test_killed_mid_training_resumes_to_the_same_rows(uninterrupted, tiny_root, tmp_path, store, monkeypatch):
+    """Interrupted after the first epoch of the second training: the next run continues from
+    that epoch's state and ends with the rows of an uninterrupted run."""
+    saves = []
+    real_save = train_module._save_resumable
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        saves.append(1)
+        if len(saves) == TINY.epochs + 1:  # the first epoch of the second classifier
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "_save_resumable", save_then_die)
+    out = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        run_loo(tiny_root, out, store)
+    assert list(out.glob("models/*/seed0/*.train-state"))  # the state after epoch 1 is there
+    monkeypatch.setattr(train_module, "_save_resumable", real_save)
+    assert run_loo(tiny_root, out, store) == uninterrupted[1]
+    assert not list(out.rglob("*-state"))
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_point_then_rerun_gives_the_same_rows(uninterrupted, tiny_root, tmp_path, store):
+    def command(out):
+        return [sys.executable, "-m", "visinspect", "loo", "--data", str(tiny_root), "--seeds", "1",
+                "--targets", "round_pill",
+                "--calibrate", "2", "--preset", "demo", "--out", str(out), "--backbone-weights", "random",
+                "--precision", "fp32"]
+
+    out, clean = tmp_path / "sigkill", tmp_path / "clean"
+    env = {**os.environ, STORE_ENV: str(store.root)}
+    proc = subprocess.Popen(command(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(out.glob("rows/*/*/*.json")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(list(out.glob("rows/*/*/*.json"))) >= 1 and not (out / "rows.json").exists()
+    assert subprocess.run(command(out), env=env, capture_output=True).returncode == 0
+    assert subprocess.run(command(clean), env=env, capture_output=True).returncode == 0
+    assert json.loads((out / "rows.json").read_text())["rows"] == json.loads(
+        (clean / "rows.json").read_text())["rows"]
+
+
+@pytest.mark.slow
+def test_models_choose_what_runs(tiny_root, tmp_path, store):
+    rows = run_loo(tiny_root, tmp_path / "ref", store, models=["reference"], targets=["round_pill"])
+    assert {r["model"] for r in rows} == {"reference k=2"}
+    assert not (tmp_path / "ref" / "models").exists()  # the reference score trains nothing
+
+
+def test_bad_settings_are_refused(tiny_root, tmp_path, store):
+    assert default_targets(build_sample_table(tiny_root).samples) == ["grain_wood", "round_pill"]
+    with pytest.raises(ConfigError, match="unknown model"):
+        LeaveOneOut([tiny_root], tmp_path, models=["baseline", "magic"], store=store)
+    with pytest.raises(ConfigError, match="no good and defective test"):
+        LeaveOneOut([tiny_root], tmp_path, targets=["hex_nut"], store=store)
+    with pytest.raises(ConfigError, match="--calibrate"):
+        LeaveOneOut([tiny_root], tmp_path, models=DEFAULT_MODELS, calibrate=[], store=store)
+    with pytest.raises(ConfigError, match="seeds"):
+        LeaveOneOut([tiny_root], tmp_path, seeds=0, store=store)
+
+
+def test_cli_errors_are_one_line(tiny_root, tmp_path, capsys):
+    code = cli.main(["loo", "--data", str(tiny_root), "--models", "magic", "--out", str(tmp_path)])
+    assert code == 2 and "unknown model(s) magic" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cache_cli_info_and_clear(tiny_root, tmp_path, capsys, pristine_model, monkeypatch):
+    monkeypatch.setenv(STORE_ENV, os.environ[STORE_ENV])  # --feature-store sets it: restore it after
+    root = tmp_path / "store"
+    FeatureStore(root).fetch_samples(pristine_model, [], 32)  # nothing yet
+    assert cli.main(["cache", "info", "--feature-store", str(root)]) == 0
+    assert "0 entries" in capsys.readouterr().out
+    samples = build_sample_table(tiny_root).samples[:3]
+    FeatureStore(root).fetch_samples(pristine_model, samples, 32, precision="fp32")
+    assert cli.main(["cache", "info", "--feature-store", str(root), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["entries"] == 3 and info["namespaces"][0]["datasets"]
+    assert cli.main(["cache", "clear", "--feature-store", str(root)]) == 0
+    assert "cleared" in capsys.readouterr().out
+    assert FeatureStore(root).info()["entries"] == 0

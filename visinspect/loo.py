@@ -1,0 +1,471 @@
+"""Leave-one-out: each product in turn is the unknown one, every other product is the source.
+
+The project's question on real data, as one resumable command (`python -m visinspect loo`):
+
+1. **Frozen pass**: every image any split needs runs through the frozen VGG16 layers once, into
+   the feature store (visinspect.features); nothing later runs them again.
+2. **Jobs**, seed by seed, target by target. A *train* job trains one classifier variant on a
+   split's source images and saves it (its training resumes per epoch if killed); a *score* job
+   scores one model family on the split's target test images and writes its rows. Each job
+   writes one file, atomically, under OUT; a run that finds the file skips the job, so a killed
+   run started again continues where it stopped and ends with the same rows.
+3. **Results**: OUT/rows.json (every row), OUT/tables.md, OUT/budget.json and the figures.
+
+Models (`--models`, the row names without their " k=K" suffix): "baseline" (ImageNet VGG16 + the
+seed's CAM head, threshold from the source validation split), "baseline calibrated" (threshold and
+heatmap scale from K good images of the target), "reference" (nearest good patch, PatchCore-like),
+"fused" (baseline and reference standardised on the K good images, averaged), and the SimCLR
+variants "simclr-source", "simclr-source+target-good" with their "calibrated" rows.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from visinspect.checkpoint import load_classifier, save_classifier
+from visinspect.compare import (
+    ComparePreset,
+    SeedResult,
+    Split,
+    add_classifier_rows,
+    add_reference_rows,
+    make_split,
+    pivot_table,
+    summary_table,
+    train_variant,
+)
+from visinspect.data import Sample, build_sample_table, single_class_categories
+from visinspect.errors import ConfigError
+from visinspect.features import FeatureStore
+from visinspect.models import build_model
+from visinspect.utils import atomic_path, describe_machine, resolve_device, resolve_precision, set_seed
+
+CALIBRATED = " calibrated"
+MODELS = (
+    "baseline",
+    "baseline calibrated",
+    "reference",
+    "fused",
+    "simclr-source",
+    "simclr-source calibrated",
+    "simclr-source+target-good",
+    "simclr-source+target-good calibrated",
+)
+DEFAULT_MODELS = MODELS[:4]
+FEW_KEYS = ("image_auroc", "balanced_accuracy", "precision", "recall", "pixel_auroc", "box_hit_rate")
+
+
+def classifier_of(model: str) -> str | None:
+    """The trained classifier variant a model family needs (None: only the frozen backbone)."""
+    if model == "reference":
+        return None
+    if model == "fused":
+        return "baseline"
+    return model.removesuffix(CALIBRATED)
+
+
+def default_targets(samples: Sequence[Sample]) -> list[str]:
+    """Every category whose test/ folder has good and defective images."""
+    test = [s for s in samples if s.split == "test"]
+    return sorted({s.category for s in test} - set(single_class_categories(test)))
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of work: train a classifier variant, or score one model family, on one split."""
+
+    kind: str  # "train" or "score"
+    target: str
+    seed: int
+    name: str  # the variant (train) or the model family (score)
+
+    def path(self, out: Path) -> Path:
+        folder = out / ("models" if self.kind == "train" else "rows") / self.target / f"seed{self.seed}"
+        return folder / (f"{self.name}.pt" if self.kind == "train" else f"{self.name}.json")
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.target} seed {self.seed} {self.name}"
+
+
+def plan_jobs(targets: Sequence[str], models: Sequence[str], seeds: Sequence[int]) -> list[Job]:
+    """Seed-major order, so that a partial run has whole seeds; within a split, each classifier
+    is trained before the models that need it are scored."""
+    jobs = []
+    for seed in seeds:
+        for target in targets:
+            variants = dict.fromkeys(v for m in models if (v := classifier_of(m)) is not None)
+            jobs += [Job("train", target, seed, v) for v in variants]
+            jobs += [Job("score", target, seed, m) for m in models]
+    return jobs
+
+
+def _check_models(models: Sequence[str]) -> list[str]:
+    unknown = [m for m in models if m not in MODELS]
+    if unknown or not models:
+        names = ", ".join(unknown) or "(none given)"
+        raise ConfigError(f"unknown model(s) {names}; known: {', '.join(MODELS)}")
+    return list(dict.fromkeys(models))
+
+
+class Estimator:
+    """ETA from the jobs done so far: seconds per unit of work (see LeaveOneOut.units), per kind."""
+
+    def __init__(self, fill_seconds_per_image: float) -> None:
+        # Before a job of a kind has finished, guess from the frozen pass: a training epoch of
+        # block 5 costs ~8.3 GFLOP per image against ~28 for the frozen layers; a SimCLR epoch
+        # on top of it about as much again; scoring one image for one K ~3.
+        guess = {"train": 0.3, "train-simclr": 0.8, "score": 0.1}
+        self.rates = {kind: f * fill_seconds_per_image for kind, f in guess.items()}
+        self.units = dict.fromkeys(guess, 0.0)
+        self.spent = dict.fromkeys(guess, 0.0)
+
+    def update(self, kind: str, units: float, seconds: float) -> None:
+        self.units[kind] += units
+        self.spent[kind] += seconds
+        if self.units[kind] > 0:
+            self.rates[kind] = self.spent[kind] / self.units[kind]
+
+    def seconds(self, kind: str, units: float) -> float:
+        return self.rates[kind] * units
+
+
+def _hms(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class LeaveOneOut:
+    """One leave-one-out run over some data roots, writing everything under `out`."""
+
+    def __init__(
+        self,
+        roots: Sequence[str | Path],
+        out: str | Path,
+        *,
+        targets: Sequence[str] | None = None,
+        models: Sequence[str] = DEFAULT_MODELS,
+        seeds: int = 3,
+        calibrate: Sequence[int] = (5, 20, 50),
+        preset: ComparePreset | None = None,
+        weights: str | Path | None = "auto",
+        device: str | torch.device = "auto",
+        store: FeatureStore | None = None,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        self.table = build_sample_table(roots).samples
+        self.out = Path(out)
+        self.categories = sorted({s.category for s in self.table})
+        self.targets = list(targets) if targets else default_targets(self.table)
+        known = default_targets(self.table)
+        bad = [t for t in self.targets if t not in known]
+        if bad:
+            raise ConfigError(
+                f"target(s) {', '.join(bad)} have no good and defective test/ images; targets "
+                f"can be: {', '.join(known)}"
+            )
+        self.models = _check_models(models)
+        if seeds < 1:
+            raise ConfigError(f"--seeds must be at least 1; got {seeds}")
+        self.seeds = list(range(seeds))
+        self.calibrate = sorted(set(calibrate))
+        if any(k < 1 for k in self.calibrate):
+            raise ConfigError(f"K values must be at least 1; got {self.calibrate}")
+        few = {"reference", "fused"} & set(self.models) or any(m.endswith(CALIBRATED) for m in self.models)
+        if few and not self.calibrate:
+            raise ConfigError("the few-good-parts models need K values: pass --calibrate, e.g. 5,20")
+        self.preset = preset or ComparePreset.full()
+        self.weights = weights
+        self.device = resolve_device(device)
+        self.store = store or FeatureStore.default()
+        self.log = log
+        self._splits: dict[tuple[str, int], Split] = {}
+
+    # ------------------------------------------------------------------ splits
+
+    def split(self, target: str, seed: int) -> Split:
+        key = (target, seed)
+        if key not in self._splits:
+            sources = [c for c in self.categories if c != target]
+            with warnings.catch_warnings():
+                # Single-class sources (e.g. a folder of only defects) are dropped in every split;
+                # `run` says so once.
+                warnings.simplefilter("ignore")
+                self._splits[key] = make_split(
+                    self.table, sources, [target], seed, self.preset, self.calibrate, log=lambda m: None
+                )
+        return self._splits[key]
+
+    def settings(self) -> dict:
+        p = self.preset
+        return {
+            "preset": p.name,
+            "image_size": p.image_size,
+            "epochs": p.epochs,
+            "precision": resolve_precision(p.precision),
+            "max_source_per_category": p.max_source_per_category,
+            "max_test_per_category": p.max_test_per_category,
+            "seeds": self.seeds,
+            "calibrate": self.calibrate,
+            "targets": self.targets,
+            "models": self.models,
+            "pretrain": p.pretrain.to_dict() if any(m.startswith("simclr") for m in self.models) else None,
+            "machine": describe_machine(self.device),
+        }
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self) -> list[dict]:
+        """Frozen pass, every job not done yet, then rows, tables, budget and figures."""
+        start = time.perf_counter()
+        self.out.mkdir(parents=True, exist_ok=True)
+        single = single_class_categories(self.table)
+        if single:
+            self.log(f"left out of every source (a single class): {', '.join(single)}")
+        jobs = plan_jobs(self.targets, self.models, self.seeds)
+        todo = [j for j in jobs if not j.path(self.out).is_file()]
+        self.log(
+            f"{len(jobs)} jobs ({len(jobs) - len(todo)} done before); targets {', '.join(self.targets)}; "
+            f"seeds {self.seeds}; K {self.calibrate}; {self.preset.name} preset, "
+            f"{self.preset.image_size} px; {describe_machine(self.device)}"
+        )
+        fill = self.frozen_pass(todo)
+        estimator = Estimator(fill["seconds_per_image"])
+        timings: dict[str, list[float]] = {"train": [], "score": []}
+        for n, job in enumerate(todo, 1):
+            began = time.perf_counter()
+            self.train(job) if job.kind == "train" else self.score(job)
+            seconds = time.perf_counter() - began
+            timings[job.kind].append(seconds)
+            estimator.update(*self.units(job), seconds)
+            eta = sum(estimator.seconds(*self.units(j)) for j in todo[n:])
+            self.log(
+                f"[{n}/{len(todo)}] {job}: {seconds:.0f} s · elapsed {_hms(time.perf_counter() - start)}"
+                f" · ETA {_hms(eta)}"
+            )
+        rows = self.collect()
+        budget = self.budget(fill, timings, time.perf_counter() - start)
+        self.write(rows, budget)
+        return rows
+
+    def units(self, job: Job) -> tuple[str, float]:
+        """(kind, units of work) of a job, for the ETA: image-epochs of a training (SimCLR's kind
+        also pre-trains), test images times K values of a scoring."""
+        split = self.split(job.target, job.seed)
+        if job.kind == "score":
+            return "score", len(split.test) * max(1, len(split.ks))
+        kind = "train" if job.name == "baseline" else "train-simclr"
+        return kind, len(split.train) * self.preset.epochs
+
+
+    def frozen_pass(self, todo: Sequence[Job]) -> dict:
+        """Every image the jobs need, through the frozen layers once (the store keeps them)."""
+        needed: dict[Path, Sample] = {}
+        for job in todo:
+            split = self.split(job.target, job.seed)
+            for s in [*split.train, *split.val, *split.test, *(g for gs in split.good.values() for g in gs)]:
+                needed.setdefault(s.path, s)
+        samples = sorted(needed.values(), key=lambda s: (s.category, str(s.path)))
+        model = self._backbone(self.seeds[0])
+        began = time.perf_counter()
+        feats = self.store.fetch_samples(
+            model, samples, self.preset.image_size, precision=self.preset.precision, progress=True,
+            desc="frozen pass",
+        )
+        seconds = time.perf_counter() - began
+        fill = {
+            "images": len(samples),
+            "computed": feats.computed,
+            "from_store": len(samples) - feats.computed,
+            "seconds": round(seconds, 1),
+            "seconds_per_image": seconds / feats.computed if feats.computed else 0.25,
+        }
+        self.log(
+            f"frozen pass: {len(samples)} images, {feats.computed} computed and {fill['from_store']} "
+            f"from the store ({self.store.root or 'off'}), {seconds:.0f} s"
+        )
+        return fill
+
+    def _backbone(self, seed: int):
+        """A fresh VGG16 with the run's weights, seeded as compare.train_variant seeds the
+        baseline: with random weights (tests) the frozen layers then match the classifier's."""
+        set_seed(seed)
+        return build_model(self.weights)[0].to(self.device)
+
+    def _classifier(self, target: str, seed: int, variant: str):
+        path = Job("train", target, seed, variant).path(self.out)
+        model, info = load_classifier(path)
+        return model.to(self.device), info
+
+    def train(self, job: Job) -> None:
+        split = self.split(job.target, job.seed)
+        path = job.path(self.out)
+        began = time.perf_counter()
+        model, info = train_variant(
+            job.name, split, self.preset, weights=self.weights, device=self.device,
+            state=path.with_suffix(""),
+        )
+        save_classifier(path, model, **info, seconds=round(time.perf_counter() - began, 1))
+        for state in path.parent.glob(f"{path.stem}.*-state"):
+            state.unlink()
+
+    def score(self, job: Job) -> None:
+        split = self.split(job.target, job.seed)
+        result = SeedResult()
+        began = time.perf_counter()
+        variant = classifier_of(job.name)
+        if variant is None:  # reference: the frozen ImageNet backbone, no training
+            add_reference_rows(result, self._backbone(job.seed), split, self.preset)
+        else:
+            model, info = self._classifier(job.target, job.seed, variant)
+            if job.name == "fused":
+                add_reference_rows(result, model, split, self.preset, classifier=model, reference=False)
+            else:
+                calibrated = job.name.endswith(CALIBRATED)
+                add_classifier_rows(result, variant, model, info, split, self.preset,
+                                    plain=not calibrated, calibrated=calibrated)
+        # A split has one target: its "all" row repeats that target's row.
+        rows = [r for r in result.rows if r["target"] != "all"]
+        payload = {"job": str(job), "seconds": round(time.perf_counter() - began, 1), "rows": rows}
+        _write_json(job.path(self.out), payload)
+
+    # ------------------------------------------------------------------ results
+
+    def collect(self) -> list[dict]:
+        """Every finished score job's rows, in plan order."""
+        rows = []
+        for job in plan_jobs(self.targets, self.models, self.seeds):
+            path = job.path(self.out)
+            if job.kind == "score" and path.is_file():
+                rows += json.loads(path.read_text())["rows"]
+        return rows
+
+    def budget(self, fill: dict, timings: dict[str, list[float]], wall: float) -> dict:
+        """Where the time went, this run and (from the job files) every run of this OUT."""
+        jobs = plan_jobs(self.targets, self.models, self.seeds)
+        recorded = {"train": [], "score": []}
+        for job in jobs:
+            path = job.path(self.out)
+            if not path.is_file():
+                continue
+            if job.kind == "train":
+                recorded["train"].append(float(load_classifier(path)[1].get("seconds", 0.0)))
+            else:
+                recorded["score"].append(float(json.loads(path.read_text()).get("seconds", 0.0)))
+        return {
+            "machine": describe_machine(self.device),
+            "this_run": {
+                "wall_seconds": round(wall, 1),
+                "frozen_pass": fill,
+                "train_seconds": round(sum(timings["train"]), 1),
+                "train_jobs": len(timings["train"]),
+                "score_seconds": round(sum(timings["score"]), 1),
+                "score_jobs": len(timings["score"]),
+            },
+            "all_runs": {
+                "train_seconds": round(sum(recorded["train"]), 1),
+                "train_jobs": len(recorded["train"]),
+                "train_seconds_per_job": round(statistics.mean(recorded["train"]), 1)
+                if recorded["train"] else None,
+                "score_seconds": round(sum(recorded["score"]), 1),
+                "score_jobs": len(recorded["score"]),
+            },
+        }
+
+    def write(self, rows: list[dict], budget: dict) -> None:
+        _write_json(self.out / "rows.json", {"settings": self.settings(), "rows": rows})
+        _write_json(self.out / "budget.json", budget)
+        text = tables_markdown(rows, self.settings())
+        with atomic_path(self.out / "tables.md") as tmp:
+            tmp.write_text(text)
+        self.log(text)
+        self.log(budget_text(budget))
+        if rows:
+            draw_figures(rows, self.out)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def budget_text(budget: dict) -> str:
+    """The budget as a few lines a person reads: frozen pass, training, scoring."""
+    run, every = budget["this_run"], budget["all_runs"]
+    fill = run["frozen_pass"]
+    rate = ""
+    if fill["computed"] and fill["seconds"]:
+        rate = f", {fill['computed'] / fill['seconds']:.2f} images/s"
+    per = every["train_seconds_per_job"]
+    return "\n".join([
+        f"budget on {budget['machine']}:",
+        f"  frozen pass (once): {fill['images']} images, {fill['computed']} computed, "
+        f"{fill['from_store']} from the store, {fill['seconds']:.0f} s{rate}",
+        f"  training: {run['train_jobs']} classifiers in {run['train_seconds']:.0f} s this run "
+        f"({every['train_jobs']} in {every['train_seconds']:.0f} s over all runs"
+        + (f", {per:.0f} s per split and seed)" if per else ")"),
+        f"  scoring: {run['score_jobs']} jobs in {run['score_seconds']:.0f} s this run "
+        f"({every['score_jobs']} in {every['score_seconds']:.0f} s over all runs)",
+        f"  wall time of this run: {run['wall_seconds']:.0f} s ({_hms(run['wall_seconds'])})",
+    ])
+
+
+def tables_markdown(rows: Sequence[dict], settings: dict) -> str:
+    """tables.md: the headline AUROC table, then every metric with and without good images."""
+    cap = settings["max_source_per_category"]
+    lines = [
+        f"Leave-one-out, positive class = anomaly. {settings['preset']} preset: {settings['image_size']} px, "
+        f"<= {settings['epochs']} epochs, precision {settings['precision']}; source categories "
+        + (f"capped at ~{cap} images each (stratified by defect type)" if cap else "uncapped")
+        + "; every target test image"
+        + (f" (capped at ~{settings['max_test_per_category']})" if settings["max_test_per_category"] else "")
+        + f"; seeds {settings['seeds']}; K = {settings['calibrate']}. Machine: {settings['machine']}.",
+        "",
+    ]
+    plain = [r for r in rows if " k=" not in r["model"]]
+    few = [r for r in rows if " k=" in r["model"]]
+    if rows:
+        lines += ["### Image AUROC (mean ± std over seeds)", "", pivot_table(rows, "image_auroc"), ""]
+    if plain:
+        lines += ["### Without good images of the new product", "", summary_table(plain), ""]
+    if few:
+        lines += ["### With K good images of the new product", "", summary_table(few, FEW_KEYS), ""]
+    return "\n".join(lines)
+
+
+def draw_figures(rows: Sequence[dict], folder: Path) -> None:
+    """The figures docs/results.md shows: AUROC and balanced accuracy per model and target, and
+    both against K for the few-good-parts models."""
+    import matplotlib.pyplot as plt
+
+    from visinspect.plots import plot_metric_bars, plot_metric_vs_k, save_figure
+
+    plain = [r for r in rows if " k=" not in r["model"]]
+    if plain:
+        for metric in ("image_auroc", "balanced_accuracy"):
+            save_figure(plot_metric_bars(plain, metric), folder / f"loo_{metric}.png")
+    targets = sorted({r["target"] for r in rows if " k=" in r["model"]})
+    # Per product, calibration shifts the scores and leaves the ranking (AUROC) as it was: the
+    # AUROC panel shows the K-dependent models only; balanced accuracy shows them all.
+    for metric, keep in (
+        ("image_auroc", lambda m: "calibrated" not in m),
+        ("balanced_accuracy", lambda m: True),
+    ):
+        if not targets:
+            break
+        fig, axes = plt.subplots(1, len(targets), figsize=(4.2 * len(targets), 3.6), squeeze=False)
+        for ax, target in zip(axes[0], targets, strict=True):
+            plot_metric_vs_k([r for r in rows if r["target"] == target and keep(r["model"])], metric,
+                             target, ax=ax)
+            ax.set_title(target)
+            ax.get_legend().remove()
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, frameon=False)
+        save_figure(fig, folder / f"loo_{metric}_vs_k.png")
