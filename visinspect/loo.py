@@ -60,6 +60,7 @@ MODELS = (
     "simclr-source+target-good calibrated",
 )
 DEFAULT_MODELS = MODELS[:4]
+NO_FILL = {"images": 0, "computed": 0, "from_store": 0, "seconds": 0.0, "seconds_per_image": 0.25}
 FEW_KEYS = ("image_auroc", "balanced_accuracy", "precision", "recall", "pixel_auroc", "box_hit_rate")
 
 
@@ -181,6 +182,11 @@ class LeaveOneOut:
         few = {"reference", "fused"} & set(self.models) or any(m.endswith(CALIBRATED) for m in self.models)
         if few and not self.calibrate:
             raise ConfigError("the few-good-parts models need K values: pass --calibrate, e.g. 5,20")
+        if {"reference", "fused"} & set(self.models) and self.calibrate[0] < 2:
+            raise ConfigError(
+                "the reference and fused models need K >= 2 good images (each is scored against the "
+                f"others to calibrate); got K = {self.calibrate[0]}"
+            )
         self.preset = preset or ComparePreset.full()
         self.weights = weights
         self.device = resolve_device(device)
@@ -236,7 +242,8 @@ class LeaveOneOut:
             f"seeds {self.seeds}; K {self.calibrate}; {self.preset.name} preset, "
             f"{self.preset.image_size} px; {describe_machine(self.device)}"
         )
-        fill = self.frozen_pass(todo)
+        # With the store off nothing would be kept: each job computes what it needs, as before.
+        fill = self.frozen_pass(todo) if self.store.enabled else NO_FILL
         estimator = Estimator(fill["seconds_per_image"])
         timings: dict[str, list[float]] = {"train": [], "score": []}
         for n, job in enumerate(todo, 1):
