@@ -9,7 +9,8 @@ import torch
 from visinspect import cli, compare
 from visinspect.calibration import Calibration, load_calibration
 from visinspect.cam import HeatmapNormalizer
-from visinspect.compare import ComparePreset, calibrated_view, run_comparison, summary_table
+from visinspect.compare import ComparePreset, run_comparison, summary_table
+from visinspect.detectors import calibrated_view
 from visinspect.inference import ScoredImages
 from visinspect.simclr import PretrainConfig
 

@@ -13,9 +13,10 @@ import visinspect.train as train_module
 from visinspect import cli
 from visinspect.compare import ComparePreset
 from visinspect.data import build_sample_table
+from visinspect.detectors import METHODS
 from visinspect.errors import ConfigError
 from visinspect.features import STORE_ENV, FeatureStore
-from visinspect.loo import DEFAULT_MODELS, LeaveOneOut, classifier_of, default_targets, plan_jobs
+from visinspect.loo import DEFAULT_MODELS, LeaveOneOut, default_targets, plan_jobs
 from visinspect.simclr import PretrainConfig
 
 TINY = ComparePreset(
@@ -47,7 +48,8 @@ def test_plan_trains_before_scoring_and_orders_by_seed():
         "score a seed 0 baseline",
     ]
     assert [j.seed for j in jobs] == [0] * 8 + [1] * 8
-    assert classifier_of("simclr-source calibrated") == "simclr-source" and classifier_of("reference") is None
+    assert METHODS["simclr-source calibrated"].trains == "simclr-source"
+    assert METHODS["reference"].trains is None
 
 
 @pytest.mark.slow

@@ -218,7 +218,7 @@ def _evaluate_checkpoint(args, default_categories: Sequence[str]) -> tuple:
         info["threshold_rule"] if args.threshold == "val" else f"P(anomaly) > {args.threshold}"
     )
     if calibration is not None:
-        from visinspect.compare import IDENTITY, calibrated_view
+        from visinspect.detectors import IDENTITY, calibrated_view
         from visinspect.evaluate import evaluate_scored
 
         uncalibrated = report

@@ -23,10 +23,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from visinspect.calibration import Calibration, calibrate_classifier, fit_calibration, select_good_images
+from visinspect.calibration import select_good_images
 from visinspect.cam import HeatmapNormalizer
 from visinspect.data import (
     Sample,
@@ -35,11 +34,11 @@ from visinspect.data import (
     subsample_per_category,
     unknown_context_split,
 )
+from visinspect.detectors import Detector, make_detector
 from visinspect.errors import ConfigError
 from visinspect.evaluate import evaluate_scored
-from visinspect.inference import ScoredImages, predict
+from visinspect.inference import ScoredImages
 from visinspect.models import FROZEN_END, VGG16CAM, build_model
-from visinspect.reference import PatchMemoryBank, fit_fusion
 from visinspect.simclr import PretrainConfig, build_simclr_model, pretrain, pretrain_samples
 from visinspect.train import TrainConfig, train_baseline
 from visinspect.utils import resolve_device, set_seed
@@ -125,22 +124,6 @@ class SeedResult:
             report = evaluate_scored(scored.subset(idx), threshold, score_name=score_name, **heat)
             report.pop("per_category")
             self.rows.append({"model": model, "seed": seed, "target": target, **report})
-
-
-def calibrated_view(scored: ScoredImages, calibrations: dict[str, Calibration]) -> ScoredImages:
-    """Scores and maps relative to each product's good parts: score - its threshold, maps scaled
-    by its good-image normaliser (not clipped). Then 0 is every product's decision threshold and
-    0..1 its heatmap scale, so products with different thresholds can be pooled."""
-    scores = scored.scores.copy()
-    maps = scored.maps.clone().float()
-    for i, s in enumerate(scored.samples):
-        c = calibrations[s.category]
-        scores[i] -= c.threshold
-        maps[i] = (maps[i] - c.normalizer.low) / (c.normalizer.high - c.normalizer.low)
-    return ScoredImages(scored.samples, scores, maps, scored.image_size)
-
-
-IDENTITY = HeatmapNormalizer(0.0, 1.0, "calibrated")
 
 
 @dataclass
@@ -249,95 +232,18 @@ def train_variant(
     )
 
 
-def add_classifier_rows(
-    result: SeedResult,
-    variant: str,
-    model: VGG16CAM,
-    info: dict,
-    split: Split,
-    preset: ComparePreset,
-    *,
-    plain: bool = True,
-    calibrated: bool = True,
-    false_alarm_rate: float = 0.01,
-) -> None:
-    """Rows of a trained classifier: as trained (`plain`) and calibrated on K good images."""
-    size, precision = preset.image_size, preset.precision
-    scored = predict(model, split.test, size, precision=precision).scored()
-    if plain:
-        norm = HeatmapNormalizer.from_dict(info["normalizer"]) if info["normalizer"] else None
-        result.add(variant, split.seed, scored, info["threshold"], norm, "logit margin (anomaly - good)")
-    if not calibrated:
+def add_detector_rows(result: SeedResult, detector: Detector, split: Split) -> None:
+    """Rows of one method on a split: as it is, or adapted to the first K good images of each
+    target for every K of the split (rows named "<method> k=K")."""
+    if not detector.uses_good:
+        result.add(detector.name, split.seed, detector.score(split.test), detector.threshold,
+                   detector.normalizer, detector.score_name)
         return
     for k in split.ks:
-        cals = {
-            c: calibrate_classifier(model, good[:k], size, false_alarm_rate, precision=precision)
-            for c, good in split.good.items()
-        }
-        result.add(
-            f"{variant} calibrated k={k}", split.seed, calibrated_view(scored, cals), 0.0, IDENTITY,
-            "logit margin minus the product's calibrated threshold",
-        )
-
-
-def add_reference_rows(
-    result: SeedResult,
-    model: VGG16CAM,
-    split: Split,
-    preset: ComparePreset,
-    *,
-    classifier: VGG16CAM | None = None,
-    reference: bool = True,
-    false_alarm_rate: float = 0.01,
-) -> None:
-    """Good-reference rows for each K (`model`'s conv4_3 is ImageNet's: frozen) and, with a
-    trained `classifier`, fused rows (both scores standardised on the K good images, averaged).
-    Both share one memory bank per target and K."""
-    size, precision = preset.image_size, preset.precision
-    preds = predict(classifier, split.test, size, precision=precision) if classifier is not None else None
-    for k in split.ks:
-        ref, fused = {}, {}
-        for c, good in split.good.items():
-            idx = [i for i, s in enumerate(split.test) if s.category == c]
-            bank = PatchMemoryBank.fit(model, good[:k], size, seed=split.seed, precision=precision)
-            scores, maps = bank.score(model, [split.test[i] for i in idx], precision=precision)
-            ref[c] = (idx, scores, maps, bank.calibrate(false_alarm_rate))
-            if preds is not None:
-                fused[c] = (idx, *_fuse(classifier, bank, good[:k], preds.subset(idx), scores, maps,
-                                        preset, false_alarm_rate))
-        parts = {f"reference k={k}": (ref, "nearest good patch distance")} if reference else {}
-        if fused:
-            parts[f"fused k={k}"] = (fused, "mean z-score (classifier, reference)")
-        for name, (by_category, score_name) in parts.items():
-            cals = {c: v[3] for c, v in by_category.items()}
-            view = calibrated_view(_assemble(split.test, size, by_category), cals)
-            result.add(name, split.seed, view, 0.0, IDENTITY, score_name + " minus calibrated threshold")
-
-
-def _fuse(classifier, bank, good, preds, ref_scores, ref_maps, preset, false_alarm_rate) -> tuple:
-    """Fused (scores, maps, calibration) of one target: the fusion is fitted on its K good images."""
-    good_preds = predict(classifier, good, preset.image_size, precision=preset.precision)
-    fusion = fit_fusion(good_preds.margins, bank.good_scores, good_preds.cams, bank.good_maps)
-    calibration = fit_calibration(
-        fusion.score(good_preds.margins, bank.good_scores),
-        fusion.heatmap(good_preds.cams, bank.good_maps),
-        category=bank.category,
-        images=[s.path for s in good],
-        false_alarm_rate=false_alarm_rate,
-        model="fused",
-    )
-    return fusion.score(preds.margins, ref_scores), fusion.heatmap(preds.cams, ref_maps), calibration
-
-
-def _assemble(test: list[Sample], size: int, by_category: dict[str, tuple]) -> ScoredImages:
-    """One ScoredImages of the test images from per-category (indices, scores, maps, ...)."""
-    scores = np.zeros(len(test))
-    maps: torch.Tensor | None = None
-    for idx, s, m, *_ in by_category.values():
-        if maps is None:
-            maps = torch.zeros(len(test), *m.shape[1:])
-        scores[idx], maps[idx] = s, m
-    return ScoredImages(test, scores, maps, size)
+        for good in split.good.values():
+            detector.adapt(good[:k])
+        result.add(f"{detector.name} k={k}", split.seed, detector.score(split.test), detector.threshold,
+                   detector.normalizer, detector.score_name)
 
 
 def run_seed(
@@ -364,12 +270,14 @@ def run_seed(
     for variant in variants:
         log(f"seed {seed}: {variant} ...")
         model, info = train_variant(variant, split, preset, weights=weights, device=device, progress=progress)
-        add_classifier_rows(result, variant, model, info, split, preset, false_alarm_rate=false_alarm_rate)
-        if variant == "baseline" and split.ks:
-            log(f"seed {seed}: reference and fused ...")
-            add_reference_rows(
-                result, model, split, preset, classifier=model, false_alarm_rate=false_alarm_rate
-            )
+        names = [variant]
+        if split.ks:
+            # The baseline's conv4_3 is ImageNet's (frozen): the reference score can share it.
+            names += [f"{variant} calibrated"] + (["reference", "fused"] if variant == "baseline" else [])
+        for name in names:
+            detector = make_detector(name, model, info, precision=preset.precision,
+                                     false_alarm_rate=false_alarm_rate, seed=seed)
+            add_detector_rows(result, detector, split)
     return result
 
 

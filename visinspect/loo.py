@@ -35,42 +35,22 @@ from visinspect.compare import (
     ComparePreset,
     SeedResult,
     Split,
-    add_classifier_rows,
-    add_reference_rows,
+    add_detector_rows,
     make_split,
     pivot_table,
     summary_table,
     train_variant,
 )
 from visinspect.data import Sample, build_sample_table, single_class_categories
+from visinspect.detectors import METHODS, make_detector, untrained_backbone
 from visinspect.errors import ConfigError
 from visinspect.features import FeatureStore
-from visinspect.models import build_model
-from visinspect.utils import atomic_path, describe_machine, resolve_device, resolve_precision, set_seed
+from visinspect.utils import atomic_path, describe_machine, resolve_device, resolve_precision
 
-CALIBRATED = " calibrated"
-MODELS = (
-    "baseline",
-    "baseline calibrated",
-    "reference",
-    "fused",
-    "simclr-source",
-    "simclr-source calibrated",
-    "simclr-source+target-good",
-    "simclr-source+target-good calibrated",
-)
-DEFAULT_MODELS = MODELS[:4]
+MODELS = tuple(METHODS)
+DEFAULT_MODELS = ("baseline", "baseline calibrated", "reference", "fused")
 NO_FILL = {"images": 0, "computed": 0, "from_store": 0, "seconds": 0.0, "seconds_per_image": 0.25}
 FEW_KEYS = ("image_auroc", "balanced_accuracy", "precision", "recall", "pixel_auroc", "box_hit_rate")
-
-
-def classifier_of(model: str) -> str | None:
-    """The trained classifier variant a model family needs (None: only the frozen backbone)."""
-    if model == "reference":
-        return None
-    if model == "fused":
-        return "baseline"
-    return model.removesuffix(CALIBRATED)
 
 
 def default_targets(samples: Sequence[Sample]) -> list[str]:
@@ -102,7 +82,7 @@ def plan_jobs(targets: Sequence[str], models: Sequence[str], seeds: Sequence[int
     jobs = []
     for seed in seeds:
         for target in targets:
-            variants = dict.fromkeys(v for m in models if (v := classifier_of(m)) is not None)
+            variants = dict.fromkeys(v for m in models if (v := METHODS[m].trains) is not None)
             jobs += [Job("train", target, seed, v) for v in variants]
             jobs += [Job("score", target, seed, m) for m in models]
     return jobs
@@ -179,8 +159,7 @@ class LeaveOneOut:
         self.calibrate = sorted(set(calibrate))
         if any(k < 1 for k in self.calibrate):
             raise ConfigError(f"K values must be at least 1; got {self.calibrate}")
-        few = {"reference", "fused"} & set(self.models) or any(m.endswith(CALIBRATED) for m in self.models)
-        if few and not self.calibrate:
+        if any(METHODS[m].detector.uses_good for m in self.models) and not self.calibrate:
             raise ConfigError("the few-good-parts models need K values: pass --calibrate, e.g. 5,20")
         if {"reference", "fused"} & set(self.models) and self.calibrate[0] < 2:
             raise ConfigError(
@@ -280,7 +259,7 @@ class LeaveOneOut:
             for s in [*split.train, *split.val, *split.test, *(g for gs in split.good.values() for g in gs)]:
                 needed.setdefault(s.path, s)
         samples = sorted(needed.values(), key=lambda s: (s.category, str(s.path)))
-        model = self._backbone(self.seeds[0])
+        model = untrained_backbone(self.preset.image_size, self.weights, self.seeds[0])[0].to(self.device)
         began = time.perf_counter()
         feats = self.store.fetch_samples(
             model, samples, self.preset.image_size, precision=self.preset.precision, progress=True,
@@ -300,17 +279,6 @@ class LeaveOneOut:
         )
         return fill
 
-    def _backbone(self, seed: int):
-        """A fresh VGG16 with the run's weights, seeded as compare.train_variant seeds the
-        baseline: with random weights (tests) the frozen layers then match the classifier's."""
-        set_seed(seed)
-        return build_model(self.weights)[0].to(self.device)
-
-    def _classifier(self, target: str, seed: int, variant: str):
-        path = Job("train", target, seed, variant).path(self.out)
-        model, info = load_classifier(path)
-        return model.to(self.device), info
-
     def train(self, job: Job) -> None:
         split = self.split(job.target, job.seed)
         path = job.path(self.out)
@@ -325,19 +293,16 @@ class LeaveOneOut:
 
     def score(self, job: Job) -> None:
         split = self.split(job.target, job.seed)
-        result = SeedResult()
         began = time.perf_counter()
-        variant = classifier_of(job.name)
-        if variant is None:  # reference: the frozen ImageNet backbone, no training
-            add_reference_rows(result, self._backbone(job.seed), split, self.preset)
+        trains = METHODS[job.name].trains
+        if trains is None:  # the method trains nothing: a fresh backbone
+            model, info = untrained_backbone(self.preset.image_size, self.weights, job.seed)
         else:
-            model, info = self._classifier(job.target, job.seed, variant)
-            if job.name == "fused":
-                add_reference_rows(result, model, split, self.preset, classifier=model, reference=False)
-            else:
-                calibrated = job.name.endswith(CALIBRATED)
-                add_classifier_rows(result, variant, model, info, split, self.preset,
-                                    plain=not calibrated, calibrated=calibrated)
+            model, info = load_classifier(Job("train", job.target, job.seed, trains).path(self.out))
+        detector = make_detector(job.name, model.to(self.device), info, precision=self.preset.precision,
+                                 seed=job.seed)
+        result = SeedResult()
+        add_detector_rows(result, detector, split)
         # A split has one target: its "all" row repeats that target's row.
         rows = [r for r in result.rows if r["target"] != "all"]
         payload = {"job": str(job), "seconds": round(time.perf_counter() - began, 1), "rows": rows}

@@ -1,0 +1,310 @@
+"""One interface for every method: learn from other products, adapt to K good parts, score images.
+
+What a user has on day one of a new product: labelled defects of *other* products (the source) and
+a handful of good parts of the new one. Every method of visinspect goes through the same steps:
+
+1. **train** (`train_method`): what it learns from the labelled source products, once — the
+   seed's classifier, SimCLR pre-training and then the classifier, ... or nothing at all;
+2. **adapt** (`Detector.adapt`): what it takes from K good images of one new product — a decision
+   threshold and heatmap scale, a memory bank of good patches, ... — nothing for the plain
+   baseline, whose threshold comes from the source validation split;
+3. **score** (`Detector.score`): one score per image, higher = more anomalous, anomalous above
+   `threshold`, and a heatmap per image, scaled to [0, 1] by `normalizer`.
+
+`compare`, `loo`, `evaluate`, `predict` and the notebooks reach every method through
+`make_detector(name, ...)`, so a new method is one Detector subclass (in a module of its own) and
+one line in METHODS (and, if it learns from the source, one in TRAININGS).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from visinspect.calibration import Calibration, fit_calibration
+from visinspect.cam import HeatmapNormalizer
+from visinspect.data import Sample
+from visinspect.errors import ConfigError, DataError
+from visinspect.inference import Predictions, ScoredImages, predict
+from visinspect.models import VGG16CAM, build_model
+from visinspect.reference import FusedScorer, PatchMemoryBank, fit_fusion
+from visinspect.utils import set_seed
+
+# Scores relative to a product's calibrated threshold: 0 is the decision threshold, and maps are
+# already on the product's good-image scale, so the "normaliser" is the identity.
+IDENTITY = HeatmapNormalizer(0.0, 1.0, "calibrated")
+
+
+def calibrated_view(scored: ScoredImages, calibrations: dict[str, Calibration]) -> ScoredImages:
+    """Scores and maps relative to each product's good parts: score - its threshold, maps scaled
+    by its good-image normaliser (not clipped). Then 0 is every product's decision threshold and
+    0..1 its heatmap scale, so products with different thresholds can be pooled."""
+    scores = scored.scores.copy()
+    maps = scored.maps.clone().float()
+    for i, s in enumerate(scored.samples):
+        if s.category not in calibrations:
+            raise DataError(
+                f"{s.path} is of product {s.category!r}, but the detector was adapted to "
+                f"{', '.join(sorted(calibrations)) or 'no product'}: adapt it to K good images of "
+                f"{s.category!r} first"
+            )
+        c = calibrations[s.category]
+        scores[i] -= c.threshold
+        maps[i] = (maps[i] - c.normalizer.low) / (c.normalizer.high - c.normalizer.low)
+    return ScoredImages(scored.samples, scores, maps, scored.image_size)
+
+
+def _product(good: Sequence[Sample]) -> str:
+    categories = sorted({s.category for s in good})
+    if len(categories) != 1:
+        raise DataError(f"adapt takes good images of one product; got {', '.join(categories) or 'none'}")
+    return categories[0]
+
+
+class Detector:
+    """Base class: a model (trained classifier or plain backbone) and how to score with it."""
+
+    uses_good = False  # does `adapt` need K good images of the product (rows are named "k=K")
+    score_name = ""
+
+    def __init__(
+        self,
+        model: VGG16CAM,
+        info: dict,
+        *,
+        name: str,
+        precision: str = "auto",
+        false_alarm_rate: float = 0.01,
+        seed: int = 0,
+    ) -> None:
+        self.model, self.info, self.name = model, info, name
+        self.image_size = int(info["image_size"])
+        self.precision, self.false_alarm_rate, self.seed = precision, false_alarm_rate, seed
+        self.threshold = 0.0
+        self.normalizer: HeatmapNormalizer | None = IDENTITY
+
+    def adapt(self, good: Sequence[Sample]) -> None:
+        """Take what the method needs from K good train/ images of one product."""
+
+    def score(self, samples: Sequence[Sample]) -> ScoredImages:
+        raise NotImplementedError
+
+
+class ClassifierDetector(Detector):
+    """The trained classifier as it is: the logit margin and the CAM, with the threshold and the
+    heatmap scale chosen on the source products' validation split."""
+
+    score_name = "logit margin (anomaly - good)"
+
+    def __init__(self, model: VGG16CAM, info: dict, **kwargs) -> None:
+        super().__init__(model, info, **kwargs)
+        self.threshold = float(info["threshold"])
+        norm = info.get("normalizer")
+        self.normalizer = HeatmapNormalizer.from_dict(norm) if norm else None
+        self._seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def predictions(self, samples: Sequence[Sample]) -> Predictions:
+        """The classifier's logits and CAMs, each image run once (adapting for another K or
+        another product then costs nothing more)."""
+        todo = list({str(s.path): s for s in samples if str(s.path) not in self._seen}.values())
+        if todo:
+            new = predict(self.model, todo, self.image_size, precision=self.precision)
+            for s, logits, cam in zip(todo, new.logits, new.cams, strict=True):
+                self._seen[str(s.path)] = (logits, cam)
+        if not samples:
+            return Predictions([], torch.zeros(0, 2), torch.zeros(0, 1, 1), self.image_size)
+        logits, cams = zip(*(self._seen[str(s.path)] for s in samples), strict=True)
+        return Predictions(list(samples), torch.stack(logits), torch.stack(cams), self.image_size)
+
+    def score(self, samples: Sequence[Sample]) -> ScoredImages:
+        return self.predictions(samples).scored()
+
+
+class CalibratedClassifier(ClassifierDetector):
+    """The same classifier, with each product's threshold (at most `false_alarm_rate` of its K good
+    images above it) and heatmap scale (calibration.fit_calibration) from K good images."""
+
+    uses_good = True
+    score_name = "logit margin minus the product's calibrated threshold"
+
+    def __init__(self, model: VGG16CAM, info: dict, **kwargs) -> None:
+        super().__init__(model, info, **kwargs)
+        self.threshold, self.normalizer = 0.0, IDENTITY
+        self.calibrations: dict[str, Calibration] = {}
+
+    def adapt(self, good: Sequence[Sample]) -> None:
+        preds = self.predictions(good)
+        self.calibrations[_product(good)] = fit_calibration(
+            preds.margins, preds.cams, category=_product(good), images=[s.path for s in good],
+            false_alarm_rate=self.false_alarm_rate,
+        )
+
+    def score(self, samples: Sequence[Sample]) -> ScoredImages:
+        return calibrated_view(super().score(samples), self.calibrations)
+
+
+class ReferenceDetector(Detector):
+    """Nearest good patch: the distance of each test patch to the K good images' patches
+    (reference.PatchMemoryBank, the PatchCore idea); needs no defect label at all."""
+
+    uses_good = True
+    score_name = "nearest good patch distance minus calibrated threshold"
+
+    def __init__(self, model: VGG16CAM, info: dict, **kwargs) -> None:
+        super().__init__(model, info, **kwargs)
+        self.banks: dict[str, PatchMemoryBank] = {}
+        self.calibrations: dict[str, Calibration] = {}
+
+    def adapt(self, good: Sequence[Sample]) -> None:
+        bank = PatchMemoryBank.fit(
+            self.model, good, self.image_size, seed=self.seed, precision=self.precision
+        )
+        self.banks[bank.category] = bank
+        self.calibrations[bank.category] = bank.calibrate(self.false_alarm_rate)
+
+    def raw(self, samples: Sequence[Sample]) -> ScoredImages:
+        """Uncalibrated patch distances, each product against its own bank."""
+        return _by_product(samples, self.image_size, self.banks, lambda bank, group: bank.score(
+            self.model, group, precision=self.precision))
+
+    def score(self, samples: Sequence[Sample]) -> ScoredImages:
+        return calibrated_view(self.raw(samples), self.calibrations)
+
+
+class FusedDetector(Detector):
+    """The classifier's margin and the reference distance, each standardised on the K good images
+    (reference.fit_fusion), averaged; calibrated like any other score."""
+
+    uses_good = True
+    score_name = "mean z-score (classifier, reference) minus calibrated threshold"
+
+    def __init__(self, model: VGG16CAM, info: dict, **kwargs) -> None:
+        super().__init__(model, info, **kwargs)
+        self.classifier = ClassifierDetector(model, info, **kwargs)
+        self.reference = ReferenceDetector(model, info, **kwargs)
+        self.fusions: dict[str, FusedScorer] = {}
+        self.calibrations: dict[str, Calibration] = {}
+
+    def adapt(self, good: Sequence[Sample]) -> None:
+        self.reference.adapt(good)
+        product = _product(good)
+        bank, preds = self.reference.banks[product], self.classifier.predictions(good)
+        fusion = fit_fusion(preds.margins, bank.good_scores, preds.cams, bank.good_maps)
+        self.fusions[product] = fusion
+        self.calibrations[product] = fit_calibration(
+            fusion.score(preds.margins, bank.good_scores), fusion.heatmap(preds.cams, bank.good_maps),
+            category=product, images=[s.path for s in good], false_alarm_rate=self.false_alarm_rate,
+            model="fused",
+        )
+
+    def score(self, samples: Sequence[Sample]) -> ScoredImages:
+        preds = self.classifier.predictions(samples)
+        reference = self.reference.raw(samples)
+        where = {str(s.path): i for i, s in enumerate(samples)}
+
+        def fuse(fusion: FusedScorer, group: list[Sample]) -> tuple[np.ndarray, torch.Tensor]:
+            idx = [where[str(s.path)] for s in group]
+            sub = preds.subset(idx)
+            ref_scores, ref_maps = reference.scores[idx], reference.maps[idx]
+            return fusion.score(sub.margins, ref_scores), fusion.heatmap(sub.cams, ref_maps)
+
+        return calibrated_view(_by_product(samples, self.image_size, self.fusions, fuse), self.calibrations)
+
+
+def _by_product(
+    samples: Sequence[Sample], image_size: int, per_product: dict, score: Callable
+) -> ScoredImages:
+    """Score each product's samples with its own adapted state; one ScoredImages in input order."""
+    scores = np.zeros(len(samples))
+    maps: torch.Tensor | None = None
+    for product in sorted({s.category for s in samples}):
+        if product not in per_product:
+            raise DataError(
+                f"no good images of product {product!r} were given: adapt the detector to K good "
+                f"images of {product!r} first"
+            )
+        idx = [i for i, s in enumerate(samples) if s.category == product]
+        s, m = score(per_product[product], [samples[i] for i in idx])
+        if maps is None:
+            maps = torch.zeros(len(samples), *m.shape[1:])
+        scores[idx], maps[idx] = s, m
+    return ScoredImages(list(samples), scores, maps if maps is not None else torch.zeros(0, 1, 1), image_size)
+
+
+# ----------------------------------------------------------------------------- the methods
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method by the name its rows carry: the training it needs (a TRAININGS key; None: only
+    the ImageNet backbone) and its detector class."""
+
+    name: str
+    trains: str | None
+    detector: type[Detector]
+    about: str
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("baseline", "baseline", ClassifierDetector,
+               "the seed's VGG16-CAM classifier; threshold from the source validation split"),
+        Method("baseline calibrated", "baseline", CalibratedClassifier,
+               "the same classifier; threshold and heatmap scale from K good images"),
+        Method("reference", None, ReferenceDetector,
+               "nearest good patch (PatchCore idea) against K good images; no training"),
+        Method("fused", "baseline", FusedDetector,
+               "baseline and reference, standardised on K good images, averaged"),
+        Method("simclr-source", "simclr-source", ClassifierDetector,
+               "SimCLR pre-training on the source images, then the seed's classifier"),
+        Method("simclr-source calibrated", "simclr-source", CalibratedClassifier,
+               "the same, calibrated on K good images"),
+        Method("simclr-source+target-good", "simclr-source+target-good", ClassifierDetector,
+               "SimCLR also on the target's unlabeled good images, then the classifier"),
+        Method("simclr-source+target-good calibrated", "simclr-source+target-good", CalibratedClassifier,
+               "the same, calibrated on K good images"),
+    )
+}
+RECOMMENDED = "fused"
+
+
+def method(name: str) -> Method:
+    """The method of this name, or a one-line error listing them."""
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def backbone_info(image_size: int, provenance: dict) -> dict:
+    """The `info` of an untrained backbone (for methods that train nothing)."""
+    return {"image_size": image_size, "backbone": provenance, "threshold": 0.0, "normalizer": None}
+
+
+def untrained_backbone(
+    image_size: int, weights: str | Path | None = "auto", seed: int = 0
+) -> tuple[VGG16CAM, dict]:
+    """A fresh ImageNet VGG16 for methods that train nothing, seeded like a trained baseline's (so
+    that with random weights, in tests, its frozen layers match the classifier's)."""
+    set_seed(seed)
+    model, provenance = build_model(weights)
+    return model, backbone_info(image_size, provenance)
+
+
+def make_detector(
+    name: str,
+    model: VGG16CAM,
+    info: dict,
+    *,
+    precision: str = "auto",
+    false_alarm_rate: float = 0.01,
+    seed: int = 0,
+) -> Detector:
+    """The detector of method `name` over a model (its training's, or a plain backbone)."""
+    return method(name).detector(
+        model, info, name=name, precision=precision, false_alarm_rate=false_alarm_rate, seed=seed
+    )
