@@ -284,7 +284,7 @@ class LeaveOneOut:
         path = job.path(self.out)
         began = time.perf_counter()
         model, info = train_variant(
-            job.name, split, self.preset, weights=self.weights, device=self.device,
+            job.name, split, self.preset, weights=self.weights, device=self.device, progress=True,
             state=path.with_suffix(""),
         )
         save_classifier(path, model, **info, seconds=round(time.perf_counter() - began, 1))
