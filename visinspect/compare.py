@@ -33,10 +33,12 @@ from visinspect.data import (
     build_sample_table,
     stratified_split,
     subsample_per_category,
+    target_test_images,
     unknown_context_split,
 )
 from visinspect.evaluate import evaluate_scored
 from visinspect.inference import ScoredImages, predict
+from visinspect.metrics import seed_spread
 from visinspect.models import FROZEN_END, VGG16CAM, build_model
 from visinspect.reference import PatchMemoryBank, fit_fusion
 from visinspect.simclr import PretrainConfig, build_simclr_model, pretrain, pretrain_samples
@@ -207,9 +209,7 @@ def run_seed(
     calib = {c: select_good_images(target, c, ks[-1], seed) for c in target_names} if ks else {}
     # The targets' train/good images are the unlabeled good parts a factory has: SimCLR may
     # pre-train on them and calibration draws its K images from them, so none of them is scored.
-    test = subsample_per_category(
-        [s for s in target if s.split == "test"], preset.max_test_per_category, seed
-    )
+    test = subsample_per_category(target_test_images(target), preset.max_test_per_category, seed)
     rows, scored, normalizers = [], {}, {}
     size = preset.image_size
     for variant in variants:
@@ -350,9 +350,8 @@ def summary_table(rows: Sequence[dict], keys: Sequence[str] = ROW_KEYS) -> str:
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["target"], r["model"]), []).append(r)
-    seeds = sorted({r["seed"] for r in rows})
     lines = [
-        f"positive class = anomaly; mean ± std over {len(seeds)} seed(s) {seeds}; threshold from "
+        f"positive class = anomaly; {seed_spread([r['seed'] for r in rows])}; threshold from "
         "the source validation split (uncalibrated) or from K good target images (calibrated)",
         "",
         "| target | model | n | " + " | ".join(keys) + " |",
