@@ -14,8 +14,8 @@ from visinspect.train import train_baseline
                     reason="no ImageNet VGG16 weights (set VISINSPECT_BACKBONE_WEIGHTS): a random "
                            "backbone is not expected to transfer")
 def test_short_training_ranks_unseen_products_above_chance():
-    # 4 source products, 4 epochs at 64 px; tested on the 2 held-out products (104 images).
-    # Measured on this project's CI machine: image AUROC 0.754 (logit margin, positive = anomaly).
+    # 4 source products, 4 epochs at 64 px; tested on the 2 held-out products' test/ images (56).
+    # Measured on this project's CI machine: image AUROC 0.760 (logit margin, positive = anomaly).
     settings = DemoSettings(image_size=64, epochs=4)
     train, val, test = demo_split(settings=settings)
     assert {s.category for s in train}.isdisjoint({s.category for s in test})

@@ -22,6 +22,7 @@ from visinspect.data import (
     stratified_split,
     subsample_per_category,
     summarize,
+    target_test_images,
     to_tensor,
     unknown_context_split,
 )
@@ -379,6 +380,15 @@ def test_unknown_context_split(tiny_root):
     src, tgt = unknown_context_split(samples, ["grain_wood"], ["round_pill"])
     assert {s.category for s in src} == {"grain_wood"} and {s.category for s in tgt} == {"round_pill"}
     assert len(src) + len(tgt) == len(samples)
+
+
+def test_the_test_set_is_the_targets_test_folders(tiny_root):
+    samples = build_sample_table(tiny_root).samples
+    _, tgt = unknown_context_split(samples, ["grain_wood"], ["round_pill"])
+    test = target_test_images(tgt)
+    assert test and all(s.split == "test" and s.category == "round_pill" for s in test)
+    assert {s.path for s in tgt} - {s.path for s in test} == {s.path for s in tgt if s.split == "train"}
+    assert test == target_test_images(list(reversed(tgt)))  # sorted, whatever the input order
 
 
 def test_unknown_context_split_refuses_overlap(tiny_root):

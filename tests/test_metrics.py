@@ -20,15 +20,18 @@ from sklearn.metrics import (
 )
 
 from visinspect.boxes import Box
+from visinspect.errors import DataError
 from visinspect.metrics import (
     POSITIVE_CLASS,
     aupro,
+    auroc_standard_error,
     best_f1_threshold,
     box_hit_rate,
     classification_metrics,
     false_alarm_threshold,
     per_group_metrics,
     pixel_auroc,
+    seed_spread,
 )
 
 LABELS = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 0])
@@ -308,3 +311,29 @@ def test_box_hit_rate_without_regions():
     assert got == {"box_hit_rate": None, "mean_iou": None, "n_regions": 0}
     with pytest.raises(ValueError, match="one list of boxes per mask"):
         box_hit_rate(np.zeros((2, 5, 5), dtype=bool), [[]])
+
+
+def test_auroc_standard_error_matches_the_bootstrap():
+    # Hanley & McNeil's formula against a bootstrap of one test set of the size notebook 05 scores.
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.ones(36), np.zeros(20)].astype(int)
+    scores = rng.normal(size=56) + 1.2 * labels
+    auroc = roc_auc_score(labels, scores)
+    boot = []
+    for _ in range(400):
+        pos = rng.choice(np.flatnonzero(labels == 1), 36)
+        neg = rng.choice(np.flatnonzero(labels == 0), 20)
+        idx = np.r_[pos, neg]
+        boot.append(roc_auc_score(labels[idx], scores[idx]))
+    se = auroc_standard_error(auroc, 36, 20)
+    assert 0.7 < se / np.std(boot) < 1.3, (se, np.std(boot))
+    assert auroc_standard_error(auroc, 360, 200) < se  # ten times the images: a smaller error
+    assert auroc_standard_error(1.0, 36, 20) == 0.0
+    with pytest.raises(DataError, match="at least one"):
+        auroc_standard_error(0.7, 0, 20)
+
+
+def test_seed_spread_says_mean_and_std_only_over_several_seeds():
+    assert seed_spread([0]) == "one seed (0), no spread"
+    assert seed_spread([2, 0, 1, 0]) == "mean ± std over 3 seeds [0, 1, 2]"
+    assert seed_spread([]) == "seed not recorded"

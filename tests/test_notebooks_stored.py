@@ -2,7 +2,10 @@
 
 `pytest --nbval` compares fresh outputs with the stored ones, so a notebook committed without
 outputs would pass vacuously, and one with an error, a path of the author's machine or widget
-state would mislead its readers. These checks read the JSON only (no kernel): they are fast.
+state would mislead its readers. nbval never compares Markdown, so a number typed into prose can
+drift from the run: results are stated by code (a cell displaying Markdown built from the run's
+variables, or next to an `assert`), and no Markdown cell of a results section holds a decimal
+number. These checks read the JSON only (no kernel): they are fast.
 """
 
 import json
@@ -13,7 +16,12 @@ import pytest
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 IGNORE_TAG = "nbval-ignore-output"
-REASON = re.compile(rf"# {IGNORE_TAG}: \S.*")  # the cell's first line says why
+REASON_KEY = "nbval-ignore-output-reason"  # why nbval may not compare it: metadata, not a comment
+REASON_COMMENT = re.compile(rf"^\s*# {IGNORE_TAG}", re.MULTILINE)
+HEADING = re.compile(r"^(#{1,6})\s+(.*)$", re.MULTILINE)
+RESULTS_HEADING = re.compile(r"what the numbers show|results", re.IGNORECASE)
+DECIMAL = re.compile(r"(?<![\w.])\d*\.\d+")
+EXERCISE = re.compile(r"^\d+\.\s", re.MULTILINE)
 ABSOLUTE_PATH = re.compile(
     r"(?<![\w.])/(?:work|tmp|root|home|Users|private|var|opt|mnt|srv)/|\b[A-Za-z]:\\\\"
 )
@@ -33,21 +41,78 @@ def problems(nb: dict, text: str) -> list[str]:
     if counts != list(range(1, len(code) + 1)):
         found.append(f"not executed top to bottom once: execution counts {counts}")
     for n, cell in enumerate(code, 1):
-        tags = cell.get("metadata", {}).get("tags", [])
-        first_line = _source(cell).split("\n", 1)[0]
-        if IGNORE_TAG in tags and not REASON.fullmatch(first_line):
-            found.append(f"code cell {n} is tagged {IGNORE_TAG} but its first line is not "
-                         f"'# {IGNORE_TAG}: <why>': {first_line!r}")
+        metadata = cell.get("metadata", {})
+        tags = metadata.get("tags", [])
+        if IGNORE_TAG in tags and not str(metadata.get(REASON_KEY, "")).strip():
+            found.append(f"code cell {n} is tagged {IGNORE_TAG} but its metadata does not say why "
+                         f"({REASON_KEY!r})")
+        if REASON_KEY in metadata and IGNORE_TAG not in tags:
+            found.append(f"code cell {n} gives a reason to ignore its output but is not tagged {IGNORE_TAG}")
+        if REASON_COMMENT.search(_source(cell)):
+            found.append(f"code cell {n} explains {IGNORE_TAG} in a comment: move the reason to its "
+                         f"metadata ({REASON_KEY!r})")
         for out in cell.get("outputs", []):
             if out["output_type"] == "error":
                 found.append(f"code cell {n} stored an error: {out.get('ename')}: {out.get('evalue')}")
             elif out["output_type"] == "stream" and out["name"] == "stderr" and IGNORE_TAG not in tags:
                 found.append(f"code cell {n} is checked by nbval but wrote to stderr: "
                              f"{''.join(out['text'])[:120]!r}")
+    found += results_problems(nb["cells"])
     if "widgets" in nb.get("metadata", {}) or WIDGET_STATE in text:
         found.append("widget state is stored (run notebooks/clean_notebooks.py)")
     if match := ABSOLUTE_PATH.search(text):
         found.append(f"an absolute path of the machine that ran it is stored: {match.group()!r}...")
+    return found
+
+
+def results_sections(cells: list[dict]) -> list[tuple[str, list[dict]]]:
+    """(heading, cells) of each results section: from a Markdown heading that names results
+    ("What the numbers show", "Results") to the next heading of the same or a higher level
+    (a cell with text before that heading still belongs to the section)."""
+    sections, level, current = [], None, None
+    for cell in cells:
+        source = _source(cell) if cell["cell_type"] == "markdown" else ""
+        headings = list(HEADING.finditer(source))
+        if current is not None and (not headings or source[: headings[0].start()].strip()):
+            current.append(cell)
+        for heading in headings:
+            hashes, title = heading.groups()
+            if level is not None and len(hashes) <= level:
+                level = current = None
+            if level is None and RESULTS_HEADING.search(title):
+                level, current = len(hashes), [cell]
+                sections.append((title.strip(), current))
+        if current is not None and current[-1] is not cell:  # a subsection's heading
+            current.append(cell)
+    return sections
+
+
+def results_problems(cells: list[dict]) -> list[str]:
+    """A results section states its numbers from code: it has a code cell, and its Markdown
+    cells hold no decimal number (a typed number is never compared with the run)."""
+    found = []
+    for title, section in results_sections(cells):
+        if not any(c["cell_type"] == "code" for c in section):
+            found.append(f"results section {title!r} has no code cell stating its results")
+        for cell in section:
+            if cell["cell_type"] == "markdown" and (match := DECIMAL.search(_source(cell))):
+                found.append(f"results section {title!r}: a Markdown cell states the number "
+                             f"{match.group()!r}; produce it from the run (display(Markdown(...)))")
+    return found
+
+
+def ending_problems(cells: list[dict]) -> list[str]:
+    """A chapter ends with two or three exercises (a numbered list) and its references."""
+    titles = {title.strip().lower(): cell for cell in cells if cell["cell_type"] == "markdown"
+              for _, title in HEADING.findall(_source(cell))}
+    found = []
+    exercises = titles.get("exercises")
+    if exercises is None:
+        found.append("no '## Exercises' section")
+    elif not 2 <= len(EXERCISE.findall(_source(exercises))) <= 3:
+        found.append("the exercises are not a numbered list of two or three")
+    if "references" not in titles:
+        found.append("no '## References' section")
     return found
 
 
@@ -61,21 +126,43 @@ def test_notebook_is_stored_executed_and_clean(path):
     assert problems(json.loads(text), text) == []
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_ends_with_exercises_and_references(path):
+    assert ending_problems(json.loads(path.read_text(encoding="utf-8"))["cells"]) == []
+
+
+@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if not p.name.startswith("01_")],
+                         ids=lambda p: p.name)
+def test_notebooks_that_measure_state_their_results_from_code(path):
+    # 01 only looks at the data; every later notebook trains or scores models, and says what its
+    # numbers show in a results section (its Markdown is checked in problems()).
+    assert results_sections(json.loads(path.read_text(encoding="utf-8"))["cells"])
+
+
 def _notebook(cells: list[dict], metadata: dict | None = None) -> tuple[dict, str]:
     nb = {"cells": cells, "metadata": metadata or {}, "nbformat": 4, "nbformat_minor": 5}
     return nb, json.dumps(nb)
 
 
-def _code(count, source="x = 1", outputs=(), tags=()):
+def _code(count, source="x = 1", outputs=(), tags=(), reason=None):
+    metadata = {"tags": list(tags)} if tags else {}
+    if reason is not None:
+        metadata[REASON_KEY] = reason
     return {"cell_type": "code", "execution_count": count, "source": source,
-            "outputs": list(outputs), "metadata": {"tags": list(tags)} if tags else {}}
+            "outputs": list(outputs), "metadata": metadata}
+
+
+def _md(source):
+    return {"cell_type": "markdown", "source": source, "metadata": {}}
 
 
 def test_a_clean_executed_notebook_has_no_problems():
-    ignored = _code(2, f"# {IGNORE_TAG}: timings vary\nrun()", tags=[IGNORE_TAG],
+    ignored = _code(2, "run()", tags=[IGNORE_TAG], reason="timings vary",
                     outputs=[{"output_type": "stream", "name": "stderr", "text": "50%|##"}])
-    nb, text = _notebook([{"cell_type": "markdown", "source": "# hi", "metadata": {}},
-                          _code(1), ignored])
+    results = [_md("## 5. What the numbers show\n\nThe run below says it (chance is 0.5 elsewhere?)"
+                   .replace("0.5", "one half")), _code(3, "display(Markdown(f'{auroc:.3f}'))"),
+               _md("## Next\n\nNotebook 0.4 and 3.2 px may follow a results section.")]
+    nb, text = _notebook([_md("# hi"), _code(1), ignored, *results])
     assert problems(nb, text) == []
 
 
@@ -94,13 +181,48 @@ def test_a_clean_executed_notebook_has_no_problems():
          "absolute path"),
         ([_code(1, "print('C:\\\\Users\\\\ann')")], None, "absolute path"),
         ([_code(1)], {"widgets": {WIDGET_STATE: {"state": {}}}}, "widget state"),
-        ([_code(1, "run()", tags=[IGNORE_TAG])], None, "first line"),
-        ([_code(1, f"# {IGNORE_TAG}:\nrun()", tags=[IGNORE_TAG])], None, "first line"),
+        ([_code(1, "run()", tags=[IGNORE_TAG])], None, "does not say why"),
+        ([_code(1, "run()", tags=[IGNORE_TAG], reason=" ")], None, "does not say why"),
+        ([_code(1, f"# {IGNORE_TAG}: timings\nrun()", tags=[IGNORE_TAG], reason="timings")], None,
+         "in a comment"),
+        ([_code(1, "run()", reason="timings")], None, "not tagged"),
+        ([_md("### What the numbers show\n\nAUROC about 0.64 against 0.69."), _code(1)], None,
+         "'0.64'"),
+        ([_md("## Results"), _code(1), _md("### the table\n\nrecall .5 here")], None, "'.5'"),
+        ([_md("## 6. What the numbers show\n\nSimCLR did not help."), _md("## Next")], None,
+         "no code cell"),
     ],
     ids=["unexecuted", "out-of-order", "gap", "error", "stderr", "posix-path", "windows-path",
-         "widget-state", "no-reason", "empty-reason"],
+         "widget-state", "no-reason", "empty-reason", "reason-as-comment", "reason-without-tag",
+         "decimal-in-results", "decimal-in-results-subsection", "results-without-code"],
 )
 def test_each_problem_is_caught(cells, metadata, expected):
     nb, text = _notebook(cells, metadata)
     found = problems(nb, text)
     assert len(found) == 1 and expected in found[0], found
+
+
+@pytest.mark.parametrize(
+    ("cells", "expected"),
+    [
+        ([_md("## Exercises\n\n1. one\n2. two"), _md("## References\n\n- a")], []),
+        ([_md("## Exercises\n\n1. one\n2. two\n3. three\n\n## References\n\n- a")], []),
+        ([_md("## Exercises\n\n1. only one"), _md("## References")], ["two or three"]),
+        ([_md("## Exercises\n\n1. a\n2. b\n3. c\n4. d"), _md("## References")], ["two or three"]),
+        ([_md("## References")], ["Exercises"]),
+        ([_md("## Exercises\n\n1. one\n2. two")], ["References"]),
+    ],
+    ids=["separate-cells", "one-cell", "too-few", "too-many", "no-exercises", "no-references"],
+)
+def test_ending_problems(cells, expected):
+    found = ending_problems(cells)
+    assert len(found) == len(expected) and all(e in f for e, f in zip(expected, found, strict=True))
+
+
+def test_results_sections_end_at_the_next_heading_of_their_level():
+    cells = [_md("## 3. Results\n\ntext"), _code(1), _md("### detail"),
+             _md("the end of section 3, 0.5\n\n## 4. Next"), _md("# Top\n\n## What the numbers show")]
+    (first, section), (second, rest) = results_sections(cells)
+    assert (first, second) == ("3. Results", "What the numbers show")
+    assert section == cells[:4] and rest == cells[4:]
+    assert "'0.5'" in results_problems(cells)[0]

@@ -118,7 +118,8 @@ def test_prediction_grid_draws_exactly_the_boxes(preds, boxes_for):
         expected = heatmap_to_boxes(heat[i], 0.5, 4) if boxes_for == "all" or predicted[i] else []
         assert rectangles(ax) == as_rectangles(expected)
         n_drawn += len(expected)
-        assert f"pred: {'anomaly' if predicted[i] else 'good'}" in ax.get_title()
+        assert f"true: {plots.LABEL_NAMES[preds.samples[i].label]} · predicted: " \
+               f"{'anomaly' if predicted[i] else 'good'}" in ax.get_title()
     assert n_drawn > 0
     assert not fig.axes[7].axison and not fig.axes[8].axison
 
@@ -168,8 +169,21 @@ def test_history_plots_train_and_validation():
     assert loss_ax.lines[0].get_xdata().tolist() == [1, 2, 3]
     assert len(acc_ax.lines) == 1
     assert len(plots.plot_history({"loss": [1.0]}).axes) == 1
-    with pytest.raises(DataError, match="neither"):
+    with pytest.raises(DataError, match="none of"):
         plots.plot_history({"lr": [0.1]})
+
+
+def test_history_draws_reference_lines_and_a_validation_only_panel():
+    history = {"loss": [1.0, 0.5], "accuracy": [0.5, 0.4], "val_accuracy": [0.6, 0.7],
+               "val_recall": [1.0, 0.5]}
+    references = {"accuracy": {"always 'good'": 0.64}, "loss": {"chance": 3.43}}
+    loss_ax, acc_ax, recall_ax = plots.plot_history(history, references=references).axes
+    assert list(loss_ax.lines[-1].get_ydata()) == [3.43, 3.43]
+    assert list(acc_ax.lines[-1].get_ydata()) == [0.64, 0.64]
+    assert "always 'good' (0.64)" in [t.get_text() for t in acc_ax.get_legend().get_texts()]
+    assert [line.get_ydata().tolist() for line in recall_ax.lines] == [history["val_recall"]]
+    # Validation has one colour in every panel, whether or not training is drawn next to it.
+    assert recall_ax.lines[0].get_color() == acc_ax.lines[1].get_color() != acc_ax.lines[0].get_color()
 
 
 def test_score_distributions_per_group():
@@ -199,8 +213,45 @@ def test_metric_bars_show_mean_and_std_over_seeds():
     segments = bars.errorbar.lines[2][0].get_segments()
     spans = [s[1, 1] - s[0, 1] for s in segments]
     np.testing.assert_allclose(spans, [2 * np.std([0.6, 0.8], ddof=1), 0])
+    assert "mean ± std over 2 seeds" in ax.get_title()
     with pytest.raises(DataError, match="lacks target"):
         plots.plot_metric_bars([{"model": "a", "auroc": 1.0}], "auroc")
+
+
+def test_metric_bars_of_one_seed_say_so_and_draw_the_chance_level():
+    rows = [{"model": m, "target": "nut", "seed": 0, "image_auroc": v}
+            for m, v in (("baseline", 0.55), ("reference", 0.6))]
+    (ax,) = plots.plot_metric_bars(rows, "image_auroc").axes
+    assert "one seed (0), no spread" in ax.get_title() and "mean ± std" not in ax.get_title()
+    (bars,) = [c for c in ax.containers if isinstance(c, BarContainer)]
+    assert bars.errorbar is None  # one seed: no error bars, not empty ones
+    (chance,) = ax.lines
+    assert list(chance.get_ydata()) == [0.5, 0.5]
+    assert "chance (0.5)" in [t.get_text() for t in ax.get_legend().get_texts()]
+    (ax,) = plots.plot_metric_bars(rows, "image_auroc", chance=0.7).axes
+    assert list(ax.lines[0].get_ydata()) == [0.7, 0.7]
+    (ax,) = plots.plot_metric_bars([{**r, "f1": 0.5} for r in rows], "f1").axes
+    assert not ax.lines  # F1 has no chance level independent of the data
+
+
+def test_model_heatmaps_spell_out_truth_and_prediction_relative_to_each_threshold(preds):
+    normalizer = HeatmapNormalizer.fit(preds.cams)
+    scored = {"baseline": preds.scored(), "reference k=5": preds.scored()}
+    rows = [{"model": "baseline", "target": "all", "threshold": 1.0, "score": "logit margin"},
+            {"model": "reference k=5", "target": "all", "threshold": 0.0, "score": "patch distance"}]
+    paths = [str(s.path) for s in preds.samples[:2]]
+    fig = plots.plot_model_heatmaps(scored, {"baseline": normalizer, "reference k=5": None}, paths,
+                                    rows=rows)
+    *panels, colorbar = fig.axes
+    assert len(panels) == 4 and "each model's own" in colorbar.get_ylabel()
+    for col, (name, threshold) in enumerate((("baseline", 1.0), ("reference k=5", 0.0))):
+        assert panels[col].get_title().startswith(f"{name}\nscore: {rows[col]['score']}")
+        for row in range(2):
+            score = preds.margins[row] - threshold
+            title = panels[2 * row + col].get_title()
+            truth = plots.LABEL_NAMES[preds.samples[row].label]
+            assert f"true: {truth} · predicted: {'anomaly' if score > 0 else 'good'}" in title
+            assert f"score − threshold {score:+.2f}" in title
 
 
 def test_save_figure_writes_png_and_closes(tmp_path):

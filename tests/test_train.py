@@ -10,7 +10,14 @@ from visinspect.checkpoint import load_checkpoint
 from visinspect.data import DefectDataset, build_sample_table
 from visinspect.errors import CheckpointError, DataError
 from visinspect.features import FeatureStore
-from visinspect.train import TrainConfig, frozen_features, train_baseline, train_classifier
+from visinspect.inference import predict
+from visinspect.train import (
+    TrainConfig,
+    frozen_features,
+    train_baseline,
+    train_classifier,
+    validation_curve,
+)
 
 SIZE = 32
 
@@ -137,3 +144,24 @@ def test_train_baseline_is_seeded_and_calibrates_on_validation(samples):
     assert set(info["normalizer"]) == {"low", "high", "method"}
     assert info["normalizer"]["high"] > info["normalizer"]["low"]
     assert info["train_categories"] == sorted({s.category for s in train})
+
+
+def test_validation_curve_scores_held_out_images_and_changes_no_weight(fresh_model, samples, two_epochs,
+                                                                       tiny_root):
+    held_out = build_sample_table(tiny_root).samples[1::2]
+    hook, curves = validation_curve(fresh_model, held_out, config())
+    train_classifier(fresh_model, samples, config(), progress=False, on_epoch_end=hook)
+    assert_same_weights(fresh_model, two_epochs[0])  # the same run as without the hook
+    assert all(len(values) == 2 for values in curves.values())
+    # After the last epoch: what the trained model says about the held-out images, at P > 0.5.
+    preds = predict(fresh_model, held_out, SIZE, precision="fp32")
+    called = preds.margins > 0
+    labels = preds.labels
+    assert curves["val_accuracy"][-1] == pytest.approx((called == labels).mean(), abs=1e-6)
+    assert curves["val_recall"][-1] == pytest.approx(called[labels == 1].mean(), abs=1e-6)
+    assert curves["val_flagged"][-1] == pytest.approx(called.mean(), abs=1e-6)
+    weighted = nn.CrossEntropyLoss(weight=torch.tensor(config().class_weights))
+    expected = weighted(preds.logits, torch.tensor(labels)).item()
+    assert curves["val_loss"][-1] == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(DataError, match="anomalous"):
+        validation_curve(fresh_model, [s for s in held_out if s.label == 0], config())

@@ -482,7 +482,8 @@ def cmd_compare(args) -> int:
         base = first.scored["baseline"] if "baseline" in first.scored else next(iter(first.scored.values()))
         picks = [str(base.samples[i].path) for i in _grid_indices(base.labels, base.scores, 2)]
         shown = {m: s for m, s in first.scored.items() if "k=" not in m or m.endswith(f"k={max(calibrate)}")}
-        save_figure(plot_model_heatmaps(shown, first.normalizers, picks), out / "compare_heatmaps.png")
+        figure = plot_model_heatmaps(shown, first.normalizers, picks, rows=first.rows)
+        save_figure(figure, out / "compare_heatmaps.png")
         print(f"wrote figures to {out}")
     return 0
 

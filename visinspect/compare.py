@@ -32,12 +32,14 @@ from visinspect.data import (
     build_sample_table,
     stratified_split,
     subsample_per_category,
+    target_test_images,
     unknown_context_split,
 )
 from visinspect.detectors import Detector, make_detector
 from visinspect.errors import ConfigError
 from visinspect.evaluate import evaluate_scored
 from visinspect.inference import ScoredImages
+from visinspect.metrics import seed_spread
 from visinspect.models import FROZEN_END, VGG16CAM, build_model
 from visinspect.simclr import PretrainConfig, build_simclr_model, pretrain, pretrain_samples
 from visinspect.train import TrainConfig, train_baseline
@@ -164,9 +166,7 @@ def make_split(
     train, val = stratified_split(source, 0.2, seed)
     # The targets' train/good images are the unlabeled good parts a factory has: SimCLR may
     # pre-train on them and calibration draws its K images from them, so none of them is scored.
-    test = subsample_per_category(
-        [s for s in target if s.split == "test"], preset.max_test_per_category, seed
-    )
+    test = subsample_per_category(target_test_images(target), preset.max_test_per_category, seed)
     available = min(
         (sum(s.category == c and s.split == "train" and s.label == 0 for s in target) for c in target_names),
         default=0,
@@ -353,9 +353,8 @@ def summary_table(rows: Sequence[dict], keys: Sequence[str] = ROW_KEYS) -> str:
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["target"], r["model"]), []).append(r)
-    seeds = sorted({r["seed"] for r in rows})
     lines = [
-        f"positive class = anomaly; mean ± std over {len(seeds)} seed(s) {seeds}; threshold from "
+        f"positive class = anomaly; {seed_spread([r['seed'] for r in rows])}; threshold from "
         "the source validation split (uncalibrated) or from K good target images (calibrated)",
         "",
         "| target | model | n | " + " | ".join(keys) + " |",

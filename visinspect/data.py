@@ -289,6 +289,15 @@ def unknown_context_split(
     return src, tgt
 
 
+def target_test_images(target: Sequence[Sample]) -> list[Sample]:
+    """The test set of the unknown-context protocol: the target products' test/ images.
+
+    Their train/ images stay out of it: they are the unlabelled good parts a factory has of a new
+    product, which SimCLR may pre-train on and calibration may fit on, so none of them is scored.
+    """
+    return sorted((s for s in target if s.split == "test"), key=_sort_key)
+
+
 def summarize(samples: Sequence[Sample]) -> dict[str, dict]:
     """Per-category counts: good, anomaly, masks and images per defect type (both splits)."""
     out: dict[str, dict] = {}

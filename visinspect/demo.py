@@ -2,11 +2,14 @@
 
 Unknown context in miniature: train on four synthetic products, test on two it never saw
 (one texture, one object). Small settings by default so that it runs in about a minute on a
-laptop CPU; `DemoSettings.full()` gives the seed's 224 px recipe.
+laptop CPU; `DemoSettings.full()` gives the seed's 224 px recipe. `course_setup` is the one call
+with which every course notebook gets its data, split, settings and (when asked) model.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,15 +19,18 @@ from visinspect.data import (
     build_sample_table,
     default_synthetic_root,
     stratified_split,
+    target_test_images,
     unknown_context_split,
 )
 from visinspect.errors import CheckpointError
 from visinspect.models import VGG16CAM, pretrained_available
 from visinspect.synthetic import ensure_synthetic_dataset
 from visinspect.train import TrainConfig, train_baseline
+from visinspect.utils import set_seed
 
 SOURCE = ("grain_wood", "grain_leather", "round_pill", "bottle_top")
 TARGET = ("woven_fabric", "hex_nut")
+DATA_ENV = "VISINSPECT_DATA"  # a folder of real data in the MVTec AD layout, for the notebooks
 
 
 @dataclass(frozen=True)
@@ -49,15 +55,50 @@ def default_weights_dir() -> Path:
     return default_synthetic_root().parents[1] / "weights"
 
 
+def _split(
+    samples: Sequence[Sample], source: Sequence[str], target: Sequence[str], settings: DemoSettings
+) -> tuple[list[Sample], list[Sample], list[Sample], list[Sample], list[Sample]]:
+    """The course's protocol: (source, target, train, validation, test) of one sample table."""
+    src, tgt = unknown_context_split(samples, source, target)
+    train, val = stratified_split(src, settings.val_fraction, settings.seed)
+    return src, tgt, train, val, target_test_images(tgt)
+
+
 def demo_split(
     root: str | Path | None = None, settings: DemoSettings = DemoSettings()
 ) -> tuple[list[Sample], list[Sample], list[Sample]]:
-    """(train, validation, test): source categories split 80/20, every image of the targets."""
+    """(train, validation, test): source categories split 80/20; the targets' test/ images."""
     root = ensure_synthetic_dataset(default_synthetic_root()) if root is None else Path(root)
-    table = build_sample_table(root)
-    source, target = unknown_context_split(table.samples, SOURCE, TARGET)
-    train, val = stratified_split(source, settings.val_fraction, settings.seed)
-    return train, val, target
+    return _split(build_sample_table(root).samples, SOURCE, TARGET, settings)[2:]
+
+
+def _load_or_train(
+    path: Path,
+    settings: DemoSettings,
+    train: list[Sample],
+    val: list[Sample],
+    *,
+    weights: str | Path | None,
+    retrain: bool,
+    progress: bool,
+) -> tuple[VGG16CAM, dict, bool]:
+    """The classifier saved at `path` if it was trained with these settings on these images;
+    else one trained now and saved there. The flag says whether it was trained now."""
+    if path.is_file() and not retrain:
+        try:
+            model, info = load_classifier(path)
+            # A checkpoint trained from random weights is stale once ImageNet weights are here.
+            stale = info["backbone"].get("source") == "random" and pretrained_available(weights)
+            same_data = (info.get("train_categories") == sorted({s.category for s in train})
+                         and info.get("n_train") == len(train) and info.get("n_val") == len(val))
+            if info.get("demo_settings") == asdict(settings) and same_data and not stale:
+                return model, info, False
+        except CheckpointError:
+            pass  # unreadable or foreign: train a fresh one below
+    model, info = train_baseline(train, val, settings.train_config(), weights=weights, progress=progress)
+    info["demo_settings"] = asdict(settings)
+    save_classifier(path, model, **info)
+    return model, info, True
 
 
 def demo_model(
@@ -71,17 +112,82 @@ def demo_model(
     """Load the demo baseline from `checkpoint`, or train and save it there if it is missing
     (or was trained with other settings)."""
     path = Path(checkpoint) if checkpoint else default_weights_dir() / "demo_baseline.pt"
-    if path.is_file() and not retrain:
-        try:
-            model, info = load_classifier(path)
-            # A checkpoint trained from random weights is stale once ImageNet weights are here.
-            stale = info["backbone"].get("source") == "random" and pretrained_available(weights)
-            if info.get("demo_settings") == asdict(settings) and not stale:
-                return model, info
-        except CheckpointError:
-            pass  # unreadable or foreign: train a fresh one below
     train, val, _ = demo_split(settings=settings)
-    model, info = train_baseline(train, val, settings.train_config(), weights=weights, progress=progress)
-    info["demo_settings"] = asdict(settings)
-    save_classifier(path, model, **info)
+    model, info, _ = _load_or_train(
+        path, settings, train, val, weights=weights, retrain=retrain, progress=progress
+    )
     return model, info
+
+
+@dataclass
+class Course:
+    """What a course notebook works on: the data, its unknown-context split, the settings, where
+    notebook 02 keeps the baseline and, when asked for, that baseline."""
+
+    data_root: Path
+    real_data: bool
+    settings: DemoSettings
+    source: list[Sample]  # every image of the source products: their labels are used
+    target: list[Sample]  # every image of the target products: no label used before testing
+    train: list[Sample]
+    val: list[Sample]
+    test: list[Sample]  # the targets' test/ images: the one test set of the course
+    checkpoint: Path
+    model: VGG16CAM | None = None
+    info: dict | None = None
+
+    @property
+    def unlabelled_good(self) -> list[Sample]:
+        """The targets' train/ images: good parts of the new products, never scored."""
+        return [s for s in self.target if s.split == "train"]
+
+    def __str__(self) -> str:
+        if self.real_data:
+            bar = "!" * 72
+            data = f"{bar}\nREAL DATA: this notebook reads the images under {self.data_root}\n{bar}"
+        else:
+            data = "Data: the embedded SYNTHETIC dataset (made-up images) in data/synthetic/"
+        lines = [data, repr(self.settings)]
+        for name, part in (("train", self.train), ("validation", self.val), ("test", self.test)):
+            products = ", ".join(sorted({s.category for s in part}))
+            lines.append(f"{name:<10} {len(part):>4} images, {sum(s.label for s in part):>3} anomalous: "
+                         f"{products}")
+        lines.append(f"{len(self.unlabelled_good)} good images in the targets' train/ folders are not scored "
+                     "(unlabelled good parts of the new products)")
+        return "\n".join(lines)
+
+
+def course_setup(
+    data_root: str | Path | None = None,
+    source: Sequence[str] = SOURCE,
+    target: Sequence[str] = TARGET,
+    *,
+    full: bool = False,
+    model: bool = False,
+    weights: str | Path | None = "auto",
+    log: Callable[[str], None] = print,
+) -> Course:
+    """The start of every course notebook: seed, data, split, settings and, with `model=True`,
+    the baseline that notebook 02 saved (trained and saved here first if it is missing).
+
+    `data_root` None reads the environment variable VISINSPECT_DATA, else the embedded synthetic
+    dataset (generated on first use). `full` gives the seed's settings (224 px, 10 epochs).
+    """
+    settings = DemoSettings.full() if full else DemoSettings()
+    set_seed(settings.seed)
+    data_root = data_root or os.environ.get(DATA_ENV)
+    real_data = data_root is not None
+    root = Path(data_root) if real_data else ensure_synthetic_dataset(default_synthetic_root())
+    name = "notebook_real_baseline.pt" if real_data else "demo_baseline.pt"
+    src, tgt, train, val, test = _split(build_sample_table(root).samples, source, target, settings)
+    course = Course(root, real_data, settings, src, tgt, train, val, test, default_weights_dir() / name)
+    if model:
+        course.model, course.info, trained = _load_or_train(
+            course.checkpoint, settings, train, val, weights=weights, retrain=False, progress=True
+        )
+        where = course.checkpoint.relative_to(course.checkpoint.parents[1])
+        log(f"trained the baseline now and saved it to {where} (notebook 02 had not)" if trained
+            else f"loaded the baseline that notebook 02 saved to {where}")
+        log(f"backbone weights: {course.info['backbone']['source']}")
+        log(f"decision threshold (logit margin): {course.info['threshold']:.3f}")
+    return course

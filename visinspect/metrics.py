@@ -89,6 +89,30 @@ def per_group_metrics(labels, scores, groups: Sequence[str], threshold: float) -
     }
 
 
+def seed_spread(seeds: Sequence[int]) -> str:
+    """What a number over these seeds is, for titles and table headers: a mean ± std only when
+    there are several seeds (one seed has no spread, and saying "mean ± std" would hide that)."""
+    seeds = sorted(set(seeds))
+    if not seeds:
+        return "seed not recorded"
+    if len(seeds) == 1:
+        return f"one seed ({seeds[0]}), no spread"
+    return f"mean ± std over {len(seeds)} seeds {seeds}"
+
+
+def auroc_standard_error(auroc: float, n_anomalous: int, n_good: int) -> float:
+    """The standard error of an image AUROC measured on this many images (Hanley & McNeil,
+    Radiology 1982): how far two models' AUROCs on one small test set may differ by chance."""
+    if not 0.0 <= auroc <= 1.0:
+        raise DataError(f"an AUROC lies in [0, 1]; got {auroc}")
+    if n_anomalous < 1 or n_good < 1:
+        raise DataError(f"need at least one anomalous and one good image; got {n_anomalous} and {n_good}")
+    q1, q2 = auroc / (2 - auroc), 2 * auroc**2 / (1 + auroc)
+    variance = (auroc * (1 - auroc) + (n_anomalous - 1) * (q1 - auroc**2)
+                + (n_good - 1) * (q2 - auroc**2)) / (n_anomalous * n_good)
+    return float(np.sqrt(max(variance, 0.0)))
+
+
 def best_f1_threshold(labels, scores) -> float:
     """The threshold t that maximises F1 for the rule score > t.
 

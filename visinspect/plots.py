@@ -8,6 +8,7 @@ Grids take an optional `fig` to draw into, single plots an optional `ax`.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from itertools import zip_longest
@@ -36,7 +37,7 @@ from visinspect.cam import HeatmapNormalizer
 from visinspect.data import Sample, load_mask, load_rgb
 from visinspect.errors import DataError, VisinspectError
 from visinspect.inference import Predictions, ScoredImages
-from visinspect.metrics import POSITIVE_CLASS, _labels_scores
+from visinspect.metrics import POSITIVE_CLASS, _labels_scores, seed_spread
 from visinspect.utils import atomic_path
 
 # ColorBrewer Dark2: colour-blind safe and readable in print. Its first two colours are reserved
@@ -49,6 +50,10 @@ MASK_COLOR = "#39ff14"  # ground-truth contour: green, also absent from the colo
 HEATMAP_CMAP = "inferno"  # perceptually uniform and dark when cold: a good image stays dark
 CONFUSION_CMAP = "Blues"  # light cells keep the black count annotations readable
 FONT_SIZES = {"title": 11, "label": 10, "tick": 9, "legend": 9}
+REFERENCE_GREYS = ("#333333", "#999999")  # reference lines (chance, always "good"): not data
+HISTORY_KEYS = ("loss", "accuracy", "recall")
+# What guessing scores, for the metrics that have a level independent of the data.
+CHANCE_LEVELS = {"image_auroc": 0.5, "pixel_auroc": 0.5, "balanced_accuracy": 0.5}
 DPI = 120
 
 _STYLE = {
@@ -295,7 +300,7 @@ def draw_prediction(
     predicted = int(margin > threshold)
     overlay(ax, _load_image(s.path, preds.image_size), heatmap, boxes, preds.masks([index])[0])
     ax.set_title(
-        f"true: {LABEL_NAMES[s.label]} · pred: {LABEL_NAMES[predicted]}\n"
+        f"true: {LABEL_NAMES[s.label]} · predicted: {LABEL_NAMES[predicted]}\n"
         f"P(anomaly)={preds.probabilities[index]:.2f} · margin {margin:.1f}"
         + (f"\n{note}" if note else ""),
         fontsize=FONT_SIZES["label"],
@@ -346,10 +351,10 @@ def plot_prediction_grid(
     return fig
 
 
-def add_heat_colorbar(fig: Figure, axes, heat_mode: str) -> None:
+def add_heat_colorbar(fig: Figure, axes, heat_mode: str, label: str | None = None) -> None:
     """The 0..1 heat scale of normalised heatmaps, beside `axes` (opaque, unlike the overlay)."""
     scale = ScalarMappable(Normalize(0.0, 1.0), HEATMAP_CMAP)
-    fig.colorbar(scale, ax=axes, shrink=0.8, label=f"heat ({heat_mode}-normalised)")
+    fig.colorbar(scale, ax=axes, shrink=0.8, label=label or f"heat ({heat_mode}-normalised)")
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -412,25 +417,36 @@ def plot_roc_pr(labels, scores, ax: Sequence[Axes] | None = None) -> Figure:
 
 
 def plot_history(
-    history: Mapping[str, Sequence[float]], ax: Sequence[Axes] | None = None
+    history: Mapping[str, Sequence[float]],
+    ax: Sequence[Axes] | None = None,
+    references: Mapping[str, Mapping[str, float]] | None = None,
 ) -> Figure:
-    """Training curves: loss and accuracy per epoch (train solid, "val_..." keys dashed)."""
-    keys = [k for k in ("loss", "accuracy") if k in history]
+    """Curves per epoch: loss, accuracy and recall, whichever `history` has (train solid,
+    "val_..." keys dashed), each with its reference lines, e.g. {"accuracy": {"always 'good'":
+    0.64}}: a curve means little without the level that needs no learning at all."""
+    keys = [k for k in HISTORY_KEYS if k in history or f"val_{k}" in history]
     if not keys:
-        raise DataError(f"history has neither 'loss' nor 'accuracy'; its keys: {sorted(history)}")
+        raise DataError(f"history has none of {', '.join(HISTORY_KEYS)}; its keys: {sorted(history)}")
     fig, axes = _axes(ax, 1, len(keys), (4.0, 3.0), "plot_history")
+    references = references or {}
     for a, key in zip(axes, keys, strict=True):
-        for name, style, label in ((key, "-", "train"), (f"val_{key}", "--", "validation")):
+        # One colour per split in every panel, also where a panel has validation values only.
+        for name, style, label, color in ((key, "-", "train", PALETTE[2]),
+                                          (f"val_{key}", "--", "validation", PALETTE[3])):
             if name in history:
                 values = np.asarray(history[name], dtype=np.float64)
-                a.plot(np.arange(1, values.size + 1), values, style, marker="o", ms=3, label=label)
+                a.plot(np.arange(1, values.size + 1), values, style, color=color, marker="o", ms=3,
+                       label=label)
+        for i, (label, value) in enumerate(references.get(key, {}).items()):
+            a.axhline(value, ls=":", lw=1.2, color=REFERENCE_GREYS[i % len(REFERENCE_GREYS)],
+                      label=f"{label} ({value:.3g})")
         a.set_xlabel("epoch")
-        a.set_ylabel(key)
+        a.set_ylabel(f"recall ({POSITIVE_CLASS})" if key == "recall" else key)
         a.set_title(key)
         a.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if key == "accuracy":
+        if key != "loss":
             a.set_ylim(0, 1.02)
-        a.legend()
+        a.legend(fontsize=FONT_SIZES["legend"] - 1)
     return fig
 
 
@@ -476,8 +492,11 @@ def plot_metric_bars(
     by: str = "model",
     hue: str | None = "target",
     ax: Axes | None = None,
+    chance: float | None = None,
 ) -> Figure:
-    """Bars of mean ± std (over seeds: rows sharing `by` and `hue`) of one metric.
+    """Bars of one metric: mean ± std over seeds (rows sharing `by` and `hue`), or the single
+    value when the rows hold one seed, with the chance level as a line (`chance`, or the metric's
+    in CHANCE_LEVELS).
 
     Rows are plain result dicts; groups keep the order in which they first appear. Missing
     values (None, e.g. AUROC of a one-class split) are left out of the mean.
@@ -496,21 +515,25 @@ def plot_metric_bars(
     size = (max(4.0, 1.5 + 0.6 * len(xs) * len(hues)), 3.5)
     fig, (ax,) = _axes(ax, 1, 1, size, "plot_metric_bars")
     width = 0.8 / len(hues)
+    spread = any(len(a) > 1 for a in values.values())  # else no error bars at all, not empty ones
     for j, h in enumerate(hues):
         pos = [i for i, x in enumerate(xs) if (x, h) in values]
         v = [values[(xs[i], h)] for i in pos]
         # Sample std over seeds; a single seed has no spread to show.
-        std = [np.std(a, ddof=1) if len(a) > 1 else 0.0 for a in v]
+        std = [np.std(a, ddof=1) if len(a) > 1 else 0.0 for a in v] if spread else None
         offset = (j - (len(hues) - 1) / 2) * width
         ax.bar(np.array(pos) + offset, [np.mean(a) for a in v], width, yerr=std, capsize=3, label=h)
+    chance = CHANCE_LEVELS.get(metric) if chance is None else chance
+    if chance is not None:
+        ax.axhline(chance, ls="--", lw=1.2, color=REFERENCE_GREYS[0], label=f"chance ({chance:g})")
     rotate = {"rotation": 30, "ha": "right"} if len(xs) > 4 or max(len(str(x)) for x in xs) > 12 else {}
     ax.set_xticks(range(len(xs)), [str(x) for x in xs], **rotate)
     ax.set_xlabel(by)
     ax.set_ylabel(metric)
     if all(0 <= x <= 1 for a in values.values() for x in a):
         ax.set_ylim(0, 1.05)
-    ax.set_title(f"{metric} by {by} (mean ± std over seeds)")
-    if hue:
+    ax.set_title(f"{metric} by {by} ({seed_spread([row['seed'] for row in rows if 'seed' in row])})")
+    if hue or chance is not None:
         ax.legend(title=hue, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # off the bars
     return fig
 
@@ -523,6 +546,7 @@ def plot_model_heatmaps(
     normalizers: Mapping[str, HeatmapNormalizer | None],
     paths: Sequence[str],
     *,
+    rows: Sequence[Mapping] = (),
     box_threshold: float = 0.5,
     min_area: int = 16,
     fig: Figure | None = None,
@@ -530,12 +554,17 @@ def plot_model_heatmaps(
     """The same test images (rows) under each model (columns): heatmap, boxes, mask contour.
 
     Each model's maps are scaled with its own normaliser (per image if it has none), so the
-    colours mean what that model's boxes mean.
+    colours mean what that model's boxes mean; the colour bar is that 0..1 scale. Models score
+    on different scales (a logit margin, a patch distance), so each image shows its score minus
+    the model's threshold (above 0: predicted anomaly) and the column names the score; both come
+    from the models' result `rows` (compare.run_seed; without them: threshold 0, "score").
     """
     models = list(scored)
     if not models or not paths:
         raise DataError("need at least one model and one image path to compare heatmaps")
-    fig, axes = _grid(fig, len(paths), len(models), (2.6, 2.8))
+    threshold = {r["model"]: float(r["threshold"]) for r in rows if r.get("target") == "all"}
+    score_name = {r["model"]: str(r["score"]) for r in rows if r.get("target") == "all"}
+    fig, axes = _grid(fig, len(paths), len(models), (2.8, 3.0))
     axes = np.asarray(axes).reshape(len(paths), len(models))
     for col, name in enumerate(models):
         s = scored[name]
@@ -547,13 +576,18 @@ def plot_model_heatmaps(
         norm = normalizers.get(name)
         heat = s.heatmaps(idx, "dataset" if norm else "image", norm).numpy()
         masks = s.masks(idx)
+        t = threshold.get(name, 0.0)
         for row, (i, h, m) in enumerate(zip(idx, heat, masks, strict=True)):
             ax = axes[row, col]
             boxes = heatmap_to_boxes(h, box_threshold, min_area)
             overlay(ax, _load_image(s.samples[i].path, s.image_size), h, boxes, m)
-            label = LABEL_NAMES[s.samples[i].label]
-            ax.set_title(f"{name}\n{label} · score {s.scores[i]:.2f}" if row == 0
-                         else f"{label} · score {s.scores[i]:.2f}", fontsize=FONT_SIZES["label"])
+            above = float(s.scores[i]) - t
+            title = (f"true: {LABEL_NAMES[s.samples[i].label]} · predicted: {LABEL_NAMES[int(above > 0)]}\n"
+                     f"score − threshold {above:+.2f}")
+            if row == 0:
+                title = f"{name}\nscore: {textwrap.fill(score_name.get(name, 'score'), 30)}\n{title}"
+            ax.set_title(title, fontsize=FONT_SIZES["label"] - 1)
+    add_heat_colorbar(fig, axes, "each model's own", label="heat (each model's own 0…1 scale)")
     return fig
 
 

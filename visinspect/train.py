@@ -168,6 +168,38 @@ def train_classifier(
     return {**state.history, "epochs_run": state.epoch, "stopped_early": state.stopped_early}
 
 
+def validation_curve(
+    model: VGG16CAM, samples: Sequence[Sample], config: TrainConfig
+) -> tuple[Callable[[int, dict], None], dict[str, list[float]]]:
+    """A `train_classifier` hook that scores held-out `samples` after every epoch, and the dict
+    it fills: val_loss (with the training loss's class weights), val_accuracy, val_recall
+    (positive class anomaly) and val_flagged (the share called anomalous), at P(anomaly) > 0.5
+    as the training accuracy is. It changes no weight: learning curves only."""
+    labels = torch.tensor([s.label for s in samples])
+    if labels.sum() == 0:
+        raise DataError("a validation curve needs anomalous images among the held-out samples (recall)")
+    weight = torch.tensor(config.class_weights, dtype=torch.float32)
+    curves: dict[str, list[float]] = {"val_loss": [], "val_accuracy": [], "val_recall": [], "val_flagged": []}
+    cache: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def hook(epoch: int, history: dict) -> None:
+        was_training = model.training
+        if not cache:  # the frozen layers never change: run them once, on the model's final device
+            precision = resolve_precision(config.precision)
+            cache.append(frozen_features(model, samples, config.image_size, precision))
+        model.eval()
+        logits = model.head(model.trainable(cache[0])).float().cpu()
+        model.train(was_training)
+        predicted = logits.argmax(1)
+        curves["val_loss"].append(round(float(nn.functional.cross_entropy(logits, labels, weight=weight)), 6))
+        curves["val_accuracy"].append(round(float((predicted == labels).float().mean()), 6))
+        curves["val_recall"].append(round(float(predicted[labels == 1].float().mean()), 6))
+        curves["val_flagged"].append(round(float(predicted.float().mean()), 6))
+
+    return hook, curves
+
+
 def _save_resumable(path, model, optimizer, shuffle, config, state: TrainState) -> None:
     save_checkpoint(
         path,
@@ -205,12 +237,14 @@ def train_baseline(
     checkpoint_path: str | Path | None = None,
     resume: str | Path | None = None,
     device: str | torch.device = "auto",
+    on_epoch_end: Callable[[int, dict], None] | None = None,
 ) -> tuple[VGG16CAM, dict]:
     """The whole baseline: build (or take) a model, train it, then calibrate on validation images.
 
     On the validation split (held-out images of the *training* categories) it picks the
     F1-optimal decision threshold and fits the dataset-level heatmap normaliser. Returns the
-    model and the info dict that `checkpoint.save_classifier` stores.
+    model and the info dict that `checkpoint.save_classifier` stores. `on_epoch_end` is
+    `train_classifier`'s hook (e.g. `validation_curve`).
     """
     config = config or TrainConfig()
     if model is None:
@@ -218,7 +252,8 @@ def train_baseline(
         model, provenance = build_model(weights)
     model.to(resolve_device(device))  # "auto": a CUDA GPU if there is one; nothing needs one
     history = train_classifier(
-        model, train_samples, config, progress=progress, checkpoint_path=checkpoint_path, resume=resume
+        model, train_samples, config, progress=progress, checkpoint_path=checkpoint_path, resume=resume,
+        on_epoch_end=on_epoch_end,
     )
     val = predict(model, val_samples, config.image_size, precision=config.precision)
     normalizer = HeatmapNormalizer.fit(upsample(val.cams, config.image_size)) if len(val_samples) else None

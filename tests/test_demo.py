@@ -1,0 +1,55 @@
+"""Tests for visinspect.demo: the one setup call every course notebook starts with."""
+
+from dataclasses import dataclass
+
+import pytest
+
+from visinspect import demo
+from visinspect.data import build_sample_table
+
+
+def test_course_setup_gives_the_course_split(tiny_root, monkeypatch):
+    monkeypatch.delenv(demo.DATA_ENV, raising=False)
+    course = demo.course_setup(tiny_root, ["grain_wood"], ["round_pill"])
+    table = build_sample_table(tiny_root).samples
+    assert course.real_data and course.model is None
+    assert {s.category for s in course.train + course.val} == {"grain_wood"}
+    assert course.test and all(s.category == "round_pill" and s.split == "test" for s in course.test)
+    assert course.unlabelled_good and all(s.split == "train" and s.label == 0 for s in course.unlabelled_good)
+    parts = [course.train, course.val, course.test, course.unlabelled_good]
+    assert sum(map(len, parts)) == len(table)  # every image in exactly one part
+    assert course.checkpoint.name == "notebook_real_baseline.pt"
+    summary = str(course)
+    assert "REAL DATA" in summary and f"test       {len(course.test):>4} images" in summary
+
+
+def test_course_setup_reads_the_data_folder_from_the_environment(tiny_root, monkeypatch):
+    monkeypatch.setenv(demo.DATA_ENV, str(tiny_root))
+    course = demo.course_setup(None, ["grain_wood"], ["round_pill"])
+    assert course.data_root == tiny_root and course.real_data
+
+
+@pytest.mark.slow
+def test_course_setup_trains_the_model_once_then_loads_it(tiny_root, tmp_path, monkeypatch):
+    monkeypatch.delenv(demo.DATA_ENV, raising=False)
+    monkeypatch.setattr(demo, "default_weights_dir", lambda: tmp_path)
+
+    @dataclass(frozen=True)
+    class Tiny(demo.DemoSettings):  # one epoch at 32 px: seconds, not minutes
+        image_size: int = 32
+        epochs: int = 1
+
+    monkeypatch.setattr(demo, "DemoSettings", Tiny)
+    said = []
+    first = demo.course_setup(tiny_root, ["grain_wood"], ["round_pill"], model=True, weights="random",
+                              log=said.append)
+    assert first.checkpoint.is_file() and said[0].startswith("trained the baseline now")
+    again = demo.course_setup(tiny_root, ["grain_wood"], ["round_pill"], model=True, weights="random",
+                              log=said.append)
+    assert said[3].startswith("loaded the baseline")
+    assert again.info["threshold"] == first.info["threshold"]
+    # Another split of the data is another model: trained anew, not loaded.
+    other = demo.course_setup(tiny_root, ["round_pill"], ["grain_wood"], model=True, weights="random",
+                              log=said.append)
+    assert said[6].startswith("trained the baseline now")
+    assert other.info["train_categories"] == ["round_pill"]
