@@ -26,6 +26,11 @@ TINY_PER_CATEGORY = {
 
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "slow: trains or runs the command line end to end (seconds)")
+    config.addinivalue_line(
+        "markers",
+        "precision: checks numbers of a run in the precision that 'auto' resolves to; CI runs these "
+        "under VISINSPECT_PRECISION=fp32 and =bf16",
+    )
 
 
 @pytest.fixture(scope="session")
