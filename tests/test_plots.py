@@ -17,7 +17,7 @@ from visinspect import plots, widgets
 from visinspect.boxes import Box, heatmap_to_boxes
 from visinspect.cam import HeatmapNormalizer
 from visinspect.data import build_sample_table, summarize
-from visinspect.errors import DataError, VisinspectError
+from visinspect.errors import ConfigError, DataError, VisinspectError
 from visinspect.inference import Predictions
 from visinspect.metrics import classification_metrics
 from visinspect.synthetic import generate_synthetic_dataset
@@ -308,6 +308,8 @@ def test_threshold_positions_keep_an_outside_threshold_and_handle_equal_scores()
         widgets.threshold_positions([1.0, float("nan")])
     with pytest.raises(DataError, match="at least one score"):
         widgets.threshold_positions([])
+    with pytest.raises(ConfigError, match="max_steps"):
+        widgets.threshold_positions([1.0, 2.0], max_steps=0)
 
 
 def test_threshold_positions_of_many_scores_move_past_equal_shares_of_images():

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 
 from visinspect.boxes import Box, heatmap_to_boxes
 from visinspect.cam import HeatmapNormalizer
-from visinspect.errors import DataError
+from visinspect.errors import ConfigError, DataError
 from visinspect.inference import Predictions
 from visinspect.metrics import POSITIVE_CLASS, classification_metrics
 from visinspect.plots import (
@@ -176,7 +176,7 @@ def threshold_positions(scores, threshold: float = 0.0, max_steps: int = 200) ->
     if s.size == 0 or not np.all(np.isfinite(s)) or not np.isfinite(threshold):
         raise DataError("threshold positions need at least one score, and finite scores and threshold")
     if max_steps < 1:
-        raise ValueError(f"max_steps must be at least 1; got {max_steps}")
+        raise ConfigError(f"max_steps must be at least 1; got {max_steps}")
     n = s.size
     # k = how many scores are <= t (not flagged); k changes only between distinct scores.
     ks = np.concatenate([[0], np.flatnonzero(s[1:] > s[:-1]) + 1, [n]])
@@ -206,8 +206,8 @@ def threshold_explorer(
     `threshold_positions`), starting at `threshold` (the model's), with the metrics at the chosen
     threshold and the score histograms (per group if given) with the threshold line."""
     s = np.asarray(scores, dtype=np.float64).ravel()
-    threshold_metrics(labels, s, threshold)  # validates labels, scores and threshold with a clear error
-    stops = threshold_positions(s, threshold)
+    threshold_metrics(labels, s, threshold)  # validates labels and scores with a clear error
+    stops = threshold_positions(s, threshold)  # and the threshold
     slider = widgets.SelectionSlider(
         options=list(zip(_labels(stops), stops.tolist(), strict=True)), value=float(threshold),
         description="anomaly if logit margin >", continuous_update=False, style=READABLE,
