@@ -32,6 +32,11 @@ _STORE_DIR: str | None = None
 
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "slow: trains or runs the command line end to end (seconds)")
+    config.addinivalue_line(
+        "markers",
+        "precision: checks numbers of a run in the precision that 'auto' resolves to; CI runs these "
+        "under VISINSPECT_PRECISION=fp32 and =bf16",
+    )
     # The tests (and the notebooks nbval runs, whose kernels inherit the environment) share one
     # temporary feature store, so they never fill or depend on the user's cache.
     global _STORE_DIR

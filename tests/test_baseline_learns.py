@@ -9,6 +9,8 @@ from visinspect.models import pretrained_available
 from visinspect.train import train_baseline
 
 
+# Trains in the precision "auto" resolves to. It also passes with VISINSPECT_PRECISION=bf16, but
+# emulated bf16 (AVX2) took 9 min here, so it is not one of the `precision` tests CI reruns in bf16.
 @pytest.mark.slow
 @pytest.mark.skipif(not pretrained_available("auto"),
                     reason="no ImageNet VGG16 weights (set VISINSPECT_BACKBONE_WEIGHTS): a random "

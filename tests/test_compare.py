@@ -98,6 +98,7 @@ def test_compare_cli_writes_json_rows(tiny_root, tmp_path, monkeypatch, capsys):
         "compare_f1.png", "compare_heatmaps.png", "compare_image_auroc.png"]
 
 
+@pytest.mark.precision
 @pytest.mark.slow
 def test_evaluate_calibrate_uses_only_good_train_images(tiny_root, tmp_path, capsys):
     ckpt = tmp_path / "m.pt"
@@ -120,4 +121,6 @@ def test_evaluate_calibrate_uses_only_good_train_images(tiny_root, tmp_path, cap
                      "--out", str(tmp_path / "pred"), "--no-overlays", "--calibration", cal["file"]])
     assert code == 0
     lines = [json.loads(x) for x in (tmp_path / "pred" / "predictions.jsonl").read_text().splitlines()]
-    assert {round(x["threshold_margin"], 3) for x in lines} == {round(cal["threshold"]["round_pill"], 3)}
+    # predict writes the threshold rounded to 4 decimals; the calibration file keeps it whole (the
+    # report's copy is rounded to 6, and rounding twice can land on the other side of a 5).
+    assert {x["threshold_margin"] for x in lines} == {round(saved["round_pill"].threshold, 4)}

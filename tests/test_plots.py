@@ -17,7 +17,7 @@ from visinspect import plots, widgets
 from visinspect.boxes import Box, heatmap_to_boxes
 from visinspect.cam import HeatmapNormalizer
 from visinspect.data import build_sample_table, summarize
-from visinspect.errors import DataError, VisinspectError
+from visinspect.errors import ConfigError, DataError, VisinspectError
 from visinspect.inference import Predictions
 from visinspect.metrics import classification_metrics
 from visinspect.synthetic import generate_synthetic_dataset
@@ -300,25 +300,79 @@ def test_heatmap_explorer_redraws_with_the_slider_values(preds, monkeypatch):
 
     monkeypatch.setattr(widgets, "render_heatmap_view", spy)
     box = widgets.heatmap_explorer(preds)
-    (image, mode), (box_threshold, min_area) = (row.children for row in box.children[:2])
+    image, mode, sliders, summary, _ = box.children
+    box_threshold, min_area = sliders.children
     assert len(image.options) == len(preds.samples) and "(true: " in image.options[0][0]
     box_threshold.value = 0.3
     mode.value = "image"
     image.value = 3
     assert len(calls) == 4  # the first drawing, then one per change
     assert calls[-1][1:5] == (3, 0.3, min_area.value, "image")
+    drawn = widgets.boxes_at(preds, 3, 0.3, min_area.value, "image")
+    assert drawn and summary.value.startswith(f"<b>{len(drawn)} box(es)</b> at heat &gt; 0.30")
+    assert all(f"({b.x0}, {b.y0}, {b.x1}, {b.y1}) peak {b.score:.2f}" in summary.value for b in drawn)
 
 
-def test_threshold_explorer_updates_the_table():
+def test_explorer_labels_are_not_cut_to_the_default_width(preds):
+    """ipywidgets cuts descriptions at 80 px ("min area (…") unless their width is 'initial'."""
+    controls = [*widgets.heatmap_explorer(preds).children[:2],
+                *widgets.heatmap_explorer(preds).children[2].children,
+                widgets.threshold_explorer([0, 1], [0.0, 1.0]).children[0]]
+    assert all(c.style.description_width == "initial" for c in controls)
+
+
+def test_threshold_explorer_starts_at_the_model_threshold_and_updates_the_table():
     labels = [0, 0, 1, 1, 1]
     scores = [-1.0, 0.5, 0.2, 2.0, 3.0]
-    box = widgets.threshold_explorer(labels, scores)
+    box = widgets.threshold_explorer(labels, scores, threshold=0.3)
     slider, (table, _) = box.children[0], box.children[1].children
-    assert (slider.min, slider.max) == (-1.0, 3.0)
-    slider.value = 1.0
+    assert slider.value == 0.3 and "anomaly if score > 0.30" in table.value
+    assert [v for _, v in slider.options] == widgets.threshold_positions(scores, 0.3).tolist()
+    slider.index += 1  # one step right: past the next score (0.5), one false alarm less
     m = widgets.threshold_metrics(labels, scores, slider.value)
-    assert f"{m['recall']:.3f}" in table.value
-    assert "anomaly if score > 1.00" in table.value
+    assert slider.value == 1.25 and (m["fp"], m["tp"]) == (0, 2)
+    assert f"{m['recall']:.3f}" in table.value and "anomaly if score > 1.25" in table.value
+
+
+def flagged_counts(scores, stops) -> list[int]:
+    return [int((np.asarray(scores) > t).sum()) for t in stops]
+
+
+def test_threshold_positions_reach_every_decision_once_and_start_at_the_threshold():
+    # Skewed like logit margins: a crowd near 0, a long tail, a tie.
+    scores = [-1.22, -0.5, -0.1, 0.0, 0.2, 0.2, 0.86, 3.0, 40.0, 90.37]
+    stops = widgets.threshold_positions(scores, threshold=0.441)
+    assert np.all(np.diff(stops) > 0)
+    assert stops[0] < min(scores) and stops[-1] == max(scores)
+    assert 0.441 in stops
+    # All flagged ... none flagged, one stop per distinct outcome (9 distinct scores: 10 outcomes).
+    assert flagged_counts(scores, stops) == [10, 9, 8, 7, 6, 4, 3, 2, 1, 0]
+    assert stops[list(stops).index(0.441) - 1] == pytest.approx(0.1)  # midpoint of 0.0 and 0.2
+
+
+def test_threshold_positions_keep_an_outside_threshold_and_handle_equal_scores():
+    assert widgets.threshold_positions([1.0, 2.0], threshold=-5.0).tolist() == [-5.0, 1.5, 2.0]
+    # Above every score: the threshold is the "none flagged" stop itself.
+    assert widgets.threshold_positions([1.0, 2.0], threshold=9.0).tolist() == [0.99, 1.5, 9.0]
+    assert widgets.threshold_positions([3.0, 3.0], threshold=0.0).tolist() == [0.0, 3.0]
+    with pytest.raises(DataError, match="finite"):
+        widgets.threshold_positions([1.0, float("nan")])
+    with pytest.raises(DataError, match="at least one score"):
+        widgets.threshold_positions([])
+    with pytest.raises(ConfigError, match="max_steps"):
+        widgets.threshold_positions([1.0, 2.0], max_steps=0)
+
+
+def test_threshold_positions_of_many_scores_move_past_equal_shares_of_images():
+    scores = np.random.default_rng(0).lognormal(0.0, 2.0, 5000) - 1.0  # skewed, one long tail
+    stops = widgets.threshold_positions(scores, threshold=0.0, max_steps=100)
+    assert np.all(np.diff(stops) > 0) and 101 <= len(stops) <= 102 and 0.0 in stops
+    assert stops[0] < scores.min() and stops[-1] == scores.max()
+    passed = -np.diff(flagged_counts(scores, stops))
+    assert passed.sum() == len(scores)
+    without_threshold = np.delete(passed, [i for i in (np.argmax(stops == 0.0) - 1,
+                                                       np.argmax(stops == 0.0)) if 0 <= i < len(passed)])
+    assert without_threshold.min() >= 49 and without_threshold.max() <= 51  # 5000 / 100 per step
 
 
 def test_metric_vs_k_draws_one_line_per_few_good_parts_model():

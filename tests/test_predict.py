@@ -14,8 +14,9 @@ from visinspect.checkpoint import load_classifier, save_classifier
 from visinspect.errors import ConfigError, DataError
 from visinspect.predict import (
     RESULTS_NAME,
+    find_images,
     list_images,
-    overlay_name,
+    overlay_names,
     predict_folder,
     predict_images,
 )
@@ -136,33 +137,79 @@ def test_scores_and_boxes_in_original_pixels(tree, reference):
     assert n_boxes >= len(rows)  # per-image normalisation puts a hot spot in every image
 
 
+@pytest.mark.precision
 def test_same_input_same_output(loaded, tree, reference, tmp_path):
     predict_images(*loaded, [tree[0]], tmp_path, overlays=False, batch_size=1, progress=False)
     assert (tmp_path / RESULTS_NAME).read_bytes() == (reference[0] / RESULTS_NAME).read_bytes()
 
 
-def test_overlays_written_with_deterministic_names(loaded, tree, tmp_path):
+def test_overlays_are_named_after_their_images(loaded, tree, tmp_path):
     root = tmp_path / "images"
     (root / "sub").mkdir(parents=True)
-    for name in ("good_0.png", "gray.png", "sub/wide 2.PNG", "corrupt.png"):
+    for name in ("good_0.png", "good_1.jpg", "gray.png", "sub/wide 2.PNG", "corrupt.png"):
         shutil.copy(tree[0] / name, root / name)
+    shutil.copy(tree[0] / "good_1.jpg", root / "gray.jpg")  # a second "gray": it gets a suffix
     out = root / "results"  # inside the input folder: its overlays must never be scored
     first = predict_images(*loaded, [root], out, batch_size=2, progress=False)
     again = predict_images(*loaded, [root], out, batch_size=2, resume=True, progress=False)
-    assert (first["n_images"], first["n_failed"]) == (4, 1)
-    assert (again["n_skipped"], again["n_images"]) == (3, 1)  # only the failure is tried again
-    rows = [r for r in read_rows(out) if "error" not in r]
-    assert sorted(p.name for p in (out / "overlays").iterdir()) == sorted(
-        Path(r["overlay"]).name for r in rows)
-    assert all(r["overlay"] == f"overlays/{overlay_name(Path(r['path']))}" for r in rows)
-    with Image.open(out / rows[0]["overlay"]) as img:
+    assert (first["n_images"], first["n_failed"]) == (6, 1)
+    assert (again["n_skipped"], again["n_images"]) == (5, 1)  # only the failure is tried again
+    rows = {Path(r["path"]).relative_to(root).as_posix(): r for r in read_rows(out)}
+    assert {name: r.get("overlay") for name, r in rows.items()} == {
+        "corrupt.png": None,
+        "good_0.png": "overlays/good_0.png",
+        "good_1.jpg": "overlays/good_1.png",
+        "gray.jpg": "overlays/gray.png",  # sorted first: the plain name
+        "gray.png": "overlays/gray_2.png",
+        "sub/wide 2.PNG": "overlays/sub/wide 2.png",
+    }
+    written = sorted(p.relative_to(out).as_posix() for p in (out / "overlays").rglob("*.png"))
+    assert written == sorted(r["overlay"] for r in rows.values() if "overlay" in r)
+    with Image.open(out / rows["sub/wide 2.PNG"]["overlay"]) as img:
         assert img.format == "PNG" and min(img.size) > 100
     assert plt.get_fignums() == []  # no figure left open (they would pile up over a long run)
-    # Same names in different folders, and one stem with two extensions, stay apart.
-    clash = [Path("a/x.png"), Path("b/x.png"), Path("a/x.jpg")]
-    assert len({overlay_name(p) for p in clash}) == 3
 
 
+def test_overlay_names_keep_folders_and_resolve_clashes_deterministically():
+    found = {Path("in/a/x.png"): Path("a/x.png"), Path("in/a/X.jpg"): Path("a/X.jpg"),
+             Path("in/a/x_2.png"): Path("a/x_2.png"), Path("in/b/x.png"): Path("b/x.png"),
+             Path("other/x.png"): Path("x.png"), Path("more/x.png"): Path("x.png")}
+    names = overlay_names(found)
+    assert names == {
+        Path("in/a/x.png"): "overlays/a/x.png",
+        Path("in/a/X.jpg"): "overlays/a/X_2.png",  # x.png and X.png are one file on macOS
+        Path("in/a/x_2.png"): "overlays/a/x_2_2.png",  # its own name was given away just above
+        Path("in/b/x.png"): "overlays/b/x.png",
+        Path("other/x.png"): "overlays/x.png",
+        Path("more/x.png"): "overlays/x_2.png",
+    }
+    assert overlay_names(dict(reversed(found.items())))[Path("in/a/X.jpg")] == "overlays/a/X.png"
+    # Names given by an earlier run (resume) are kept, and not given to anyone else.
+    taken = {Path("in/a/X.jpg"): "overlays/a/x.png"}
+    again = overlay_names(found, taken)
+    assert again[Path("in/a/X.jpg")] == "overlays/a/x.png"
+    assert again[Path("in/a/x.png")] == "overlays/a/x_2.png"
+    # A name at the file system's limit still fits with its suffix.
+    long = {Path(f"{c}{'é' * 126}.jpg"): Path(f"{'é' * 126}.jpg") for c in "ab"}
+    assert [len(n.split("/")[-1].encode()) <= 255 for n in overlay_names(long).values()] == [True, True]
+    assert len(set(overlay_names(long).values())) == 2
+
+
+def test_resume_keeps_overlay_names_when_a_clashing_image_is_added(loaded, tree, tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    shutil.copy(tree[0] / "good_1.jpg", root / "b.jpg")
+    out = tmp_path / "out"
+    predict_images(*loaded, [root], out, progress=False)
+    first = (out / "overlays" / "b.png").read_bytes()
+    shutil.copy(tree[0] / "good_0.png", root / "b.bmp")  # sorts first: would take b.png
+    summary = predict_images(*loaded, [root], out, resume=True, progress=False)
+    rows = {Path(r["path"]).name: r["overlay"] for r in read_rows(out)}
+    assert summary["n_skipped"] == 1 and rows == {"b.jpg": "overlays/b.png", "b.bmp": "overlays/b_2.png"}
+    assert (out / "overlays" / "b.png").read_bytes() == first  # b.jpg's overlay is not overwritten
+
+
+@pytest.mark.precision
 @pytest.mark.parametrize("cut", [0.5, 0.0])
 def test_resume_after_kill(loaded, tree, reference, tmp_path, cut):
     """Keep the first lines and half the next (a kill mid-write): resume reaches the same rows."""
@@ -193,6 +240,11 @@ def test_list_images(tree, tmp_path):
     found = list_images([root])
     assert [p.relative_to(root).as_posix() for p in found] == sorted(
         good | bad, key=lambda n: Path(root, n))
+    # Each is mapped to its path under the input that found it first (a file named: its name).
+    assert find_images([root / "sub", root]) == {
+        **{p: p.relative_to(root / "sub") for p in found if "sub" in p.parts},
+        **{p: p.relative_to(root) for p in found if "sub" not in p.parts}}
+    assert find_images([root / "good_0.png"]) == {root / "good_0.png": Path("good_0.png")}
     # A file named directly counts whatever its name; duplicates are dropped, input order kept.
     stray = root / "notes.txt"
     again = list_images([stray, root, root / "sub", root / "good_0.png"])

@@ -1,7 +1,8 @@
-"""Checks on the real defect images in ../shared/data (MVTec AD subset, magnetic tile, DeepPCB).
+"""Checks on the real defect images (MVTec AD subset, magnetic tile, DeepPCB; README: Datasets).
 
-They skip, saying why, when that folder is absent (set VISINSPECT_SHARED_DATA to its path; CI does).
-Counts are those of the READMEs/MANIFESTs shipped with the data.
+They skip, saying why, unless VISINSPECT_SHARED_DATA names the folder holding them as mvtec_ad/
+and industrial/ (CI sets it to ../shared/data). Counts are those of the READMEs/MANIFESTs
+shipped with the data.
 """
 
 import os

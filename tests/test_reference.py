@@ -94,6 +94,7 @@ def test_a_pasted_defect_raises_the_score_where_it_is(model, data, bank):
         assert dist[torch.from_numpy(cells)].mean() > dist[torch.from_numpy(~near)].mean(), defect
 
 
+@pytest.mark.precision
 def test_subsampling_is_seeded_and_bounded(model, data):
     good, _ = data
     a = PatchMemoryBank.fit(model, good[:2], image_size=SIZE, max_patches=50, seed=3)

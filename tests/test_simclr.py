@@ -30,6 +30,7 @@ from visinspect.simclr import (
     warmup_cosine,
 )
 from visinspect.synthetic import generate_synthetic_dataset
+from visinspect.utils import autocast, resolve_precision
 
 SOURCE, TARGET = ("grain_wood", "round_pill"), ("hex_nut",)
 # Every augmentation off: the transform only normalises (the crop covers the whole image).
@@ -303,29 +304,41 @@ def test_pretrain_samples_never_include_target_test_images(samples):
 # ----------------------------------------------------------------------------- training
 
 
-def fixed_batch_loss(model: SimCLRModel, x: torch.Tensor, temperature: float) -> float:
+def fixed_batch_loss(model: SimCLRModel, x: torch.Tensor, temperature: float, precision: str) -> float:
+    """The NT-Xent loss of one batch, computed as pretrain() computes it: channels_last, autocast
+    in `precision`, the loss itself in float32."""
     # Train mode (batch statistics) but no gradients: after a few steps the head's batch-norm
     # running statistics are not yet meaningful, so eval mode would measure them, not learning.
-    with torch.no_grad():
-        return nt_xent_loss(*model.train()(x).chunk(2), temperature=temperature).item()
+    model.train().to(memory_format=torch.channels_last)
+    with torch.no_grad(), autocast("cpu", precision):
+        z = model(x.contiguous(memory_format=torch.channels_last))
+    return nt_xent_loss(*z.float().chunk(2), temperature=temperature).item()
 
 
+@pytest.mark.precision
 def test_pretraining_lowers_the_loss_on_its_images(samples, encoder):
     images = [s for s in samples if s.category in SOURCE][:8]
     config = PretrainConfig(epochs=2, batch_size=8, image_size=32, warmup_epochs=0,
                             augment_kwargs=NO_AUGMENT)
+    # What "auto" means on this machine (bf16 on a CPU with native bf16 or a GPU, else fp32;
+    # VISINSPECT_PRECISION forces it): the reference loss must be computed in that precision too.
+    # bf16 keeps 8 mantissa bits (relative rounding up to 2**-9 ≈ 0.2 %), so an fp32 reference
+    # is 0.5 % away from pre-training's first bf16 loss; in the same precision and the same layout
+    # both are the same computation and agree far within 0.1 %.
+    precision = resolve_precision(config.precision)
     model = small_model(encoder)
     # With augmentation off both views are the image itself, and one batch holds all images:
     # every step trains on exactly this fixed batch.
     dataset = TwoViewDataset(images, config.make_transform())
     x = torch.stack([dataset[i][0] for i in range(len(images))]).repeat(2, 1, 1, 1)
-    before = fixed_batch_loss(model, x, config.temperature)
+    before = fixed_batch_loss(model, x, config.temperature, precision)
     history = pretrain(model, images, config, progress=False)
     assert history["epoch"] == [1, 2]
     assert history["loss"][0] == pytest.approx(before, rel=1e-3)  # the first step saw this batch
-    assert fixed_batch_loss(model, x, config.temperature) < 0.8 * before
+    assert fixed_batch_loss(model, x, config.temperature, precision) < 0.8 * before
 
 
+@pytest.mark.precision
 def test_pretraining_is_seeded_and_leaves_frozen_layers_alone(samples, encoder):
     images = [s for s in samples if s.category in SOURCE][:8]
     config = PretrainConfig(epochs=1, batch_size=4, image_size=32)
@@ -390,6 +403,7 @@ def test_loading_the_wrong_checkpoint_is_refused(tmp_path, encoder):
         load_pretrained_encoder(tmp_path / "bad.pt", copy.deepcopy(encoder))
 
 
+@pytest.mark.precision
 def test_interrupted_pretraining_resumes_to_the_same_weights(samples, encoder, tmp_path):
     images = [s for s in samples if s.category in SOURCE][:8]
     full = small_model(encoder)

@@ -9,7 +9,6 @@ RGBA, CMYK, palette) are converted to RGB by `data.load_rgb`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -40,15 +39,17 @@ OVERLAY_MAX_SIDE = 512
 OVERLAY_MIN_SIDE = 256  # small images are shown larger so that the title fits
 
 
-def list_images(inputs: Sequence[str | Path], exclude: str | Path | None = None) -> list[Path]:
-    """Image files named directly, or found recursively in folders; sorted, without duplicates.
+def find_images(inputs: Sequence[str | Path], exclude: str | Path | None = None) -> dict[Path, Path]:
+    """Image files named directly, or found recursively in folders, each mapped to where it lies
+    under the input that named it (its path below that folder; a file named directly: its name).
 
-    In folders, files with an image extension (any case) count; hidden files and folders (name
+    Sorted within each folder, in input order, without duplicates (the first input wins). In
+    folders, files with an image extension (any case) count; hidden files and folders (name
     starting with ".", e.g. macOS `._x.png` copies) are skipped, and so is `exclude` (the output
     folder, so that a run never scores its own overlays). A file named directly always counts.
     """
     skip = Path(exclude).resolve() if exclude is not None else None
-    found: dict[Path, None] = {}  # an ordered set
+    found: dict[Path, Path] = {}
     for item in map(Path, inputs):
         if item.is_dir():
             files = []
@@ -56,25 +57,32 @@ def list_images(inputs: Sequence[str | Path], exclude: str | Path | None = None)
                 dirs[:] = [d for d in dirs if not d.startswith(".")
                            and (skip is None or Path(folder, d).resolve() != skip)]
                 files.extend(Path(folder, n) for n in names if _is_image_name(n))
-            found.update(dict.fromkeys(sorted(files)))
+            for path in sorted(files):
+                found.setdefault(path, path.relative_to(item))
         elif item.exists():
-            found[item] = None
+            found.setdefault(item, Path(item.name))
         else:
             raise DataError(f"{item} does not exist: name image files or folders to predict on")
-    return list(found)
+    return found
+
+
+def list_images(inputs: Sequence[str | Path], exclude: str | Path | None = None) -> list[Path]:
+    """The image files of `find_images`, in its order."""
+    return list(find_images(inputs, exclude))
 
 
 def _is_image_name(name: str) -> bool:
     return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _keep_finished(results: Path) -> set[str]:
-    """Rewrite `results` with only its complete, successful lines; return the paths they cover.
+def _keep_finished(results: Path) -> dict[str, str | None]:
+    """Rewrite `results` with only its complete, successful lines; return the paths they cover,
+    each with its overlay's name (None without one).
 
     A kill can cut the last line in half, and an image that failed deserves another try (it may
     have been fixed), so both are dropped. Streamed through a temporary file: memory stays flat.
     """
-    done: set[str] = set()
+    done: dict[str, str | None] = {}
     if not results.is_file():
         return done
     with (
@@ -91,7 +99,8 @@ def _keep_finished(results: Path) -> set[str]:
                 continue
             if "error" in row or row["path"] in done:
                 continue
-            done.add(row["path"])
+            overlay = row.get("overlay")
+            done[row["path"]] = overlay if isinstance(overlay, str) else None
             dst.write(line.rstrip("\n") + "\n")
     return done
 
@@ -118,21 +127,22 @@ def predict_images(
     progress: bool = True,
     store: FeatureStore | None = None,
 ) -> dict:
-    """Score every image under `inputs`; write `out/predictions.jsonl` and `out/overlays/*.png`.
+    """Score every image under `inputs`; write `out/predictions.jsonl` and `out/overlays/`.
 
     `info` is the checkpoint's (image_size, threshold, normalizer). One JSON line per image, in
     sorted path order: path, width, height, label ("anomaly" iff the logit margin > the
     threshold), probability, margin, boxes ([x0, y0, x1, y1, peak heat], end-exclusive, in the
     original image's pixels, for every image: the label says whether they matter) and overlay
-    (its file name, relative to `out`); or path and error. With `resume`, images already scored
-    in the output are skipped and failed ones tried again. Returns counts for this run
+    (the overlay PNG's path relative to `out`, named after the image: see `overlay_names`); or
+    path and error. With `resume`, images already scored in the output are skipped (their
+    overlays keep their names) and failed ones tried again. Returns counts for this run
     (n_images, n_anomalous, n_failed), n_skipped and seconds.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1; got {batch_size}")
     out = Path(out)
-    paths = list_images(inputs, exclude=out)
-    if not paths:
+    found = find_images(inputs, exclude=out)
+    if not found:
         names = ", ".join(map(str, inputs))
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {names}")
     model = model.eval().to(memory_format=torch.channels_last)
@@ -140,15 +150,16 @@ def predict_images(
                      store or FeatureStore.default())
     out.mkdir(parents=True, exist_ok=True)
     results = out / RESULTS_NAME
-    done = _keep_finished(results) if resume else set()
-    todo = [p for p in paths if str(p) not in done]
-    counts = {"n_images": 0, "n_anomalous": 0, "n_failed": 0, "n_skipped": len(paths) - len(todo)}
+    done = _keep_finished(results) if resume else {}
+    names = overlay_names(found, {Path(p): o for p, o in done.items() if o}) if overlays else None
+    todo = [p for p in found if str(p) not in done]
+    counts = {"n_images": 0, "n_anomalous": 0, "n_failed": 0, "n_skipped": len(found) - len(todo)}
     start = time.perf_counter()
     bar = tqdm(total=len(todo), desc="predict", unit="img", disable=not progress, smoothing=0.1)
     with open(results, "a" if resume else "w", encoding="utf-8") as f, bar:
         for i in range(0, len(todo), batch_size):
             batch = todo[i : i + batch_size]
-            for row in scorer(batch, out if overlays else None):
+            for row in scorer(batch, out, names):
                 counts["n_images"] += 1
                 counts["n_failed"] += "error" in row
                 counts["n_anomalous"] += row.get("label") == "anomaly"
@@ -172,12 +183,13 @@ class _Scorer:
         self.normalizer = HeatmapNormalizer.from_dict(norm) if norm else None
         self.box_threshold, self.min_area = box_threshold, min_area
 
-    def __call__(self, paths: Sequence[Path], overlay_root: Path | None) -> list[dict]:
+    def __call__(self, paths: Sequence[Path], out: Path, overlays: dict[Path, str] | None) -> list[dict]:
+        """Rows for `paths`; with `overlays` ({path: name under `out`}), their overlays too."""
         rows = [{"path": str(p)} for p in paths]
         read = {}
         for i, path in enumerate(paths):
             try:
-                read[i] = self._read(path, overlay_root is not None)
+                read[i] = self._read(path, overlays is not None)
             except DataError as e:
                 rows[i]["error"] = str(e)
         if not read:
@@ -185,8 +197,9 @@ class _Scorer:
         heat, logits = self._forward([paths[i] for i in read], [tensor for tensor, _, _ in read.values()])
         for (i, (_, shape, thumb)), h, lg in zip(read.items(), heat, logits, strict=True):
             rows[i].update(self._scores(shape, h, lg))
-            if overlay_root is not None:
-                rows[i]["overlay"] = _save_overlay(overlay_root, paths[i], thumb, h, rows[i])
+            if overlays is not None:
+                rows[i]["overlay"] = overlays[paths[i]]
+                _save_overlay(out / overlays[paths[i]], paths[i], thumb, h, rows[i])
         return rows
 
     def _read(self, path: Path, thumb: bool) -> tuple[torch.Tensor, tuple[int, int], Image.Image]:
@@ -242,18 +255,41 @@ def _scale_box(box: Sequence[float], src: tuple[int, int], dst: tuple[int, int])
     ]
 
 
-def overlay_name(path: Path) -> str:
-    """The overlay file of an image: its stem plus a digest of its full path.
+# The longest file name most file systems take, in bytes.
+MAX_NAME_BYTES = 255
 
-    The digest keeps same-named files of different folders (or `a.png` and `a.jpg`) apart; sha1
-    rather than Python's hash(), which changes from one process to the next.
+
+def overlay_names(found: dict[Path, Path], taken: dict[Path, str] | None = None) -> dict[Path, str]:
+    """The overlay of each image of `find_images`, relative to the output folder: its path under
+    its input folder with the extension .png, in `overlays/` (`in/a/b.jpg` -> `overlays/a/b.png`).
+
+    Names that would clash (`b.png` and `b.jpg`, the same name under two inputs; compared without
+    case, as macOS and Windows do) get `_2`, `_3`, ... in `found`'s order, so the same inputs give
+    the same names. `taken` ({path: name}) keeps names given before (by a run being resumed).
     """
-    digest = hashlib.sha1(str(path).encode("utf-8", "surrogateescape")).hexdigest()[:10]
-    return f"{path.stem[:80]}_{digest}.png"
+    taken = taken or {}
+    used = {name.casefold() for name in taken.values()}
+    names = {}
+    for path, rel in found.items():
+        if path in taken:
+            names[path] = taken[path]
+            continue
+        stem, n = rel.stem, 1
+        while True:
+            suffix = f"_{n}.png" if n > 1 else ".png"
+            while len(os.fsencode(stem + suffix)) > MAX_NAME_BYTES:  # room for the suffix
+                stem = stem[:-1]
+            name = (Path(OVERLAY_DIR) / rel.parent / (stem + suffix)).as_posix()
+            if name.casefold() not in used:
+                break
+            n += 1
+        used.add(name.casefold())
+        names[path] = name
+    return names
 
 
-def _save_overlay(root: Path, path: Path, thumb: Image.Image, heat: torch.Tensor, row: dict) -> str:
-    """Draw the heatmap and (for anomalies) boxes on the image; return the file's relative name."""
+def _save_overlay(dest: Path, path: Path, thumb: Image.Image, heat: torch.Tensor, row: dict) -> None:
+    """Draw the heatmap and (for anomalies) boxes on the image; save it as `dest`."""
     from matplotlib.figure import Figure  # not pyplot: figures nobody has to close
 
     from visinspect.plots import DPI, overlay, save_figure
@@ -268,6 +304,4 @@ def _save_overlay(root: Path, path: Path, thumb: Image.Image, heat: torch.Tensor
     overlay(ax, np.asarray(thumb), small.numpy(), boxes if row["label"] == "anomaly" else ())
     verdict = f"{row['label']} · P(anomaly)={row['probability']:.2f}"
     ax.set_title(f"{path.name[:40]}\n{verdict}", fontsize=8)
-    name = f"{OVERLAY_DIR}/{overlay_name(path)}"
-    save_figure(fig, root / name)
-    return name
+    save_figure(fig, dest)

@@ -40,12 +40,29 @@ def cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+PRECISION_ENV = "VISINSPECT_PRECISION"
+
+
 def resolve_precision(precision: str = "auto") -> str:
-    """"auto" picks bf16 where it is fast (CUDA, or a CPU with native bf16), else fp32."""
-    if precision not in ("auto", "fp32", "bf16"):
+    """"auto" picks bf16 where it is fast (CUDA, or a CPU with native bf16), else fp32.
+
+    The environment variable VISINSPECT_PRECISION (auto, fp32 or bf16) overrides what "auto"
+    picks, so that either path can be forced on any machine (CI tests both); an explicit
+    "fp32" or "bf16" argument always wins over it.
+    """
+    if precision not in PRECISIONS:
         raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16'; got {precision!r}")
     if precision != "auto":
         return precision
+    forced = os.environ.get(PRECISION_ENV, "auto").strip().lower() or "auto"
+    if forced not in PRECISIONS:
+        raise ConfigError(
+            f"environment variable {PRECISION_ENV}={os.environ[PRECISION_ENV]!r} is not one of "
+            f"auto, fp32, bf16: set one of those or unset it"
+        )
+    if forced != "auto":
+        return forced
     return "bf16" if torch.cuda.is_available() or cpu_has_fast_bf16() else "fp32"
 
 

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 
 from visinspect.boxes import Box, heatmap_to_boxes
 from visinspect.cam import HeatmapNormalizer
-from visinspect.errors import DataError
+from visinspect.errors import ConfigError, DataError
 from visinspect.inference import Predictions
 from visinspect.metrics import POSITIVE_CLASS, classification_metrics
 from visinspect.plots import (
@@ -88,6 +88,17 @@ def _show(out: widgets.Output, fig: Figure) -> None:
     plt.close(fig)  # else the inline backend shows it a second time at the end of the cell
 
 
+# Descriptions at their natural width (ipywidgets cuts them at 80 px by default: "min area (…").
+READABLE = {"description_width": "initial"}
+
+
+def _boxes_html(boxes: Sequence[Box], box_threshold: float, min_area: int) -> str:
+    """The drawn boxes as text: how many, at which settings, and where (readable without the figure)."""
+    where = "; ".join(f"({b.x0}, {b.y0}, {b.x1}, {b.y1}) peak {b.score:.2f}" for b in boxes)
+    return (f"<b>{len(boxes)} box(es)</b> at heat &gt; {box_threshold:.2f}, ≥ {min_area} px"
+            + (f": {where} (x0, y0, x1, y1)" if boxes else ""))
+
+
 def heatmap_explorer(
     preds: Predictions, normalizer: HeatmapNormalizer | None = None, threshold: float = 0.0
 ) -> widgets.VBox:
@@ -99,28 +110,32 @@ def heatmap_explorer(
         (f"{s.category}/{s.defect_type}/{s.path.name} (true: {LABEL_NAMES[s.label]})", i)
         for i, s in enumerate(preds.samples)
     ]
-    image = widgets.Dropdown(options=options, value=0, description="image")
-    mode = widgets.Dropdown(options=HEAT_MODES, value="dataset", description="normalise")
+    # Wide enough for the longest file name: a fixed-width drop-down would cut it.
+    image = widgets.Dropdown(options=options, value=0, description="image", style=READABLE,
+                             layout=widgets.Layout(width="max-content", max_width="100%"))
+    mode = widgets.Dropdown(options=HEAT_MODES, value="dataset", description="normalise",
+                            style=READABLE, layout=widgets.Layout(width="max-content"))
+    wide = {"style": READABLE, "layout": widgets.Layout(width="30em")}  # room for label and track
     box_threshold = widgets.FloatSlider(
-        value=0.5, min=0.0, max=1.0, step=0.05, description="heat >", continuous_update=False
+        value=0.5, min=0.0, max=1.0, step=0.05, description="box threshold: heat >",
+        continuous_update=False, **wide,
     )
     min_area = widgets.IntSlider(
-        value=16, min=1, max=max(16, preds.image_size**2 // 16), description="min area (px)",
-        continuous_update=False,
+        value=16, min=1, max=max(16, preds.image_size**2 // 16), description="min box area (px)",
+        continuous_update=False, **wide,
     )
+    summary = widgets.HTML()
     out = widgets.Output()
 
     def redraw(_change=None) -> None:
-        fig = render_heatmap_view(
-            preds, image.value, box_threshold.value, min_area.value, mode.value, normalizer,
-            threshold=threshold,
-        )
-        _show(out, fig)
+        settings = (preds, image.value, box_threshold.value, min_area.value, mode.value, normalizer)
+        summary.value = _boxes_html(boxes_at(*settings), box_threshold.value, min_area.value)
+        _show(out, render_heatmap_view(*settings, threshold=threshold))
 
     for control in (image, mode, box_threshold, min_area):
         control.observe(redraw, names="value")
     redraw()
-    return widgets.VBox([widgets.HBox([image, mode]), widgets.HBox([box_threshold, min_area]), out])
+    return widgets.VBox([image, mode, widgets.HBox([box_threshold, min_area]), summary, out])
 
 
 def threshold_metrics(labels, scores, threshold: float) -> dict:
@@ -146,16 +161,57 @@ def _metrics_html(m: dict) -> str:
     return f"<table><caption>{caption}</caption>{cells}</table>"
 
 
-def threshold_explorer(labels, scores, groups: Sequence[str] | None = None) -> widgets.VBox:
-    """A slider over the score (logit margin) range with the metrics at that threshold and the
-    score histograms (per group if given) with the threshold line."""
+def threshold_positions(scores, threshold: float = 0.0, max_steps: int = 200) -> np.ndarray:
+    """Where the threshold slider stops: one threshold per decision region, in increasing order.
+
+    With the rule score > t, what is flagged changes only where t passes a score, so a slider in
+    equal steps of the score range wastes its steps where no score lies and jumps past crowds
+    (logit margins are skewed: half of them can sit in 2 % of the range). Here step i sits in the
+    i-th gap between distinct scores (at its midpoint), so each step moves past the next score:
+    every region is reachable, from "all flagged" (below the minimum) to "none" (the maximum).
+    With more than `max_steps` gaps, the stops are every (n / max_steps)-th gap, so each step moves
+    past about the same number of images. `threshold` (e.g. the model's) stands for its own region.
+    """
+    s = np.sort(np.asarray(scores, dtype=np.float64).ravel())
+    if s.size == 0 or not np.all(np.isfinite(s)) or not np.isfinite(threshold):
+        raise DataError("threshold positions need at least one score, and finite scores and threshold")
+    if max_steps < 1:
+        raise ConfigError(f"max_steps must be at least 1; got {max_steps}")
+    n = s.size
+    # k = how many scores are <= t (not flagged); k changes only between distinct scores.
+    ks = np.concatenate([[0], np.flatnonzero(s[1:] > s[:-1]) + 1, [n]])
+    if len(ks) > max_steps + 1:
+        ks = ks[np.unique(np.linspace(0, len(ks) - 1, max_steps + 1).round().astype(int))]
+    below = s[0] - max(0.01 * (s[-1] - s[0]), 0.01)  # flags every image
+    mids = (s[np.maximum(ks - 1, 0)] + s[np.minimum(ks, n - 1)]) / 2
+    stops = np.where(ks == 0, below, np.where(ks == n, s[-1], mids))
+    k_threshold = np.searchsorted(s, threshold, side="right")
+    stops = stops[ks != k_threshold]  # the threshold replaces its region's midpoint
+    return np.sort(np.append(stops, threshold))
+
+
+def _labels(values: np.ndarray) -> list[str]:
+    """Two decimals, or as many more (up to 6) as it takes for neighbouring stops to differ."""
+    for decimals in range(2, 7):
+        labels = [f"{v:.{decimals}f}" for v in values]
+        if len(set(labels)) == len(labels):
+            break
+    return labels
+
+
+def threshold_explorer(
+    labels, scores, groups: Sequence[str] | None = None, threshold: float = 0.0
+) -> widgets.VBox:
+    """A slider over the scores (logit margins), one stop per decision region (see
+    `threshold_positions`), starting at `threshold` (the model's), with the metrics at the chosen
+    threshold and the score histograms (per group if given) with the threshold line."""
     s = np.asarray(scores, dtype=np.float64).ravel()
-    threshold_metrics(labels, s, 0.0)  # validates labels and scores with a clear error
-    lo, hi = float(s.min()), float(s.max())
-    span = hi - lo if hi > lo else 1.0
-    slider = widgets.FloatSlider(
-        value=float(np.clip(0.0, lo, lo + span)), min=lo, max=lo + span, step=span / 200,
-        description="threshold", readout_format=".2f", continuous_update=False,
+    threshold_metrics(labels, s, threshold)  # validates labels and scores with a clear error
+    stops = threshold_positions(s, threshold)  # and the threshold
+    slider = widgets.SelectionSlider(
+        options=list(zip(_labels(stops), stops.tolist(), strict=True)), value=float(threshold),
+        description="anomaly if logit margin >", continuous_update=False, style=READABLE,
+        layout=widgets.Layout(width="36em", max_width="100%"),
     )
     table = widgets.HTML()
     out = widgets.Output()
