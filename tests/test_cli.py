@@ -49,7 +49,7 @@ def trained(tiny_root, tmp_path_factory) -> tuple[Path, str]:
     with contextlib.redirect_stdout(stdout):
         code = main(["train", "--data", str(tiny_root), "--image-size", "32", "--epochs", "1",
                      "--batch-size", "6", "--backbone-weights", "random", "--precision", "fp32",
-                     "--out", str(out)])
+                     "--method", "baseline", "--out", str(out)])
     assert code == 0
     return out, stdout.getvalue()
 
@@ -189,6 +189,6 @@ def test_predict_writes_a_line_per_image_and_fails_on_a_corrupt_one(capsys, tiny
     assert [Path(r["path"]).name for r in rows] == ["a.png", "b.png", "c.png"]
     assert str(images / "c.png") in rows[2]["error"]
     for row in rows[:2]:
-        assert "error" not in row and row["label"] in ("good", "anomaly")
-        assert 0.0 <= row["probability"] <= 1.0 and isinstance(row["boxes"], list)
+        assert "error" not in row and row["label"] == int(row["score"] > row["threshold"])
+        assert row["method"] == "baseline" and isinstance(row["boxes"], list)
     assert not (out / "overlays").exists()

@@ -102,7 +102,8 @@ def test_compare_cli_writes_json_rows(tiny_root, tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_evaluate_calibrate_uses_only_good_train_images(tiny_root, tmp_path, capsys):
     ckpt = tmp_path / "m.pt"
-    assert cli.main(["train", "--data", str(tiny_root), "--categories", "grain_wood", "--image-size", "32",
+    assert cli.main(["train", "--data", str(tiny_root), "--categories", "grain_wood", "--method", "baseline",
+                     "--image-size", "32",
                      "--epochs", "1", "--backbone-weights", "random", "--out", str(ckpt)]) == 0
     out = tmp_path / "e.json"
     assert cli.main(["evaluate", "--checkpoint", str(ckpt), "--data", str(tiny_root), "--categories",
@@ -116,11 +117,19 @@ def test_evaluate_calibrate_uses_only_good_train_images(tiny_root, tmp_path, cap
     assert {"threshold", "f1", "balanced_accuracy"} <= set(report["uncalibrated"])
     saved = load_calibration(cal["file"])
     assert saved["round_pill"].images == images
-    # predict with that calibration uses the product's threshold
-    code = cli.main(["predict", "--checkpoint", str(ckpt), str(tiny_root / "round_pill" / "test" / "good"),
-                     "--out", str(tmp_path / "pred"), "--no-overlays", "--calibration", cal["file"]])
+    # predict with that calibration scores relative to the product's threshold
+    images_dir = tiny_root / "round_pill" / "test" / "good"
+    code = cli.main(["predict", "--checkpoint", str(ckpt), str(images_dir), "--out", str(tmp_path / "pred"),
+                     "--no-overlays", "--calibration", cal["file"]])
     assert code == 0
-    lines = [json.loads(x) for x in (tmp_path / "pred" / "predictions.jsonl").read_text().splitlines()]
-    # predict writes the threshold rounded to 4 decimals; the calibration file keeps it whole (the
-    # report's copy is rounded to 6, and rounding twice can land on the other side of a 5).
-    assert {x["threshold_margin"] for x in lines} == {round(saved["round_pill"].threshold, 4)}
+    assert cli.main(["predict", "--checkpoint", str(ckpt), str(images_dir), "--out", str(tmp_path / "plain"),
+                     "--no-overlays", "--method", "baseline"]) == 0
+
+    def rows(folder):
+        return [json.loads(x) for x in (tmp_path / folder / "predictions.jsonl").read_text().splitlines()]
+
+    threshold = saved["round_pill"].threshold
+    for cal_row, plain in zip(rows("pred"), rows("plain"), strict=True):
+        assert cal_row["method"] == "baseline calibrated" and cal_row["threshold"] == 0.0
+        assert cal_row["score"] == pytest.approx(plain["score"] - threshold, abs=2e-4)
+        assert cal_row["label"] == int(cal_row["score"] > 0)

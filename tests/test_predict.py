@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 from test_fuzz import png_with_header
 
-from visinspect.checkpoint import load_classifier, save_classifier
+from visinspect.checkpoint import save_classifier
+from visinspect.detectors import load_detector
 from visinspect.errors import ConfigError, DataError
 from visinspect.predict import (
     RESULTS_NAME,
@@ -45,8 +46,8 @@ def checkpoint(tmp_path_factory, pristine_model) -> Path:
 
 @pytest.fixture(scope="module")
 def loaded(checkpoint) -> tuple:
-    """The checkpoint loaded once (building a VGG16 costs seconds)."""
-    return load_classifier(checkpoint)
+    """The checkpoint loaded once as a detector (building a VGG16 costs seconds)."""
+    return (load_detector(checkpoint),)
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +116,7 @@ def test_one_line_per_image_errors_only_for_broken_files(tree, reference):
             assert name.split("/")[-1] in row["error"] and set(row) == {"path", "error"}
     assert "limit" in next(r for r in rows if r["path"].endswith("huge.png"))["error"]
     assert summary["n_images"] == len(rows) and summary["n_failed"] == len(bad)
-    assert summary["n_anomalous"] == sum(r.get("label") == "anomaly" for r in rows)
+    assert summary["n_anomalous"] == sum(r.get("label") == 1 for r in rows)
     assert summary["n_skipped"] == 0
     assert not (out / "overlays").exists() and not any("overlay" in r for r in rows)
 
@@ -128,8 +129,7 @@ def test_scores_and_boxes_in_original_pixels(tree, reference):
     for r in rows:
         with Image.open(r["path"]) as img:
             assert (r["width"], r["height"]) == img.size
-        assert 0.0 <= r["probability"] <= 1.0
-        assert r["label"] == ("anomaly" if r["margin"] > r["threshold_margin"] else "good")
+        assert r["method"] == "baseline" and r["label"] == int(r["score"] > r["threshold"])
         for x0, y0, x1, y1, score in r["boxes"]:
             assert 0 <= x0 < x1 <= r["width"] and 0 <= y0 < y1 <= r["height"]
             assert 0.5 < score <= 1.0  # the peak heat of a region above the box threshold

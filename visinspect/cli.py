@@ -126,9 +126,22 @@ def _train_val(args, source_default: Sequence[str]):
 
 def cmd_train(args) -> int:
     from visinspect.checkpoint import save_classifier
+    from visinspect.detectors import RECOMMENDED, method, untrained_backbone
+    from visinspect.errors import ConfigError
     from visinspect.models import describe_backbone
     from visinspect.train import TrainConfig, train_baseline
 
+    chosen = method(args.method or RECOMMENDED)
+    if chosen.trains is None:  # nothing to learn from the source: the checkpoint is the backbone
+        model, info = untrained_backbone(args.image_size, args.backbone_weights, args.seed)
+        save_classifier(args.out, model, **info, method=chosen.name)
+        print(f"method {chosen.name!r} trains nothing; saved its backbone to {args.out}")
+        return 0
+    if chosen.trains != "baseline":
+        raise ConfigError(
+            f"method {chosen.name!r} needs SimCLR pre-training: run `pretrain` (with "
+            "--include-target-good for the +target-good variant), then `train --pretrained FILE`"
+        )
     train, val = _train_val(args, SYNTHETIC_SOURCE)
     config = TrainConfig(
         epochs=args.epochs,
@@ -169,8 +182,9 @@ def cmd_train(args) -> int:
             file=sys.stderr,
         )
         return 130
-    save_classifier(args.out, model, **info)
+    save_classifier(args.out, model, **info, method=chosen.name)
     state.unlink(missing_ok=True)
+    print(f"method {chosen.name!r}: {chosen.about}")
     print(describe_backbone(info["backbone"]))
     h = info["history"]
     print(
@@ -196,73 +210,72 @@ def _threshold(value: str, info: dict) -> float:
     return probability_to_margin(p)
 
 
-def _evaluate_checkpoint(args, default_categories: Sequence[str]) -> tuple:
-    from visinspect.cam import HeatmapNormalizer
+def _evaluate_checkpoint(args, default_categories: Sequence[str]) -> dict:
+    """The report of a checkpoint's method (or --method) on some categories. Methods that adapt to
+    K good images of a product (and the baseline with --calibrate K) take K good train/ images of
+    each category, which are then left out of the images evaluated; the calibration is saved next
+    to the checkpoint. With --calibrate, the report keeps the uncalibrated classifier's too."""
+    from visinspect.calibration import DEFAULT_K
     from visinspect.checkpoint import load_classifier
     from visinspect.data import build_sample_table
-    from visinspect.evaluate import evaluate_predictions
-    from visinspect.inference import predict
+    from visinspect.detectors import make_detector
 
     model, info = load_classifier(args.checkpoint)
-    threshold = _threshold(args.threshold, info)  # checked before the (slow) predictions
+    name = args.method or info.get("method", "baseline")
+    detector = make_detector(name, model, info, precision=args.precision,
+                             false_alarm_rate=args.false_alarm_rate)
+    detector.progress = not args.quiet
+    if not detector.uses_good:
+        detector.threshold = _threshold(args.threshold, info)  # checked before the slow part
     table = build_sample_table(_data_roots(args), _categories(args, default_categories), split=args.split)
-    samples, calibration = table.samples, None
-    if getattr(args, "calibrate", None):
-        calibration, samples = _calibrate(model, info, table.samples, args)
-    preds = predict(model, samples, info["image_size"], precision=args.precision, progress=not args.quiet)
-    normalizer = HeatmapNormalizer.from_dict(info["normalizer"]) if info.get("normalizer") else None
-    heat_mode = args.heat_mode if normalizer is not None else "image"
+    samples, calibration, plain = table.samples, None, None
     loc = {"box_threshold": args.box_threshold, "min_area": args.min_area}
-    report = evaluate_predictions(preds, threshold, heat_mode=heat_mode, normalizer=normalizer, **loc)
-    report["threshold_rule"] = (
-        info["threshold_rule"] if args.threshold == "val" else f"P(anomaly) > {args.threshold}"
-    )
+    if args.calibrate and not detector.uses_good:  # the classifier, and calibrated on K good images
+        plain = detector
+        detector = make_detector(f"{name} calibrated", model, info, precision=args.precision,
+                                 false_alarm_rate=args.false_alarm_rate)
+    if detector.uses_good:
+        calibration, samples = _adapt(detector, samples, args.calibrate or DEFAULT_K, args)
+    report = _report(detector, samples, args, loc)
     if calibration is not None:
-        from visinspect.detectors import IDENTITY, calibrated_view
-        from visinspect.evaluate import evaluate_scored
-
-        uncalibrated = report
-        view = calibrated_view(preds.scored(), calibration["by_category"])
-        report = evaluate_scored(
-            view,
-            0.0,
-            score_name="logit margin minus the product's calibrated threshold",
-            heat_mode="dataset",
-            normalizer=IDENTITY,
-            **loc,
-        )
         report["threshold_rule"] = (
-            f"calibrated on {args.calibrate} good train/ images per category "
+            f"calibrated on {calibration['k']} good train/ images per category "
             f"(false-alarm rate {args.false_alarm_rate})"
         )
+        report["calibration"] = calibration
+    if plain is not None:  # on the same images
+        uncalibrated = _report(plain, samples, args, loc)
         report["uncalibrated"] = {k: v for k, v in uncalibrated.items() if k != "per_defect_type"}
-        report["calibration"] = {k: v for k, v in calibration.items() if k != "by_category"}
-        heat_mode = "calibrated"
+    report["method"] = detector.name
     report["backbone"] = info["backbone"]
     report["checkpoint"] = str(args.checkpoint)
-    report["heat_mode"] = heat_mode
-    return report, preds, threshold, normalizer, heat_mode
+    return report
 
 
-def _calibrate(model, info: dict, samples, args) -> tuple[dict, list]:
-    """Fit each category's threshold and heatmap scale on K good train/ images; save the JSON
-    next to the checkpoint; return it and the images left to evaluate on (never the K)."""
-    from visinspect.calibration import (
-        calibrate_classifier,
-        default_calibration_path,
-        save_calibration,
-        select_good_images,
-    )
+def _report(detector, samples, args, loc: dict) -> dict:
+    from visinspect.detectors import IDENTITY
+    from visinspect.evaluate import evaluate_scored
 
-    k = args.calibrate
-    by_category = {}
+    scored = detector.score(samples)
+    heat_mode = args.heat_mode if detector.normalizer is not None else "image"
+    report = evaluate_scored(scored, detector.threshold, score_name=detector.score_name,
+                             heat_mode=heat_mode, normalizer=detector.normalizer, **loc)
+    rule = detector.info.get("threshold_rule", "")
+    report["threshold_rule"] = rule if args.threshold == "val" else f"P(anomaly) > {args.threshold}"
+    report["heat_mode"] = "calibrated" if detector.normalizer is IDENTITY else heat_mode
+    return report
+
+
+def _adapt(detector, samples, k: int, args) -> tuple[dict, list]:
+    """Adapt the detector to K good train/ images of each category; save the calibrations next to
+    the checkpoint; return what was used and the images left to evaluate on (never the K)."""
+    from visinspect.calibration import default_calibration_path, save_calibration, select_good_images
+
     for category in sorted({s.category for s in samples}):
-        good = select_good_images(samples, category, k, seed=0)
-        by_category[category] = calibrate_classifier(
-            model, good, info["image_size"], args.false_alarm_rate, precision=args.precision
-        )
+        detector.adapt(select_good_images(samples, category, k, seed=0))
+    by_category = detector.calibrations
     path = save_calibration(default_calibration_path(args.checkpoint, k), by_category)
-    print(f"calibration on {k} good images per category saved to {path}")
+    print(f"{detector.name}: adapted to {k} good images per category; calibration saved to {path}")
     used = {p for c in by_category.values() for p in c.images}
     calibration = {
         "k": k,
@@ -270,7 +283,6 @@ def _calibrate(model, info: dict, samples, args) -> tuple[dict, list]:
         "threshold": {c: cal.threshold for c, cal in by_category.items()},
         "images": {c: cal.images for c, cal in by_category.items()},
         "file": str(path),
-        "by_category": by_category,
     }
     return calibration, [s for s in samples if str(s.path) not in used]
 
@@ -279,7 +291,7 @@ def cmd_evaluate(args) -> int:
     from visinspect.evaluate import markdown_table, round_floats
     from visinspect.models import describe_backbone
 
-    report, *_ = _evaluate_checkpoint(args, SYNTHETIC_TARGET)
+    report = _evaluate_checkpoint(args, SYNTHETIC_TARGET)
     if "uncalibrated" in report:
         print(
             markdown_table(
@@ -301,21 +313,28 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from visinspect.checkpoint import load_classifier
+    from visinspect.detectors import load_detector, make_detector
     from visinspect.predict import predict_images
 
-    model, info = load_classifier(args.checkpoint)
     if args.calibration:
+        # A calibration file of `evaluate --calibrate K`: the product's own threshold and heatmap
+        # scale replace the ones the classifier learnt on other products.
+        from visinspect.checkpoint import load_classifier
+
         cal = _pick_calibration(args.calibration, args.category)
-        # The product's own threshold and heatmap scale replace the ones learnt on other products.
-        info = {**info, "threshold": cal.threshold, "normalizer": cal.normalizer.to_dict()}
-        print(
-            f"calibration for {cal.category!r}: threshold (logit margin) {cal.threshold:.3f}, "
-            f"from {cal.k} good images"
-        )
+        model, info = load_classifier(args.checkpoint)
+        detector = make_detector("baseline calibrated", model, info, precision=args.precision)
+        detector.calibrations[cal.category], detector.product = cal, cal.category
+        print(f"calibration for {cal.category!r}: threshold (logit margin) {cal.threshold:.3f}, "
+              f"from {cal.k} good images")
+    else:
+        detector = load_detector(args.checkpoint, method=args.method, reference=args.reference_dir,
+                                 precision=args.precision)
+        if detector.uses_good:
+            print(f"method {detector.name!r}, adapted to {len(args.reference_dir)} reference folder(s) "
+                  f"of good {detector.product!r} images")
     summary = predict_images(
-        model,
-        info,
+        detector,
         [Path(p) for p in args.inputs],
         Path(args.out),
         overlays=not args.no_overlays,
@@ -323,7 +342,6 @@ def cmd_predict(args) -> int:
         box_threshold=args.box_threshold,
         min_area=args.min_area,
         resume=args.resume,
-        precision=args.precision,
     )
     print(
         f"{summary['n_images']} images: {summary['n_anomalous']} predicted anomalous, "
@@ -627,6 +645,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--image-size", type=int, default=224)
             p.add_argument("--resume", help="continue from OUT.state written after each epoch")
             p.add_argument("--pretrained", help="start from a SimCLR checkpoint (pretrain --out)")
+            p.add_argument(
+                "--method",
+                help="the method the checkpoint is for (default: the recommended one, see README); "
+                "predict and evaluate score with it",
+            )
         else:
             p.set_defaults(data=None)
             p.add_argument("--out", default="runs/demo")
@@ -733,6 +756,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="'val' (the checkpoint's validation threshold) or a P(anomaly) such as 0.5",
     )
     p.add_argument("--heat-mode", default="dataset", choices=("dataset", "image"))
+    p.add_argument("--method", help="evaluate this method instead of the checkpoint's")
     p.add_argument("--json", help="write every metric to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
@@ -759,6 +783,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-overlays", action="store_true", help="JSON only (faster)")
     p.add_argument("--resume", action="store_true", help="skip images already in OUT/predictions.jsonl")
+    p.add_argument(
+        "--reference-dir",
+        action="append",
+        metavar="GOOD_IMAGES",
+        help="a folder (or file) of good images of the product, repeatable: the methods that adapt "
+        "to K good images fit their threshold, heatmap scale (and memory bank) on them",
+    )
+    p.add_argument("--method", help="score with this method instead of the checkpoint's")
     p.add_argument("--calibration", help="a calibration JSON (evaluate --calibrate K writes one)")
     p.add_argument("--category", help="with --calibration: which product these images show")
     _add_eval(p)

@@ -37,6 +37,7 @@ from visinspect.utils import set_seed
 # Scores relative to a product's calibrated threshold: 0 is the decision threshold, and maps are
 # already on the product's good-image scale, so the "normaliser" is the identity.
 IDENTITY = HeatmapNormalizer(0.0, 1.0, "calibrated")
+MEMORY = 20_000  # raw classifier outputs kept per detector (~1 KB each at 224 px)
 
 
 def calibrated_view(scored: ScoredImages, calibrations: dict[str, Calibration]) -> ScoredImages:
@@ -86,9 +87,12 @@ class Detector:
         self.precision, self.false_alarm_rate, self.seed = precision, false_alarm_rate, seed
         self.threshold = 0.0
         self.normalizer: HeatmapNormalizer | None = IDENTITY
+        self.product: str | None = None  # the product adapted to last
+        self.progress = False  # progress bars of the feature store and the scoring
 
     def adapt(self, good: Sequence[Sample]) -> None:
         """Take what the method needs from K good train/ images of one product."""
+        self.product = _product(good)
 
     def score(self, samples: Sequence[Sample]) -> ScoredImages:
         raise NotImplementedError
@@ -109,15 +113,18 @@ class ClassifierDetector(Detector):
 
     def predictions(self, samples: Sequence[Sample]) -> Predictions:
         """The classifier's logits and CAMs, each image run once (adapting for another K or
-        another product then costs nothing more)."""
-        todo = list({str(s.path): s for s in samples if str(s.path) not in self._seen}.values())
-        if todo:
-            new = predict(self.model, todo, self.image_size, precision=self.precision)
-            for s, logits, cam in zip(todo, new.logits, new.cams, strict=True):
-                self._seen[str(s.path)] = (logits, cam)
+        another product then costs nothing more); the last MEMORY images are remembered."""
         if not samples:
             return Predictions([], torch.zeros(0, 2), torch.zeros(0, 1, 1), self.image_size)
-        logits, cams = zip(*(self._seen[str(s.path)] for s in samples), strict=True)
+        result = {key: self._seen.pop(key) for s in samples if (key := str(s.path)) in self._seen}
+        todo = list({str(s.path): s for s in samples if str(s.path) not in result}.values())
+        if todo:
+            new = predict(self.model, todo, self.image_size, precision=self.precision, progress=self.progress)
+            result |= {str(s.path): (lg, cam) for s, lg, cam in zip(todo, new.logits, new.cams, strict=True)}
+        self._seen |= result  # re-inserted last: the oldest go first, memory stays flat when streaming
+        while len(self._seen) > MEMORY:
+            self._seen.pop(next(iter(self._seen)))
+        logits, cams = zip(*(result[str(s.path)] for s in samples), strict=True)
         return Predictions(list(samples), torch.stack(logits), torch.stack(cams), self.image_size)
 
     def score(self, samples: Sequence[Sample]) -> ScoredImages:
@@ -137,6 +144,7 @@ class CalibratedClassifier(ClassifierDetector):
         self.calibrations: dict[str, Calibration] = {}
 
     def adapt(self, good: Sequence[Sample]) -> None:
+        super().adapt(good)
         preds = self.predictions(good)
         self.calibrations[_product(good)] = fit_calibration(
             preds.margins, preds.cams, category=_product(good), images=[s.path for s in good],
@@ -160,6 +168,7 @@ class ReferenceDetector(Detector):
         self.calibrations: dict[str, Calibration] = {}
 
     def adapt(self, good: Sequence[Sample]) -> None:
+        super().adapt(good)
         bank = PatchMemoryBank.fit(
             self.model, good, self.image_size, seed=self.seed, precision=self.precision
         )
@@ -169,7 +178,7 @@ class ReferenceDetector(Detector):
     def raw(self, samples: Sequence[Sample]) -> ScoredImages:
         """Uncalibrated patch distances, each product against its own bank."""
         return _by_product(samples, self.image_size, self.banks, lambda bank, group: bank.score(
-            self.model, group, precision=self.precision))
+            self.model, group, precision=self.precision, progress=self.progress))
 
     def score(self, samples: Sequence[Sample]) -> ScoredImages:
         return calibrated_view(self.raw(samples), self.calibrations)
@@ -190,6 +199,7 @@ class FusedDetector(Detector):
         self.calibrations: dict[str, Calibration] = {}
 
     def adapt(self, good: Sequence[Sample]) -> None:
+        super().adapt(good)
         self.reference.adapt(good)
         product = _product(good)
         bank, preds = self.reference.banks[product], self.classifier.predictions(good)
@@ -308,3 +318,50 @@ def make_detector(
     return method(name).detector(
         model, info, name=name, precision=precision, false_alarm_rate=false_alarm_rate, seed=seed
     )
+
+
+# ----------------------------------------------------------------------------- a user's files
+
+
+def unlabelled_sample(path: str | Path, product: str | None) -> Sample:
+    """An image to score that is in no labelled table: label -1 (unknown), "test" split."""
+    return Sample(Path(path), product or "images", "test", -1, "unlabelled", None)
+
+
+def reference_samples(paths: Sequence[str | Path], product: str | None = None) -> list[Sample]:
+    """The good images of a product given as files or folders: good train/ samples of one product
+    (named after the first folder given, or `product`)."""
+    from visinspect.predict import list_images  # predict imports this module
+
+    files = list_images(paths)
+    if not files:
+        raise DataError(f"no good reference images found in {', '.join(map(str, paths))}")
+    name = product or next((Path(p).name for p in paths if Path(p).is_dir()), "product")
+    return [Sample(f, name, "train", 0, "good", None) for f in files]
+
+
+def load_detector(
+    checkpoint: str | Path,
+    *,
+    method: str | None = None,
+    reference: Sequence[str | Path] | None = None,
+    precision: str = "auto",
+    false_alarm_rate: float = 0.01,
+) -> Detector:
+    """A checkpoint (written by `train`) as the detector of its method (or `method`), adapted to
+    the good images in `reference` (files or folders) when the method uses them."""
+    from visinspect.checkpoint import load_classifier
+
+    model, info = load_classifier(checkpoint)
+    name = method or info.get("method", "baseline")
+    detector = make_detector(name, model, info, precision=precision, false_alarm_rate=false_alarm_rate)
+    if detector.uses_good:
+        if not reference:
+            raise ConfigError(
+                f"method {name!r} adapts to K good images of the product: give them with "
+                "--reference-dir GOOD_IMAGES/ (or choose --method baseline)"
+            )
+        detector.adapt(reference_samples(reference))
+    elif reference:
+        raise ConfigError(f"method {name!r} uses no good reference images; leave --reference-dir out")
+    return detector

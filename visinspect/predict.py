@@ -1,4 +1,5 @@
-"""Scoring folders of images with a trained checkpoint, streaming: memory stays flat.
+"""Scoring folders of images with a detector (a checkpoint, adapted to K good images of the
+product when its method uses them), streaming: memory stays flat.
 
 Images are read in batches and forgotten after their batch; each result is written as one JSON
 line (flushed per batch), so a killed run keeps what it did and `resume=True` goes on from there.
@@ -23,14 +24,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from visinspect.boxes import Box, heatmap_to_boxes
-from visinspect.cam import HeatmapNormalizer, normalize, upsample
-from visinspect.checkpoint import load_classifier
-from visinspect.data import IMAGE_EXTENSIONS, load_rgb, to_tensor
+from visinspect.data import IMAGE_EXTENSIONS, load_rgb
+from visinspect.detectors import Detector, load_detector, unlabelled_sample
 from visinspect.errors import ConfigError, DataError
-from visinspect.features import FeatureStore
-from visinspect.inference import forward_features
-from visinspect.models import VGG16CAM, logit_margin
-from visinspect.utils import atomic_path, resolve_precision
+from visinspect.utils import atomic_path
 
 RESULTS_NAME = "predictions.jsonl"
 OVERLAY_DIR = "overlays"
@@ -105,16 +102,24 @@ def _keep_finished(results: Path) -> dict[str, str | None]:
     return done
 
 
-def predict_folder(checkpoint: str | Path, inputs: Sequence[str | Path], out: str | Path,
-                   **options) -> dict:
-    """Load a classifier checkpoint and `predict_images` with it (same options, same summary)."""
-    model, info = load_classifier(checkpoint)
-    return predict_images(model, info, inputs, out, **options)
+def predict_folder(
+    checkpoint: str | Path,
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    method: str | None = None,
+    reference: Sequence[str | Path] | None = None,
+    precision: str = "auto",
+    **options,
+) -> dict:
+    """Load a checkpoint as a detector (its method, or `method`), adapt it to the good images of
+    `reference` when the method uses them, and `predict_images` with it."""
+    detector = load_detector(checkpoint, method=method, reference=reference, precision=precision)
+    return predict_images(detector, inputs, out, **options)
 
 
 def predict_images(
-    model: VGG16CAM,
-    info: dict,
+    detector: Detector,
     inputs: Sequence[str | Path],
     out: str | Path,
     *,
@@ -123,20 +128,19 @@ def predict_images(
     box_threshold: float = 0.5,
     min_area: int = 16,
     resume: bool = False,
-    precision: str = "auto",
     progress: bool = True,
-    store: FeatureStore | None = None,
 ) -> dict:
     """Score every image under `inputs`; write `out/predictions.jsonl` and `out/overlays/`.
 
-    `info` is the checkpoint's (image_size, threshold, normalizer). One JSON line per image, in
-    sorted path order: path, width, height, label ("anomaly" iff the logit margin > the
-    threshold), probability, margin, boxes ([x0, y0, x1, y1, peak heat], end-exclusive, in the
-    original image's pixels, for every image: the label says whether they matter) and overlay
-    (the overlay PNG's path relative to `out`, named after the image: see `overlay_names`); or
-    path and error. With `resume`, images already scored in the output are skipped (their
-    overlays keep their names) and failed ones tried again. Returns counts for this run
-    (n_images, n_anomalous, n_failed), n_skipped and seconds.
+    One JSON line per image, in sorted path order: path, width, height, method, score (higher =
+    more anomalous, on the detector's scale), threshold (its decision threshold, calibrated on
+    the K good images for the methods that use them), label (1 = anomaly: score > threshold;
+    0 = good), boxes ([x0, y0, x1, y1, peak heat], end-exclusive, in the original image's pixels,
+    for every image: the label says whether they matter) and overlay (the overlay PNG's path
+    relative to `out`, named after the image: see `overlay_names`); or path and error. With
+    `resume`, images already scored in the output are skipped (their overlays keep their names)
+    and failed ones tried again. Returns counts for this run (n_images, n_anomalous, n_failed),
+    n_skipped and seconds.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1; got {batch_size}")
@@ -145,9 +149,7 @@ def predict_images(
     if not found:
         names = ", ".join(map(str, inputs))
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {names}")
-    model = model.eval().to(memory_format=torch.channels_last)
-    scorer = _Scorer(model, info, resolve_precision(precision), box_threshold, min_area,
-                     store or FeatureStore.default())
+    scorer = _Scorer(detector, box_threshold, min_area)
     out.mkdir(parents=True, exist_ok=True)
     results = out / RESULTS_NAME
     done = _keep_finished(results) if resume else {}
@@ -162,7 +164,7 @@ def predict_images(
             for row in scorer(batch, out, names):
                 counts["n_images"] += 1
                 counts["n_failed"] += "error" in row
-                counts["n_anomalous"] += row.get("label") == "anomaly"
+                counts["n_anomalous"] += row.get("label") == 1
                 # ASCII JSON: file names that are not valid UTF-8 still round-trip (as escapes).
                 f.write(json.dumps(row) + "\n")
             f.flush()
@@ -174,13 +176,8 @@ def predict_images(
 class _Scorer:
     """Turns a batch of paths into result rows (and overlays); holds nothing between batches."""
 
-    def __init__(self, model: VGG16CAM, info: dict, precision: str, box_threshold: float,
-                 min_area: int, store: FeatureStore) -> None:
-        self.model, self.precision, self.store = model, precision, store
-        self.size = int(info["image_size"])
-        self.threshold = float(info["threshold"])
-        norm = info.get("normalizer")
-        self.normalizer = HeatmapNormalizer.from_dict(norm) if norm else None
+    def __init__(self, detector: Detector, box_threshold: float, min_area: int) -> None:
+        self.detector = detector
         self.box_threshold, self.min_area = box_threshold, min_area
 
     def __call__(self, paths: Sequence[Path], out: Path, overlays: dict[Path, str] | None) -> list[dict]:
@@ -194,49 +191,41 @@ class _Scorer:
                 rows[i]["error"] = str(e)
         if not read:
             return rows
-        heat, logits = self._forward([paths[i] for i in read], [tensor for tensor, _, _ in read.values()])
-        for (i, (_, shape, thumb)), h, lg in zip(read.items(), heat, logits, strict=True):
-            rows[i].update(self._scores(shape, h, lg))
+        d = self.detector
+        scored = d.score([unlabelled_sample(paths[i], d.product) for i in read])
+        heat = scored.heatmaps(mode="dataset" if d.normalizer else "image", normalizer=d.normalizer)
+        for (i, (shape, thumb)), h, score in zip(read.items(), heat, scored.scores, strict=True):
+            rows[i].update(self._row(shape, h, float(score)))
             if overlays is not None:
                 rows[i]["overlay"] = overlays[paths[i]]
                 _save_overlay(out / overlays[paths[i]], paths[i], thumb, h, rows[i])
         return rows
 
-    def _read(self, path: Path, thumb: bool) -> tuple[torch.Tensor, tuple[int, int], Image.Image]:
-        """The model's input, the original (height, width) and a small copy for overlays (or None).
-
-        The full-size array is dropped here, so a batch of huge photos costs little memory.
-        """
+    @staticmethod
+    def _read(path: Path, thumb: bool) -> tuple[tuple[int, int], Image.Image | None]:
+        """The original (height, width) and a small copy for overlays (or None); an unreadable
+        file raises DataError here, before the detector sees the batch. The full-size array is
+        dropped here, so a batch of huge photos costs little memory."""
         image = load_rgb(path)
         small = None
         if thumb:
             small = Image.fromarray(image)
             small.thumbnail((OVERLAY_MAX_SIDE, OVERLAY_MAX_SIDE))
-        return to_tensor(image, self.size), image.shape[:2], small
+        return image.shape[:2], small
 
-    def _forward(self, paths: list[Path], inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised heatmaps (N, S, S) and logits (N, 2): the path of `inference.predict`, the
-        frozen layers' output from the feature store (computed from `inputs` where missing)."""
-        feats = self.store.fetch(self.model, paths, self.size, precision=self.precision,
-                                 read=lambda i: inputs[i])
-        logits, cams = forward_features(self.model, feats.batch(slice(None)), self.precision)
-        mode = "dataset" if self.normalizer else "image"
-        heat = normalize(upsample(cams, self.size), mode, self.normalizer)
-        return heat, logits
-
-    def _scores(self, shape: tuple[int, int], heat: torch.Tensor, logits: torch.Tensor) -> dict:
-        margin = float(logit_margin(logits))
+    def _row(self, shape: tuple[int, int], heat: torch.Tensor, score: float) -> dict:
         h, w = shape
-        grid = (self.size, self.size)
+        size = self.detector.image_size
+        threshold = self.detector.threshold
         boxes = heatmap_to_boxes(heat.numpy(), self.box_threshold, self.min_area)
         return {
             "width": w,
             "height": h,
-            "label": "anomaly" if margin > self.threshold else "good",
-            "probability": round(float(torch.softmax(logits, 0)[1]), 6),
-            "margin": round(margin, 4),
-            "threshold_margin": round(self.threshold, 4),
-            "boxes": [[*_scale_box(b, grid, (w, h)), round(b.score, 4)] for b in boxes],
+            "method": self.detector.name,
+            "score": round(score, 4),
+            "threshold": round(threshold, 4),
+            "label": int(score > threshold),
+            "boxes": [[*_scale_box(b, (size, size), (w, h)), round(b.score, 4)] for b in boxes],
         }
 
 
@@ -301,7 +290,7 @@ def _save_overlay(dest: Path, path: Path, thumb: Image.Image, heat: torch.Tensor
     scale = max(1.0, OVERLAY_MIN_SIDE / max(w, h))
     fig = Figure(figsize=(w * scale / DPI, h * scale / DPI), dpi=DPI)
     ax = fig.add_subplot()
-    overlay(ax, np.asarray(thumb), small.numpy(), boxes if row["label"] == "anomaly" else ())
-    verdict = f"{row['label']} · P(anomaly)={row['probability']:.2f}"
+    overlay(ax, np.asarray(thumb), small.numpy(), boxes if row["label"] == 1 else ())
+    verdict = f"predicted {'anomaly' if row['label'] == 1 else 'good'} · score {row['score']:.2f}"
     ax.set_title(f"{path.name[:40]}\n{verdict}", fontsize=8)
     save_figure(fig, dest)

@@ -1,0 +1,123 @@
+"""The detector interface: every method trains / adapts / scores the same way, and the user's path
+(`train --method`, then `predict --reference-dir`) on tiny synthetic data."""
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import visinspect.detectors as detectors
+from visinspect.cli import main
+from visinspect.data import build_sample_table
+from visinspect.detectors import (
+    METHODS,
+    RECOMMENDED,
+    backbone_info,
+    load_detector,
+    make_detector,
+    reference_samples,
+)
+from visinspect.errors import ConfigError, DataError
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def table(tiny_root):
+    return build_sample_table(tiny_root).samples
+
+
+def good(table, category, k):
+    return sorted((s for s in table if s.category == category and s.split == "train" and s.label == 0),
+                  key=lambda s: str(s.path))[:k]
+
+
+def test_every_method_is_named_and_the_recommended_one_exists():
+    assert RECOMMENDED in METHODS
+    for name, m in METHODS.items():
+        assert m.name == name and m.about and (m.trains is None or m.trains in METHODS)
+    with pytest.raises(ConfigError, match="unknown method 'magic'"):
+        make_detector("magic", None, {"image_size": SIZE})
+
+
+@pytest.mark.parametrize("name", ["reference", "baseline calibrated"])
+def test_adapted_detectors_score_relative_to_their_product(name, table, pristine_model):
+    info = backbone_info(SIZE, {"source": "random"}) | {"threshold": 0.5}
+    detector = make_detector(name, pristine_model, info, precision="fp32")
+    assert detector.uses_good and detector.threshold == 0.0
+    test = [s for s in table if s.category == "round_pill" and s.split == "test"]
+    with pytest.raises(DataError, match="round_pill"):
+        detector.score(test)  # not adapted to that product yet
+    detector.adapt(good(table, "round_pill", 3))
+    first = detector.score(test)
+    assert detector.product == "round_pill" and len(first.scores) == len(test)
+    assert np.isfinite(first.scores).all() and first.maps.shape[0] == len(test)
+    detector.adapt(good(table, "round_pill", 4))  # another K: the product's calibration changes
+    assert not np.array_equal(detector.score(test).scores, first.scores)
+    with pytest.raises(DataError, match="one product"):
+        detector.adapt(good(table, "round_pill", 2) + good(table, "grain_wood", 2))
+
+
+def test_classifier_outputs_are_remembered_within_a_bound(table, pristine_model, monkeypatch):
+    monkeypatch.setattr(detectors, "MEMORY", 3)
+    info = backbone_info(SIZE, {"source": "random"})
+    detector = make_detector("baseline", pristine_model, info, precision="fp32")
+    samples = table[:6]
+    first = detector.score(samples)
+    assert len(detector._seen) == 3  # memory stays flat however many images are scored
+    again = detector.score(samples)
+    np.testing.assert_array_equal(first.scores, again.scores)
+
+
+@pytest.fixture(scope="module")
+def fused_checkpoint(tiny_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("user") / "fused.pt"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["train", "--data", str(tiny_root), "--categories", "grain_wood", "--image-size",
+                     str(SIZE), "--epochs", "1", "--backbone-weights", "random", "--precision", "fp32",
+                     "--out", str(out)]) == 0  # no --method: the recommended one
+    return out
+
+
+@pytest.mark.slow
+def test_the_users_path_train_then_predict_with_good_images(fused_checkpoint, tiny_root, tmp_path, capsys):
+    reference = tiny_root / "round_pill" / "train" / "good"
+    out = tmp_path / "pred"
+    code = main(["predict", "--checkpoint", str(fused_checkpoint), "--reference-dir", str(reference),
+                 str(tiny_root / "round_pill" / "test"), "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 + 6  # round_pill's test/ folder
+    for r in rows:
+        assert r["method"] == RECOMMENDED and r["threshold"] == 0.0  # scores relative to the product
+        assert r["label"] == int(r["score"] > r["threshold"]) and (out / r["overlay"]).is_file()
+    # The same detector through the library.
+    detector = load_detector(fused_checkpoint, reference=[reference], precision="fp32")
+    assert detector.name == RECOMMENDED and detector.product == "good"
+
+
+def test_predict_refuses_a_missing_or_useless_reference(fused_checkpoint, tiny_root, tmp_path, capsys):
+    images = str(tiny_root / "round_pill" / "test" / "good")
+    code = main(["predict", "--checkpoint", str(fused_checkpoint), images, "--out", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--reference-dir" in err and err.count("\n") == 1
+    code = main(["predict", "--checkpoint", str(fused_checkpoint), "--method", "baseline", "--reference-dir",
+                 images, images, "--out", str(tmp_path / "b")])
+    assert code == 2 and "leave --reference-dir out" in capsys.readouterr().err
+    with pytest.raises(DataError, match="no good reference images"):
+        reference_samples([tmp_path])
+
+
+@pytest.mark.slow
+def test_a_method_that_trains_nothing_saves_its_backbone(tiny_root, tmp_path, capsys):
+    out = tmp_path / "reference.pt"
+    assert main(["train", "--method", "reference", "--image-size", str(SIZE), "--backbone-weights", "random",
+                 "--out", str(out)]) == 0
+    assert "trains nothing" in capsys.readouterr().out
+    detector = load_detector(out, reference=[tiny_root / "round_pill" / "train" / "good"], precision="fp32")
+    assert detector.name == "reference" and len(detector.banks) == 1
+    code = main(["train", "--method", "simclr-source", "--out", str(tmp_path / "x.pt")])
+    assert code == 2 and "pretrain" in capsys.readouterr().err
