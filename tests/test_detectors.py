@@ -12,15 +12,9 @@ import pytest
 import visinspect.detectors as detectors
 from visinspect.cli import main
 from visinspect.data import build_sample_table
-from visinspect.detectors import (
-    METHODS,
-    RECOMMENDED,
-    backbone_info,
-    load_detector,
-    make_detector,
-    reference_samples,
-)
+from visinspect.detectors import reference_samples
 from visinspect.errors import ConfigError, DataError
+from visinspect.methods import METHODS, RECOMMENDED, backbone_info, load_detector, make_detector
 
 SIZE = 32
 

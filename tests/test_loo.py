@@ -13,10 +13,10 @@ import visinspect.train as train_module
 from visinspect import cli
 from visinspect.compare import ComparePreset
 from visinspect.data import build_sample_table
-from visinspect.detectors import METHODS
 from visinspect.errors import ConfigError
 from visinspect.features import STORE_ENV, FeatureStore
 from visinspect.loo import DEFAULT_MODELS, LeaveOneOut, default_targets, plan_jobs
+from visinspect.methods import METHODS
 from visinspect.simclr import PretrainConfig
 
 TINY = ComparePreset(

@@ -11,8 +11,8 @@ from PIL import Image
 from test_fuzz import png_with_header
 
 from visinspect.checkpoint import save_classifier
-from visinspect.detectors import load_detector
 from visinspect.errors import ConfigError, DataError
+from visinspect.methods import load_detector
 from visinspect.predict import (
     RESULTS_NAME,
     find_images,

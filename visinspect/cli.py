@@ -126,8 +126,8 @@ def _train_val(args, source_default: Sequence[str]):
 
 def cmd_train(args) -> int:
     from visinspect.checkpoint import save_classifier
-    from visinspect.detectors import RECOMMENDED, method, untrained_backbone
     from visinspect.errors import ConfigError
+    from visinspect.methods import RECOMMENDED, method, untrained_backbone
     from visinspect.models import describe_backbone
     from visinspect.train import TrainConfig, train_baseline
 
@@ -218,7 +218,7 @@ def _evaluate_checkpoint(args, default_categories: Sequence[str]) -> dict:
     from visinspect.calibration import DEFAULT_K
     from visinspect.checkpoint import load_classifier
     from visinspect.data import build_sample_table
-    from visinspect.detectors import make_detector
+    from visinspect.methods import make_detector
 
     model, info = load_classifier(args.checkpoint)
     name = args.method or info.get("method", "baseline")
@@ -313,7 +313,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from visinspect.detectors import load_detector, make_detector
+    from visinspect.methods import load_detector, make_detector
     from visinspect.predict import predict_images
 
     if args.calibration:

@@ -35,12 +35,14 @@ from visinspect.data import (
     target_test_images,
     unknown_context_split,
 )
-from visinspect.detectors import Detector, make_detector
+from visinspect.detectors import Detector
 from visinspect.errors import ConfigError
 from visinspect.evaluate import evaluate_scored
 from visinspect.inference import ScoredImages
+from visinspect.methods import make_detector
 from visinspect.metrics import seed_spread
 from visinspect.models import FROZEN_END, VGG16CAM, build_model
+from visinspect.residual import train_residual
 from visinspect.simclr import PretrainConfig, build_simclr_model, pretrain, pretrain_samples
 from visinspect.train import TrainConfig, train_baseline
 from visinspect.utils import resolve_device, set_seed
@@ -198,6 +200,11 @@ def train_variant(
     config = TrainConfig(
         epochs=preset.epochs, image_size=preset.image_size, seed=split.seed, precision=preset.precision
     )
+    train_state = None if state is None else Path(f"{state}.train-state")
+    resume = train_state if train_state is not None and train_state.is_file() else None
+    if variant == "residual":
+        return train_residual(split.train, split.val, config, weights=weights, device=device,
+                              progress=progress, checkpoint_path=train_state, resume=resume)
     if variant == "baseline":
         set_seed(config.seed)  # the dense layer starts from seeded weights
         model, provenance = build_model(weights)
@@ -223,12 +230,12 @@ def train_variant(
             "pretrain_loss": history["loss"],
         }
     else:
-        raise ConfigError(f"unknown classifier variant {variant!r}; known: {', '.join(VARIANTS)}")
-    train_state = None if state is None else Path(f"{state}.train-state")
+        raise ConfigError(
+            f"unknown training {variant!r}; known: {', '.join(VARIANTS)}, residual"
+        )
     return train_baseline(
         split.train, split.val, config, model=model, provenance=provenance, progress=progress,
-        device=device, checkpoint_path=train_state,
-        resume=train_state if train_state is not None and train_state.is_file() else None,
+        device=device, checkpoint_path=train_state, resume=resume,
     )
 
 

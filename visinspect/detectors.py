@@ -11,15 +11,14 @@ a handful of good parts of the new one. Every method of visinspect goes through 
 3. **score** (`Detector.score`): one score per image, higher = more anomalous, anomalous above
    `threshold`, and a heatmap per image, scaled to [0, 1] by `normalizer`.
 
-`compare`, `loo`, `evaluate`, `predict` and the notebooks reach every method through
-`make_detector(name, ...)`, so a new method is one Detector subclass (in a module of its own) and
-one line in METHODS (and, if it learns from the source, one in TRAININGS).
+`compare`, `loo`, `evaluate`, `predict` and the notebooks reach every method through its name
+(visinspect.methods), so a new method is one Detector subclass in a module of its own and one line
+in `methods.METHODS`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +27,10 @@ import torch
 from visinspect.calibration import Calibration, fit_calibration
 from visinspect.cam import HeatmapNormalizer
 from visinspect.data import Sample
-from visinspect.errors import ConfigError, DataError
+from visinspect.errors import DataError
 from visinspect.inference import Predictions, ScoredImages, predict
-from visinspect.models import VGG16CAM, build_model
+from visinspect.models import VGG16CAM
 from visinspect.reference import FusedScorer, PatchMemoryBank, fit_fusion
-from visinspect.utils import set_seed
 
 # Scores relative to a product's calibrated threshold: 0 is the decision threshold, and maps are
 # already on the product's good-image scale, so the "normaliser" is the identity.
@@ -177,7 +175,7 @@ class ReferenceDetector(Detector):
 
     def raw(self, samples: Sequence[Sample]) -> ScoredImages:
         """Uncalibrated patch distances, each product against its own bank."""
-        return _by_product(samples, self.image_size, self.banks, lambda bank, group: bank.score(
+        return by_product(samples, self.image_size, self.banks, lambda bank, group: bank.score(
             self.model, group, precision=self.precision, progress=self.progress))
 
     def score(self, samples: Sequence[Sample]) -> ScoredImages:
@@ -222,13 +220,14 @@ class FusedDetector(Detector):
             ref_scores, ref_maps = reference.scores[idx], reference.maps[idx]
             return fusion.score(sub.margins, ref_scores), fusion.heatmap(sub.cams, ref_maps)
 
-        return calibrated_view(_by_product(samples, self.image_size, self.fusions, fuse), self.calibrations)
+        return calibrated_view(by_product(samples, self.image_size, self.fusions, fuse), self.calibrations)
 
 
-def _by_product(
+def by_product(
     samples: Sequence[Sample], image_size: int, per_product: dict, score: Callable
 ) -> ScoredImages:
-    """Score each product's samples with its own adapted state; one ScoredImages in input order."""
+    """Score each product's samples with its own adapted state (`score(state, samples)` ->
+    scores, maps); one ScoredImages in input order."""
     scores = np.zeros(len(samples))
     maps: torch.Tensor | None = None
     for product in sorted({s.category for s in samples}):
@@ -243,81 +242,6 @@ def _by_product(
             maps = torch.zeros(len(samples), *m.shape[1:])
         scores[idx], maps[idx] = s, m
     return ScoredImages(list(samples), scores, maps if maps is not None else torch.zeros(0, 1, 1), image_size)
-
-
-# ----------------------------------------------------------------------------- the methods
-
-
-@dataclass(frozen=True)
-class Method:
-    """A method by the name its rows carry: the training it needs (a TRAININGS key; None: only
-    the ImageNet backbone) and its detector class."""
-
-    name: str
-    trains: str | None
-    detector: type[Detector]
-    about: str
-
-
-METHODS: dict[str, Method] = {
-    m.name: m
-    for m in (
-        Method("baseline", "baseline", ClassifierDetector,
-               "the seed's VGG16-CAM classifier; threshold from the source validation split"),
-        Method("baseline calibrated", "baseline", CalibratedClassifier,
-               "the same classifier; threshold and heatmap scale from K good images"),
-        Method("reference", None, ReferenceDetector,
-               "nearest good patch (PatchCore idea) against K good images; no training"),
-        Method("fused", "baseline", FusedDetector,
-               "baseline and reference, standardised on K good images, averaged"),
-        Method("simclr-source", "simclr-source", ClassifierDetector,
-               "SimCLR pre-training on the source images, then the seed's classifier"),
-        Method("simclr-source calibrated", "simclr-source", CalibratedClassifier,
-               "the same, calibrated on K good images"),
-        Method("simclr-source+target-good", "simclr-source+target-good", ClassifierDetector,
-               "SimCLR also on the target's unlabeled good images, then the classifier"),
-        Method("simclr-source+target-good calibrated", "simclr-source+target-good", CalibratedClassifier,
-               "the same, calibrated on K good images"),
-    )
-}
-RECOMMENDED = "fused"
-
-
-def method(name: str) -> Method:
-    """The method of this name, or a one-line error listing them."""
-    if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
-    return METHODS[name]
-
-
-def backbone_info(image_size: int, provenance: dict) -> dict:
-    """The `info` of an untrained backbone (for methods that train nothing)."""
-    return {"image_size": image_size, "backbone": provenance, "threshold": 0.0, "normalizer": None}
-
-
-def untrained_backbone(
-    image_size: int, weights: str | Path | None = "auto", seed: int = 0
-) -> tuple[VGG16CAM, dict]:
-    """A fresh ImageNet VGG16 for methods that train nothing, seeded like a trained baseline's (so
-    that with random weights, in tests, its frozen layers match the classifier's)."""
-    set_seed(seed)
-    model, provenance = build_model(weights)
-    return model, backbone_info(image_size, provenance)
-
-
-def make_detector(
-    name: str,
-    model: VGG16CAM,
-    info: dict,
-    *,
-    precision: str = "auto",
-    false_alarm_rate: float = 0.01,
-    seed: int = 0,
-) -> Detector:
-    """The detector of method `name` over a model (its training's, or a plain backbone)."""
-    return method(name).detector(
-        model, info, name=name, precision=precision, false_alarm_rate=false_alarm_rate, seed=seed
-    )
 
 
 # ----------------------------------------------------------------------------- a user's files
@@ -338,30 +262,3 @@ def reference_samples(paths: Sequence[str | Path], product: str | None = None) -
         raise DataError(f"no good reference images found in {', '.join(map(str, paths))}")
     name = product or next((Path(p).name for p in paths if Path(p).is_dir()), "product")
     return [Sample(f, name, "train", 0, "good", None) for f in files]
-
-
-def load_detector(
-    checkpoint: str | Path,
-    *,
-    method: str | None = None,
-    reference: Sequence[str | Path] | None = None,
-    precision: str = "auto",
-    false_alarm_rate: float = 0.01,
-) -> Detector:
-    """A checkpoint (written by `train`) as the detector of its method (or `method`), adapted to
-    the good images in `reference` (files or folders) when the method uses them."""
-    from visinspect.checkpoint import load_classifier
-
-    model, info = load_classifier(checkpoint)
-    name = method or info.get("method", "baseline")
-    detector = make_detector(name, model, info, precision=precision, false_alarm_rate=false_alarm_rate)
-    if detector.uses_good:
-        if not reference:
-            raise ConfigError(
-                f"method {name!r} adapts to K good images of the product: give them with "
-                "--reference-dir GOOD_IMAGES/ (or choose --method baseline)"
-            )
-        detector.adapt(reference_samples(reference))
-    elif reference:
-        raise ConfigError(f"method {name!r} uses no good reference images; leave --reference-dir out")
-    return detector

@@ -42,9 +42,9 @@ from visinspect.compare import (
     train_variant,
 )
 from visinspect.data import Sample, build_sample_table, single_class_categories
-from visinspect.detectors import METHODS, make_detector, untrained_backbone
 from visinspect.errors import ConfigError
 from visinspect.features import FeatureStore
+from visinspect.methods import METHODS, make_detector, untrained_backbone
 from visinspect.utils import atomic_path, describe_machine, resolve_device, resolve_precision
 
 MODELS = tuple(METHODS)

@@ -25,8 +25,9 @@ from tqdm.auto import tqdm
 
 from visinspect.boxes import Box, heatmap_to_boxes
 from visinspect.data import IMAGE_EXTENSIONS, load_rgb
-from visinspect.detectors import Detector, load_detector, unlabelled_sample
+from visinspect.detectors import Detector, unlabelled_sample
 from visinspect.errors import ConfigError, DataError
+from visinspect.methods import load_detector
 from visinspect.utils import atomic_path
 
 RESULTS_NAME = "predictions.jsonl"

@@ -220,7 +220,7 @@ class PatchMemoryBank:
             patches[keep].contiguous().to(device), owners[keep].to(device), layers, image_size, category,
             [str(s.path) for s in good_samples],
         )
-        dist = bank._nearest(patches, exclude=owners).view(n, h, w)
+        dist = bank.nearest(patches, exclude=owners)[0].view(n, h, w)
         bank.good_maps = dist
         bank.good_scores = dist.flatten(1).amax(1).double().numpy()
         return bank
@@ -240,11 +240,15 @@ class PatchMemoryBank:
             model="reference:" + "+".join(self.layers),
         )
 
-    def _nearest(self, queries: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
-        """L2 distance of each query (P, C) to its nearest bank patch, skipping `exclude` owners;
-        computed on the bank's device, returned on the CPU."""
+    def nearest(
+        self, queries: torch.Tensor, exclude: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2 distance of each query (P, C) to its nearest bank patch, and that patch's index in
+        the bank, skipping patches whose owner is the query's `exclude` owner; computed on the
+        bank's device, returned on the CPU."""
         device = self.bank.device
         out = torch.empty(len(queries))
+        which = torch.empty(len(queries), dtype=torch.long)
         rows = max(1, CHUNK_ELEMENTS // len(self.bank))
         for i in range(0, len(queries), rows):
             q = queries[i : i + rows].to(device)
@@ -255,7 +259,8 @@ class PatchMemoryBank:
             # cdist's fast matrix-product formula loses digits when a query nearly equals a bank
             # patch; recomputing the winner's distance directly gives ~0 for an in-bank patch.
             out[i : i + rows] = (q - self.bank[nearest]).norm(dim=1).cpu()
-        return out
+            which[i : i + rows] = nearest.cpu()
+        return out, which
 
     def score_features(self, feats: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
         """Image scores (N,) = max patch distance, and distance maps (N, h, w), from features."""
@@ -265,7 +270,7 @@ class PatchMemoryBank:
                 f"features have {c} channels but the memory bank has {self.bank.shape[1]} "
                 f"(layers {self.layers}): use patch_features with the same layers as fit"
             )
-        maps = self._nearest(_patches(feats.float().cpu())).view(n, h, w)
+        maps = self.nearest(_patches(feats.float().cpu()))[0].view(n, h, w)
         return maps.flatten(1).amax(1).double().numpy(), maps
 
     def score(

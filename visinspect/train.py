@@ -23,8 +23,8 @@ from visinspect.checkpoint import load_resume_state, save_checkpoint
 from visinspect.data import Sample
 from visinspect.errors import ConfigError, DataError
 from visinspect.evaluate import validation_threshold
-from visinspect.features import FeatureStore
-from visinspect.inference import predict
+from visinspect.features import FeatureStore, StoredFeatures
+from visinspect.inference import Predictions, predict
 from visinspect.models import CONV4_3_END, FROZEN_END, VGG16CAM, build_model
 from visinspect.utils import autocast, model_device, resolve_device, resolve_precision, set_seed
 
@@ -93,11 +93,13 @@ def train_classifier(
     resume: str | Path | None = None,
     on_epoch_end: Callable[[int, dict], None] | None = None,
     store: FeatureStore | None = None,
+    features: StoredFeatures | None = None,
 ) -> dict:
     """Fine-tune conv5 + the dense layer on labelled samples; returns the history per epoch.
 
     conv5 trains on the frozen layers' output from the feature store (`store`, default: the
-    user's), read one batch at a time, so memory stays flat whatever the number of images.
+    user's), read one batch at a time, so memory stays flat whatever the number of images; or on
+    `features`, conv4_3-shaped maps of the samples made otherwise (e.g. residual.py's).
     With `checkpoint_path`, a resumable checkpoint (weights, optimiser, shuffling RNG, history) is
     written atomically after every epoch; `resume` continues from such a file and reaches the
     same weights as an uninterrupted run with the same seed.
@@ -127,7 +129,7 @@ def train_classifier(
     if resume is not None:
         state = _restore(resume, model, optimizer, shuffle, config)
 
-    cache = (store or FeatureStore.default()).fetch_samples(
+    cache = features if features is not None else (store or FeatureStore.default()).fetch_samples(
         model, samples, config.image_size, precision=precision, progress=progress
     )
     after_store = model.features[CONV4_3_END:]  # pool4 (and any frozen layer after conv4_3) + block 5
@@ -200,6 +202,29 @@ def validation_curve(
     return hook, curves
 
 
+def training_info(
+    model: VGG16CAM, config: TrainConfig, provenance: dict | None, history: dict,
+    train_samples: Sequence[Sample], val: Predictions,
+) -> dict:
+    """What a trained classifier's checkpoint records, with the decision threshold (F1-optimal)
+    and the heatmap normaliser chosen on the validation predictions `val`."""
+    n_val = len(val.samples)
+    normalizer = HeatmapNormalizer.fit(upsample(val.cams, config.image_size)) if n_val else None
+    return {
+        "config": config.to_dict(),
+        "image_size": config.image_size,
+        "frozen_end": model.frozen_end,
+        "threshold": validation_threshold(val) if n_val else 0.0,
+        "threshold_rule": "F1-optimal on the validation split" if n_val else "P(anomaly) > 0.5",
+        "normalizer": normalizer.to_dict() if normalizer else None,
+        "backbone": provenance or {"source": "unknown"},
+        "history": history,
+        "train_categories": sorted({s.category for s in train_samples}),
+        "n_train": len(train_samples),
+        "n_val": n_val,
+    }
+
+
 def _save_resumable(path, model, optimizer, shuffle, config, state: TrainState) -> None:
     save_checkpoint(
         path,
@@ -256,18 +281,5 @@ def train_baseline(
         on_epoch_end=on_epoch_end,
     )
     val = predict(model, val_samples, config.image_size, precision=config.precision)
-    normalizer = HeatmapNormalizer.fit(upsample(val.cams, config.image_size)) if len(val_samples) else None
-    info = {
-        "config": config.to_dict(),
-        "image_size": config.image_size,
-        "frozen_end": model.frozen_end,
-        "threshold": validation_threshold(val) if len(val_samples) else 0.0,
-        "threshold_rule": "F1-optimal on the validation split" if len(val_samples) else "P(anomaly) > 0.5",
-        "normalizer": normalizer.to_dict() if normalizer else None,
-        "backbone": provenance or {"source": "unknown"},
-        "history": history,
-        "train_categories": sorted({s.category for s in train_samples}),
-        "n_train": len(train_samples),
-        "n_val": len(val_samples),
-    }
+    info = training_info(model, config, provenance, history, train_samples, val)
     return model, info

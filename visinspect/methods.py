@@ -1,0 +1,127 @@
+"""Every method by its name: the one list `compare`, `loo`, `train`, `evaluate` and `predict` use.
+
+A new method is a Detector subclass in a module of its own (see visinspect.detectors) and one line
+in METHODS here; if it learns from the labelled source products, its training is one more case
+of `compare.train_variant`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from visinspect.detectors import (
+    CalibratedClassifier,
+    ClassifierDetector,
+    Detector,
+    FusedDetector,
+    ReferenceDetector,
+    reference_samples,
+)
+from visinspect.errors import ConfigError
+from visinspect.models import VGG16CAM, build_model
+from visinspect.residual import ResidualDetector
+from visinspect.utils import set_seed
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method by the name its rows carry: the training it needs (a `compare.train_variant`
+    variant; None: only the ImageNet backbone) and its detector class."""
+
+    name: str
+    trains: str | None
+    detector: type[Detector]
+    about: str
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("baseline", "baseline", ClassifierDetector,
+               "the seed's VGG16-CAM classifier; threshold from the source validation split"),
+        Method("baseline calibrated", "baseline", CalibratedClassifier,
+               "the same classifier; threshold and heatmap scale from K good images"),
+        Method("reference", None, ReferenceDetector,
+               "nearest good patch (PatchCore idea) against K good images; no training"),
+        Method("fused", "baseline", FusedDetector,
+               "baseline and reference, standardised on K good images, averaged"),
+        Method("simclr-source", "simclr-source", ClassifierDetector,
+               "SimCLR pre-training on the source images, then the seed's classifier"),
+        Method("simclr-source calibrated", "simclr-source", CalibratedClassifier,
+               "the same, calibrated on K good images"),
+        Method("simclr-source+target-good", "simclr-source+target-good", ClassifierDetector,
+               "SimCLR also on the target's unlabeled good images, then the classifier"),
+        Method("simclr-source+target-good calibrated", "simclr-source+target-good", CalibratedClassifier,
+               "the same, calibrated on K good images"),
+        Method("residual", "residual", ResidualDetector,
+               "the seed's head trained on residuals: features minus their nearest good patch (ResAD)"),
+    )
+}
+RECOMMENDED = "fused"
+
+
+def method(name: str) -> Method:
+    """The method of this name, or a one-line error listing them."""
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def backbone_info(image_size: int, provenance: dict) -> dict:
+    """The `info` of an untrained backbone (for methods that train nothing)."""
+    return {"image_size": image_size, "backbone": provenance, "threshold": 0.0, "normalizer": None}
+
+
+def untrained_backbone(
+    image_size: int, weights: str | Path | None = "auto", seed: int = 0
+) -> tuple[VGG16CAM, dict]:
+    """A fresh ImageNet VGG16 for methods that train nothing, seeded like a trained baseline's (so
+    that with random weights, in tests, its frozen layers match the classifier's)."""
+    set_seed(seed)
+    model, provenance = build_model(weights)
+    return model, backbone_info(image_size, provenance)
+
+
+def make_detector(
+    name: str,
+    model: VGG16CAM,
+    info: dict,
+    *,
+    precision: str = "auto",
+    false_alarm_rate: float = 0.01,
+    seed: int = 0,
+) -> Detector:
+    """The detector of method `name` over a model (its training's, or a plain backbone)."""
+    return method(name).detector(
+        model, info, name=name, precision=precision, false_alarm_rate=false_alarm_rate, seed=seed
+    )
+
+
+
+def load_detector(
+    checkpoint: str | Path,
+    *,
+    method: str | None = None,
+    reference: Sequence[str | Path] | None = None,
+    precision: str = "auto",
+    false_alarm_rate: float = 0.01,
+) -> Detector:
+    """A checkpoint (written by `train`) as the detector of its method (or `method`), adapted to
+    the good images in `reference` (files or folders) when the method uses them."""
+    from visinspect.checkpoint import load_classifier
+
+    model, info = load_classifier(checkpoint)
+    name = method or info.get("method", "baseline")
+    detector = make_detector(name, model, info, precision=precision, false_alarm_rate=false_alarm_rate)
+    if detector.uses_good:
+        if not reference:
+            raise ConfigError(
+                f"method {name!r} adapts to K good images of the product: give them with "
+                "--reference-dir GOOD_IMAGES/ (or choose --method baseline)"
+            )
+        detector.adapt(reference_samples(reference))
+    elif reference:
+        raise ConfigError(f"method {name!r} uses no good reference images; leave --reference-dir out")
+    return detector
