@@ -159,6 +159,7 @@ class ReferenceDetector(Detector):
 
     uses_good = True
     score_name = "nearest good patch distance minus calibrated threshold"
+    top = 0.0  # image score: the largest patch distance (PatchCore); see PatchMemoryBank.top
 
     def __init__(self, model: VGG16CAM, info: dict, **kwargs) -> None:
         super().__init__(model, info, **kwargs)
@@ -168,7 +169,7 @@ class ReferenceDetector(Detector):
     def adapt(self, good: Sequence[Sample]) -> None:
         super().adapt(good)
         bank = PatchMemoryBank.fit(
-            self.model, good, self.image_size, seed=self.seed, precision=self.precision
+            self.model, good, self.image_size, seed=self.seed, precision=self.precision, top=self.top
         )
         self.banks[bank.category] = bank
         self.calibrations[bank.category] = bank.calibrate(self.false_alarm_rate)
@@ -180,6 +181,15 @@ class ReferenceDetector(Detector):
 
     def score(self, samples: Sequence[Sample]) -> ScoredImages:
         return calibrated_view(self.raw(samples), self.calibrations)
+
+
+class TopReferenceDetector(ReferenceDetector):
+    """The same nearest good patch, with the image score the mean of its 5 % largest patch
+    distances (AnomalyDINO's top-percent mean) instead of the largest: one odd patch of a good
+    part weighs less, a defect covering several patches more."""
+
+    score_name = "mean of the 5 % largest nearest-good-patch distances minus calibrated threshold"
+    top = 0.05
 
 
 class FusedDetector(Detector):

@@ -263,6 +263,16 @@ class FeatureStore:
         return self.fetch(model, [s.path for s in samples], image_size,
                           datasets=[s.category for s in samples], **kwargs)
 
+    def compute(
+        self, model: VGG16CAM, images: torch.Tensor, *, precision: str = "auto", layer: str = "conv4_3"
+    ) -> StoredFeatures:
+        """Features of images that are no file (normalised tensors (N, 3, S, S) made in memory,
+        e.g. pseudo-defects): computed, never stored, rounded to the store's dtype like the rest."""
+        ns = self.namespace(model, images.shape[-1], precision, layer)
+        _frozen_layers(model, layer).to(memory_format=torch.channels_last)
+        tensor = self._compute(model, ns, range(len(images)), lambda i: images[i])
+        return StoredFeatures(tensor=tensor, computed=len(images))
+
     # --------------------------------------------------------------------- internals
 
     @torch.inference_mode()

@@ -17,10 +17,12 @@ from visinspect.detectors import (
     Detector,
     FusedDetector,
     ReferenceDetector,
+    TopReferenceDetector,
     reference_samples,
 )
 from visinspect.errors import ConfigError
 from visinspect.models import VGG16CAM, build_model
+from visinspect.pseudo_defects import PseudoDefectDetector
 from visinspect.residual import ResidualDetector
 from visinspect.utils import set_seed
 
@@ -45,6 +47,8 @@ METHODS: dict[str, Method] = {
                "the same classifier; threshold and heatmap scale from K good images"),
         Method("reference", None, ReferenceDetector,
                "nearest good patch (PatchCore idea) against K good images; no training"),
+        Method("reference-top5", None, TopReferenceDetector,
+               "the same, image score = mean of the 5 % largest patch distances (AnomalyDINO)"),
         Method("fused", "baseline", FusedDetector,
                "baseline and reference, standardised on K good images, averaged"),
         Method("simclr-source", "simclr-source", ClassifierDetector,
@@ -57,6 +61,8 @@ METHODS: dict[str, Method] = {
                "the same, calibrated on K good images"),
         Method("residual", "residual", ResidualDetector,
                "the seed's head trained on residuals: features minus their nearest good patch (ResAD)"),
+        Method("pseudo-defects", "baseline", PseudoDefectDetector,
+               "the baseline fine-tuned on K good images against their pseudo-defects (CutPaste, DRAEM)"),
     )
 }
 RECOMMENDED = "fused"

@@ -415,6 +415,24 @@ def _defect(rng: np.random.Generator, kind: str, img: Image, cover: np.ndarray) 
 # public API
 
 
+DEFECT_KINDS = tuple(_DEFECTS)
+
+
+def draw_defect(image: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One of the synthetic dataset's defects drawn on any square RGB uint8 image (anywhere on it):
+    (the image with the defect, its bool mask). Used to make pseudo-defects of real products."""
+    if kind not in _DEFECTS:
+        raise DataError(f"unknown defect kind {kind!r}; known: {', '.join(DEFECT_KINDS)}")
+    if image.ndim != 3 or image.shape[0] != image.shape[1] or image.dtype != np.uint8:
+        raise DataError(f"draw_defect needs a square RGB uint8 image; got {image.dtype} {image.shape}")
+    img = image.astype(np.float32) / 255
+    cover = np.ones(img.shape[:2], np.float32)
+    alpha, target = _defect(rng, kind, img, cover)
+    mask = alpha > 0
+    out = np.where(mask[..., None], _paint(img, target, alpha), img)
+    return np.round(np.clip(out, 0, 1) * 255).astype(np.uint8), mask
+
+
 def _check_category(category: str) -> None:
     if category not in CATEGORIES:
         raise DataError(f"unknown synthetic category {category!r}; known: {', '.join(CATEGORIES)}")

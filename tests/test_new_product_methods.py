@@ -1,0 +1,81 @@
+"""The few-good-parts methods beyond the plain reference score: the top-percent image score,
+residual learning and pseudo-defects."""
+
+import numpy as np
+import pytest
+import torch
+
+from visinspect.data import build_sample_table
+from visinspect.errors import DataError, VisinspectError
+from visinspect.methods import backbone_info, make_detector
+from visinspect.pseudo_defects import KINDS, cut_paste, pseudo_defect
+from visinspect.reference import PatchMemoryBank
+from visinspect.residual import residual_maps
+from visinspect.synthetic import draw_defect
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def good(tiny_root):
+    samples = build_sample_table(tiny_root).samples
+    return [s for s in samples if s.category == "round_pill" and s.split == "train"]
+
+
+def test_top_fraction_image_score_is_the_mean_of_the_largest_patches():
+    bank = PatchMemoryBank(torch.zeros(1, 2), torch.zeros(1), ("conv4_3",), SIZE, "x", top=0.25)
+    maps = torch.arange(8.0).view(1, 2, 4)  # patch distances 0..7
+    np.testing.assert_allclose(bank.image_scores(maps), [6.5])  # mean of the 2 largest
+    bank.top = 0.0
+    np.testing.assert_allclose(bank.image_scores(maps), [7.0])  # PatchCore's max
+
+
+def test_top_fraction_is_checked(pristine_model, good):
+    with pytest.raises(VisinspectError, match="top"):
+        PatchMemoryBank.fit(pristine_model, good, SIZE, top=1.5, precision="fp32")
+
+
+def test_residuals_vanish_on_the_bank_and_not_when_the_image_is_left_out(pristine_model, good):
+    bank = PatchMemoryBank.fit(pristine_model, good, SIZE, max_patches=None, precision="fp32")
+    inside = residual_maps(pristine_model, bank, good, "fp32")
+    assert inside.shape == (len(good), 512, SIZE // 8, SIZE // 8)
+    assert inside.abs().max() < 1e-5  # each patch's nearest good patch is itself
+    out = residual_maps(pristine_model, bank, good, "fp32", exclude=list(range(len(good))))
+    assert (out.flatten(1).norm(dim=1) > 0).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_pseudo_defect_changes_the_image_where_its_mask_says(kind):
+    rng = np.random.default_rng(0)
+    image = np.random.default_rng(1).integers(0, 256, (SIZE, SIZE, 3), np.uint8)
+    if kind in ("cutpaste", "scar"):
+        out, mask = cut_paste(image, rng, scar=kind == "scar")
+    else:
+        out, mask = draw_defect(image, kind, rng)
+    assert out.shape == image.shape and out.dtype == np.uint8 and mask.any()
+    assert np.array_equal(out[~mask], image[~mask])  # untouched outside the mask
+    assert not np.array_equal(out[mask], image[mask])
+
+
+def test_pseudo_defects_are_seeded_and_bad_input_is_refused():
+    image = np.full((SIZE, SIZE, 3), 128, np.uint8)
+    a = pseudo_defect(image, np.random.default_rng(3))
+    b = pseudo_defect(image, np.random.default_rng(3))
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    with pytest.raises(DataError, match="square RGB uint8"):
+        draw_defect(np.zeros((SIZE, SIZE + 1, 3), np.uint8), "crack", np.random.default_rng(0))
+    with pytest.raises(DataError, match="unknown defect kind"):
+        draw_defect(image, "dent", np.random.default_rng(0))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["residual", "pseudo-defects", "reference-top5"])
+def test_each_method_adapts_and_scores_a_new_product(name, tiny_root, pristine_model, good):
+    samples = build_sample_table(tiny_root).samples
+    test = [s for s in samples if s.category == "round_pill" and s.split == "test"]
+    info = backbone_info(SIZE, {"source": "random"})
+    detector = make_detector(name, pristine_model, info, precision="fp32")
+    detector.adapt(good)
+    scored = detector.score(test)
+    assert detector.threshold == 0.0 and np.isfinite(scored.scores).all()
+    assert scored.maps.shape[0] == len(test) and detector.product == "round_pill"
