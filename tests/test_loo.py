@@ -1,7 +1,9 @@
 """The leave-one-out command: jobs, resuming after a kill to the same rows, model choice, errors."""
 
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -166,3 +168,16 @@ def test_cache_cli_info_and_clear(tiny_root, tmp_path, capsys, pristine_model, m
     assert cli.main(["cache", "clear", "--feature-store", str(root)]) == 0
     assert "cleared" in capsys.readouterr().out
     assert FeatureStore(root).info()["entries"] == 0
+
+
+@pytest.mark.slow
+def test_new_methods_join_the_earlier_rows_of_the_same_settings(uninterrupted, tiny_root, store, tmp_path):
+    out, rows = uninterrupted
+    work = tmp_path / "more"
+    shutil.copytree(out, work)
+    more = run_loo(tiny_root, work, store, models=["reference-top5"])
+    assert [r for r in more if r["model"] != "reference-top5 k=2"] == rows  # earlier rows kept
+    assert {r["target"] for r in more if r["model"] == "reference-top5 k=2"} == {"grain_wood", "round_pill"}
+    other = dataclasses.replace(TINY, image_size=64)
+    with pytest.raises(ConfigError, match="other settings"):
+        run_loo(tiny_root, work, store, models=["reference"], preset=other)

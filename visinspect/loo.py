@@ -11,11 +11,10 @@ The project's question on real data, as one resumable command (`python -m visins
    run started again continues where it stopped and ends with the same rows.
 3. **Results**: OUT/rows.json (every row), OUT/tables.md, OUT/budget.json and the figures.
 
-Models (`--models`, the row names without their " k=K" suffix): "baseline" (ImageNet VGG16 + the
-seed's CAM head, threshold from the source validation split), "baseline calibrated" (threshold and
-heatmap scale from K good images of the target), "reference" (nearest good patch, PatchCore-like),
-"fused" (baseline and reference standardised on the K good images, averaged), and the SimCLR
-variants "simclr-source", "simclr-source+target-good" with their "calibrated" rows.
+Models (`--models`): the method names of visinspect.methods, as the rows carry them without their
+" k=K" suffix ("baseline", "baseline calibrated", "reference", "fused", ...). A run may add methods,
+targets or seeds to an OUT that holds earlier jobs of the same settings: the tables then show them
+all.
 """
 
 from __future__ import annotations
@@ -49,6 +48,7 @@ from visinspect.utils import atomic_path, describe_machine, resolve_device, reso
 
 MODELS = tuple(METHODS)
 DEFAULT_MODELS = ("baseline", "baseline calibrated", "reference", "fused")
+FIXED = ("preset", "image_size", "epochs", "precision", "max_source_per_category", "max_test_per_category")
 NO_FILL = {"images": 0, "computed": 0, "from_store": 0, "seconds": 0.0, "seconds_per_image": 0.25}
 FEW_KEYS = ("image_auroc", "balanced_accuracy", "precision", "recall", "pixel_auroc", "box_hit_rate")
 
@@ -211,6 +211,7 @@ class LeaveOneOut:
         """Frozen pass, every job not done yet, then rows, tables, budget and figures."""
         start = time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
+        self._check_settings()
         single = single_class_categories(self.table)
         if single:
             self.log(f"left out of every source (a single class): {', '.join(single)}")
@@ -311,13 +312,35 @@ class LeaveOneOut:
     # ------------------------------------------------------------------ results
 
     def collect(self) -> list[dict]:
-        """Every finished score job's rows, in plan order."""
+        """The rows of every finished score job under OUT, this run's and earlier runs' (other
+        methods, targets or seeds at the same settings), by seed, target and method."""
+        order = {name: i for i, name in enumerate(MODELS)}
+
+        def key(path: Path) -> tuple:
+            return (int(path.parent.name.removeprefix("seed")), path.parent.parent.name,
+                    order.get(path.stem, len(order)), path.stem)
+
         rows = []
-        for job in plan_jobs(self.targets, self.models, self.seeds):
-            path = job.path(self.out)
-            if job.kind == "score" and path.is_file():
-                rows += json.loads(path.read_text())["rows"]
+        for path in sorted((self.out / "rows").glob("*/seed*/*.json"), key=key):
+            rows += json.loads(path.read_text())["rows"]
         return rows
+
+    def _check_settings(self) -> None:
+        """One OUT holds jobs of one setting (preset, sizes, caps, precision, pre-training):
+        other methods, targets and seeds may be added to it, nothing else."""
+        fixed = {k: v for k, v in self.settings().items() if k in FIXED}
+        fixed["pretrain"] = self.preset.pretrain.to_dict()
+        path = self.out / "settings.json"
+        if path.is_file():
+            old = json.loads(path.read_text())
+            differ = sorted(k for k in fixed if old.get(k) != fixed[k])
+            if differ:
+                raise ConfigError(
+                    f"{self.out} holds jobs made with other settings ({', '.join(differ)}): give "
+                    "another --out, or the same settings"
+                )
+        else:
+            _write_json(path, fixed)
 
     def budget(self, fill: dict, timings: dict[str, list[float]], wall: float) -> dict:
         """Where the time went, this run and (from the job files) every run of this OUT."""
@@ -398,7 +421,8 @@ def tables_markdown(rows: Sequence[dict], settings: dict) -> str:
         + (f"capped at ~{cap} images each (stratified by defect type)" if cap else "uncapped")
         + "; every target test image"
         + (f" (capped at ~{settings['max_test_per_category']})" if settings["max_test_per_category"] else "")
-        + f"; seeds {settings['seeds']}; K = {settings['calibrate']}. Machine: {settings['machine']}.",
+        + f"; seeds {sorted({r['seed'] for r in rows})}; K = {settings['calibrate']}. "
+        f"Machine: {settings['machine']}.",
         "",
     ]
     plain = [r for r in rows if " k=" not in r["model"]]
