@@ -456,12 +456,15 @@ def draw_figures(rows: Sequence[dict], folder: Path) -> None:
     ):
         if not targets:
             break
-        fig, axes = plt.subplots(1, len(targets), figsize=(4.2 * len(targets), 3.6), squeeze=False)
-        for ax, target in zip(axes[0], targets, strict=True):
+        fig, axes = plt.subplots(1, len(targets), figsize=(3.6 * len(targets), 3.6), squeeze=False,
+                                 sharey=True)
+        for i, (ax, target) in enumerate(zip(axes[0], targets, strict=True)):
             plot_metric_vs_k([r for r in rows if r["target"] == target and keep(r["model"])], metric,
                              target, ax=ax)
             ax.set_title(target)
             ax.get_legend().remove()
+            if i:
+                ax.set_ylabel("")
         handles, labels = axes[0][0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, frameon=False)
         save_figure(fig, folder / f"loo_{metric}_vs_k.png")

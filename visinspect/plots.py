@@ -615,6 +615,12 @@ def plot_metric_vs_k(rows: Sequence[Mapping], metric: str = "image_auroc", targe
         color = PALETTE[(j + len(by_model)) % len(PALETTE)]
         ax.axhline(np.mean(values), linestyle="--", linewidth=1, color=color,
                    label=f"{name} (no good images)")
+    ks = sorted({k for per_k in by_model.values() for k in per_k})
+    ax.set_xticks(ks, [str(k) for k in ks])
+    chance = CHANCE_LEVELS.get(metric)
+    if chance is not None:
+        ax.axhline(chance, color=REFERENCE_GREYS[1], linewidth=0.8, linestyle=":", label=f"chance ({chance})")
+        ax.set_ylim(0.0, 1.02)
     ax.set_xlabel("K: good images of the new product")
     ax.set_ylabel(f"{metric} (positive class = {POSITIVE_CLASS})")
     ax.set_title(f"{metric} against K, target: {target}")
