@@ -121,12 +121,20 @@ class SeedResult:
         """Rows of one model (one per target category and one for all of them together)."""
         self.scored[model], self.normalizers[model] = scored, normalizer
         heat = {"heat_mode": "dataset", "normalizer": normalizer} if normalizer else {"heat_mode": "image"}
-        groups = {"all": list(range(len(scored.samples)))}
+        groups: dict[str, list[int]] = {}
         for i, s in enumerate(scored.samples):
             groups.setdefault(s.category, []).append(i)
-        for target, idx in sorted(groups.items(), key=lambda kv: (kv[0] != "all", kv[0])):
-            report = evaluate_scored(scored.subset(idx), threshold, score_name=score_name, **heat)
-            report.pop("per_category")
+        reports = {}
+        for target, idx in sorted(groups.items()):
+            reports[target] = evaluate_scored(scored.subset(idx), threshold, score_name=score_name, **heat)
+        # All target products together; with one product that is the product's own report.
+        everything = list(range(len(scored.samples)))
+        reports["all"] = (
+            next(iter(reports.values())) if len(groups) == 1
+            else evaluate_scored(scored.subset(everything), threshold, score_name=score_name, **heat)
+        )
+        for target in sorted(reports, key=lambda t: (t != "all", t)):
+            report = {k: v for k, v in reports[target].items() if k != "per_category"}
             self.rows.append({"model": model, "seed": seed, "target": target, **report})
 
 
