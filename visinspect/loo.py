@@ -333,6 +333,8 @@ class LeaveOneOut:
         path = self.out / "settings.json"
         if path.is_file():
             old = json.loads(path.read_text())
+            # Options added to PretrainConfig later take defaults that keep the old behaviour.
+            fixed["pretrain"] = {k: v for k, v in fixed["pretrain"].items() if k in old.get("pretrain", {})}
             differ = sorted(k for k in fixed if old.get(k) != fixed[k])
             if differ:
                 raise ConfigError(
