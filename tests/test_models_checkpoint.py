@@ -219,9 +219,14 @@ def classifier_file(pristine_model, tmp_path_factory) -> Path:
 
 def test_classifier_round_trip_gives_identical_predictions(pristine_model, classifier_file):
     model, info = load_classifier(classifier_file, image_size=64)
+    saved, original = model.state_dict(), pristine_model.state_dict()
+    assert saved.keys() == original.keys()
+    assert all(torch.equal(saved[k], original[k]) for k in saved)  # every weight, bit for bit
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.equal(model(x), pristine_model(x))
+        # Other tests may have laid the shared model out channels_last (the feature store and
+        # predict do): oneDNN then picks another algorithm, equal up to float rounding.
+        torch.testing.assert_close(model(x), pristine_model(x), rtol=1e-5, atol=1e-6)
     assert not model.training
     assert info["kind"] == "classifier" and info["class_names"] == ["good", "anomaly"]
     assert info["threshold"] == 0.25 and type(info["threshold"]) is float  # numpy scalars become plain
