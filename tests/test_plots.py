@@ -391,3 +391,4 @@ def test_metric_vs_k_draws_one_line_per_few_good_parts_model():
     assert list(lines["fused"].get_xdata()) == [5, 10]
     assert list(lines["fused"].get_ydata()) == [0.65, 0.9]
     assert lines["baseline (no good images)"].get_ydata()[0] == 0.7
+    assert list(lines["chance (0.5)"].get_ydata()) == [0.5, 0.5]
