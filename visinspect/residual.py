@@ -1,4 +1,4 @@
-"""Residual learning (the ResAD idea, Zhu et al., NeurIPS 2024) on the seed's CAM model.
+"""Residual learning (the ResAD idea, Yao et al., NeurIPS 2024) on the seed's CAM model.
 
 A classifier trained on other products learns what *those* products look like, and a new product
 looks unlike all of them. ResAD's answer: describe each image by what differs from good parts of
