@@ -7,25 +7,33 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from visinspect.checkpoint import save_checkpoint
-from visinspect.data import build_sample_table, denormalize
+from visinspect.data import DefectDataset, build_sample_table, denormalize, to_tensor
 from visinspect.errors import CheckpointError, DataError, VisinspectError
 from visinspect.models import VGG16CAM, sha256_file
 from visinspect.simclr import (
+    DenseProjectionHead,
     PretrainConfig,
     ProjectionHead,
     SimCLRModel,
     SimCLRTransform,
     TwoViewDataset,
+    _anchors,
     _views_on,
     build_simclr_model,
+    defect_views,
+    dense_nt_xent_loss,
     knn_monitor,
+    l2sp_penalty,
     load_pretrained_encoder,
+    mean_shift,
     nt_xent_loss,
     pretrain,
     pretrain_samples,
+    rotated_views,
     save_pretrained,
     warmup_cosine,
 )
@@ -79,15 +87,22 @@ def test_transform_refuses_a_float_tensor():
 # ----------------------------------------------------------------------------- NT-Xent
 
 
-def loop_nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> float:
-    """The loss written out anchor by anchor, straight from the paper's definition."""
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float(torch.dot(a, b) / (a.norm() * b.norm()))
+
+
+def loop_nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, negatives=()) -> float:
+    """The loss written out anchor by anchor, straight from the paper's definition; `negatives`
+    are added to every anchor's denominator."""
     z = torch.cat([z1, z2]).double()
     n = len(z1)
     total = 0.0
     for i in range(2 * n):
         positive = (i + n) % (2 * n)
-        sim = [float(torch.dot(z[i], z[k]) / (z[i].norm() * z[k].norm())) for k in range(2 * n)]
+        sim = [cosine(z[i], z[k]) for k in range(2 * n)]
         denominator = sum(math.exp(sim[k] / temperature) for k in range(2 * n) if k != i)
+        denominator += sum(math.exp(cosine(z[i], m) / temperature) for m in negatives)
         total += -math.log(math.exp(sim[positive] / temperature) / denominator)
     return total / (2 * n)
 
@@ -119,6 +134,35 @@ def test_nt_xent_is_lowest_for_identical_views_of_orthogonal_items():
     assert nt_xent_loss(z, random_views, temperature).item() > best + 1.0
 
 
+def test_nt_xent_with_extra_negatives_matches_the_per_pair_definition():
+    g = torch.Generator().manual_seed(3)
+    z1, z2 = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
+    negatives = torch.randn(5, 6, generator=g)
+    for temperature in (0.1, 0.5):
+        assert nt_xent_loss(z1, z2, temperature, negatives=negatives).item() == pytest.approx(
+            loop_nt_xent(z1, z2, temperature, negatives), rel=1e-5
+        )
+
+
+def test_an_own_defective_copy_in_the_denominator_costs_what_the_hand_computation_says():
+    n, t = 3, 0.2
+    z = torch.eye(n, 8)  # identical views, items orthogonal
+    # The "defective copy" of each item is the item itself (the encoder ignores the defect):
+    # each anchor's denominator gains e^(1/t) for its own copy and n - 1 zeros for the others.
+    loss = nt_xent_loss(z, z.clone(), t, negatives=z.clone()).item()
+    e = math.exp(1 / t)
+    assert loss == pytest.approx(-math.log(e / (2 * e + 2 * n - 2 + n - 1)), rel=1e-6)
+    # A copy the encoder tells apart (orthogonal to everything) costs only e^0 = 1 per negative.
+    apart = torch.eye(2 * n, 8)[n:]
+    assert nt_xent_loss(z, z.clone(), t, negatives=apart).item() == pytest.approx(
+        -math.log(e / (e + 2 * n - 2 + n)), rel=1e-6)
+
+
+def test_nt_xent_rejects_negatives_of_another_width():
+    with pytest.raises(ValueError, match="negatives"):
+        nt_xent_loss(torch.randn(4, 8), torch.randn(4, 8), negatives=torch.randn(4, 7))
+
+
 @pytest.mark.parametrize(
     ("shape1", "shape2", "temperature"),
     [((4, 8), (4, 9), 0.2), ((4, 8), (3, 8), 0.2), ((8,), (8,), 0.2), ((1, 8), (1, 8), 0.2),
@@ -127,6 +171,133 @@ def test_nt_xent_is_lowest_for_identical_views_of_orthogonal_items():
 def test_nt_xent_rejects_bad_shapes_and_temperatures(shape1, shape2, temperature):
     with pytest.raises(ValueError):
         nt_xent_loss(torch.randn(shape1), torch.randn(shape2), temperature)
+
+
+# ----------------------------------------------------------------------------- the levers' losses
+
+
+def test_mean_shift_by_hand():
+    h = torch.tensor([[2.0, 0.0], [0.0, 3.0]])
+    shifted = mean_shift(h, torch.tensor([0.5, 0.5]))  # normalised: (1, 0) and (0, 1); minus c
+    r = 1 / math.sqrt(2)
+    torch.testing.assert_close(shifted, torch.tensor([[r, -r], [-r, r]]))
+    # Per-row centers: each row around its own category's mean.
+    per_row = mean_shift(h, torch.tensor([[0.0, 1.0], [0.0, 0.0]]))
+    torch.testing.assert_close(per_row, torch.tensor([[r, -r], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match="center"):
+        mean_shift(h, torch.zeros(3))
+
+
+def test_mean_shifted_nt_xent_is_nt_xent_of_the_angles_around_the_center():
+    g = torch.Generator().manual_seed(4)
+    h1, h2 = torch.rand(5, 6, generator=g) + 1, torch.rand(5, 6, generator=g) + 1  # one cap of the sphere
+    center = F.normalize(torch.cat([h1, h2]), dim=1).mean(dim=0)
+    shifted = [F.normalize(F.normalize(h, dim=1) - center, dim=1) for h in (h1, h2)]
+    t = 0.25
+    loss = nt_xent_loss(mean_shift(h1, center), mean_shift(h2, center), t).item()
+    assert loss == pytest.approx(loop_nt_xent(*shifted, t), rel=1e-5)
+    # Around the origin, the mean shift is plain NT-Xent.
+    zero = torch.zeros(6)
+    assert nt_xent_loss(mean_shift(h1, zero), mean_shift(h2, zero), t).item() == pytest.approx(
+        nt_xent_loss(h1, h2, t).item(), rel=1e-6)
+
+
+def loop_dense(d1, d2, f1, f2, temperature: float) -> float:
+    """The dense loss anchor by anchor: every position of each view against every position of
+    the other view of every image; the positive is the position whose backbone vector is closest."""
+    n, _, h, w = d1.shape
+    cells = [(i, y, x) for i in range(n) for y in range(h) for x in range(w)]
+    total = 0.0
+    for da, db, fa, fb in ((d1, d2, f1, f2), (d2, d1, f2, f1)):
+        for i, y, x in cells:
+            same_image = [(i, yy, xx) for yy in range(h) for xx in range(w)]
+            match = max(same_image, key=lambda c: cosine(fa[i, :, y, x], fb[c[0], :, c[1], c[2]]))
+            anchor = da[i, :, y, x]
+            sims = {c: math.exp(cosine(anchor, db[c[0], :, c[1], c[2]]) / temperature) for c in cells}
+            total += -math.log(sims[match] / sum(sims.values()))
+    return total / (2 * len(cells))
+
+
+def test_dense_loss_matches_the_per_position_definition():
+    g = torch.Generator().manual_seed(5)
+    d1, d2 = torch.randn(3, 4, 2, 3, generator=g), torch.randn(3, 4, 2, 3, generator=g)
+    f1 = torch.randn(3, 5, 2, 3, generator=g)
+    f2 = f1.flip(-1) + 0.1 * torch.randn(3, 5, 2, 3, generator=g)  # view 2: view 1 flipped
+    for temperature in (0.2, 1.0):
+        assert dense_nt_xent_loss(d1, d2, f1, f2, temperature).item() == pytest.approx(
+            loop_dense(d1, d2, f1, f2, temperature), rel=1e-5)
+
+
+def test_dense_loss_by_hand_and_its_errors():
+    t = 0.5
+    # One image, two positions; the second view is the first mirrored and matched through it:
+    # positive similarity 1, the other position 0.
+    d = torch.eye(2).view(1, 2, 1, 2)
+    f = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).view(1, 2, 1, 2)
+    loss = dense_nt_xent_loss(d, d.flip(-1), f, f.flip(-1), t).item()
+    assert loss == pytest.approx(-math.log(math.exp(1 / t) / (math.exp(1 / t) + 1)), rel=1e-6)
+    with pytest.raises(ValueError, match="same N, h, w"):
+        dense_nt_xent_loss(d, d, f[..., :1], f[..., :1], t)
+    with pytest.raises(ValueError, match="temperature"):
+        dense_nt_xent_loss(d, d, f, f, 0.0)
+
+
+def test_l2sp_penalty_by_hand():
+    parameters = [torch.tensor([1.0, 2.0]), torch.tensor([[3.0]])]
+    start = [torch.zeros(2), torch.tensor([[1.0]])]
+    assert l2sp_penalty(parameters, start).item() == pytest.approx(1 + 4 + 4)
+    with pytest.raises(ValueError, match="same shapes"):
+        l2sp_penalty(parameters, start[:1])
+
+
+def normalised_views(n: int = 4, size: int = 32) -> torch.Tensor:
+    images = torch.from_numpy(np.random.default_rng(6).integers(0, 256, (n, size, size, 3), dtype=np.uint8))
+    return torch.stack([to_tensor(image.numpy(), size) for image in images])
+
+
+def test_defect_views_change_a_local_part_of_each_view_only():
+    views = normalised_views()
+    defective = defect_views(views, np.random.default_rng(0))
+    assert defective.shape == views.shape
+    changed = (defective != views).any(dim=1)  # (N, S, S): where a defect was drawn
+    fractions = changed.flatten(1).float().mean(dim=1)
+    assert (fractions > 0).all() and (fractions < 0.5).all()  # every view got a local defect
+    torch.testing.assert_close(defect_views(views, np.random.default_rng(0)), defective)
+
+
+def test_rotated_views_are_rotations_but_never_the_view_itself():
+    views = torch.randn(12, 3, 5, 5, generator=torch.Generator().manual_seed(7))
+    torch.manual_seed(0)
+    rotated = rotated_views(views)
+    turns = []
+    for v, r in zip(views, rotated, strict=True):
+        matches = [k for k in range(4) if torch.equal(torch.rot90(v, k, dims=(-2, -1)), r)]
+        assert len(matches) == 1 and matches[0] != 0
+        turns.append(matches[0])
+    assert set(turns) == {1, 2, 3}
+
+
+def test_frozen_head_batch_norm_keeps_the_estimated_statistics():
+    torch.manual_seed(0)
+    head = ProjectionHead(8, 6, 4)
+    h = torch.randn(20, 8) * 3 + 1
+    head.estimate_batch_norm(h)
+    bn = head.batch_norms[0]
+    hidden = head.layers[0](h)
+    torch.testing.assert_close(bn.running_mean, hidden.mean(dim=0).detach())
+    torch.testing.assert_close(bn.running_var, hidden.var(dim=0).detach())  # unbiased, as BatchNorm keeps it
+    assert bn.momentum == 0.1  # restored
+    head.train()
+    head.freeze_batch_norm()
+    mean = bn.running_mean.clone()
+    head(torch.randn(5, 8) + 10)
+    assert not bn.training and torch.equal(bn.running_mean, mean)
+    with pytest.raises(ValueError, match="no batch norm"):
+        ProjectionHead(8, 6, 4, batch_norm=False).estimate_batch_norm(h)
+
+
+def test_dense_projection_head_keeps_the_grid():
+    assert DenseProjectionHead(512, 16, 8)(torch.randn(2, 512, 3, 4)).shape == (2, 8, 3, 4)
 
 
 # ----------------------------------------------------------------------------- augmentations
@@ -274,6 +445,32 @@ def test_config_presets_and_validation():
                 {"warmup_epochs": 9, "epochs": 2}, {"max_images": 4, "batch_size": 8}):
         with pytest.raises(VisinspectError):
             PretrainConfig(**bad)
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [({"dense_weight": 1.5}, "dense_weight"), ({"dense_weight": -0.1}, "dense_weight"),
+     ({"l2sp_weight": -1.0}, "l2sp_weight"), ({"l2sp_weight": float("nan")}, "l2sp_weight"),
+     ({"defect_negatives": "yes"}, "True or False"), ({"mean_shifted": 1}, "True or False"),
+     ({"rotation_negatives": True, "augment_kwargs": {"rr_prob": 0.5}}, "rr_prob"),
+     ({"freeze_head_bn": True, "mean_shifted": True}, "bypasses the projection head"),
+     ({"freeze_head_bn": True, "proj_layers": 1}, "batch norm")],
+)
+def test_config_refuses_bad_levers(bad, message):
+    with pytest.raises(VisinspectError, match=message):
+        PretrainConfig(**bad)
+
+
+def test_levers_are_off_by_default_and_rotation_negatives_take_rotations_out_of_the_views():
+    plain = PretrainConfig()
+    switches = (plain.defect_negatives, plain.rotation_negatives, plain.mean_shifted, plain.freeze_head_bn)
+    assert not any(switches) and plain.dense_weight == 0.0 and plain.l2sp_weight == 0.0
+    transform = PretrainConfig(rotation_negatives=True).make_transform()
+    steps = {type(t).__name__: t for t in transform.pipeline.transforms}
+    assert steps["RandomVerticalFlip"].p == 0.0 and steps["RandomRotate90"].p == 0.0
+    assert steps["RandomHorizontalFlip"].p == 0.5  # a flip alone is no rotation
+    plain_steps = {type(t).__name__: t for t in plain.make_transform().pipeline.transforms}
+    assert plain_steps["RandomRotate90"].p == 0.5
 
 
 def test_warmup_then_cosine_schedule():
@@ -424,6 +621,86 @@ def test_interrupted_pretraining_resumes_to_the_same_weights(samples, encoder, t
     with pytest.raises(CheckpointError, match="seed"):
         pretrain(small_model(encoder), images, PretrainConfig(epochs=2, batch_size=4, image_size=32, seed=1),
                  progress=False, resume=state)
+
+
+# Every lever at least once; mean_shifted excludes freeze_head_bn (no head), hence two sets.
+LEVER_SETS = [
+    {"defect_negatives": True, "rotation_negatives": True, "dense_weight": 0.5, "l2sp_weight": 1.0,
+     "freeze_head_bn": True},
+    {"mean_shifted": True, "defect_negatives": True},
+]
+
+
+def lever_model(encoder: VGG16CAM, config: PretrainConfig) -> SimCLRModel:
+    torch.manual_seed(1)
+    dense = DenseProjectionHead(512, 64, 32) if config.dense_weight > 0 else None
+    return SimCLRModel(copy.deepcopy(encoder), ProjectionHead(512, 64, 32), 24, dense)
+
+
+@pytest.mark.precision
+@pytest.mark.parametrize("levers", LEVER_SETS)
+def test_pretraining_with_levers_is_seeded_and_resumes_to_the_same_weights(samples, encoder, tmp_path,
+                                                                           levers):
+    # Two categories' images (the mean-shifted loss has one center per category).
+    source, target = ([s for s in samples if s.category in names] for names in (SOURCE, TARGET))
+    images = source[:6] + target[:2]
+    config = PretrainConfig(epochs=2, batch_size=4, image_size=32, **levers)
+    full = lever_model(encoder, config)
+    history = pretrain(full, images, config, progress=False)
+    again = lever_model(encoder, config)
+    assert pretrain(again, images, config, progress=False)["loss"] == history["loss"]
+    state = tmp_path / "state.pt"
+    with pytest.raises(_Interrupt):
+        pretrain(lever_model(encoder, config), images, config, progress=False, checkpoint_path=state,
+                 on_epoch_end=_stop_after_first_epoch)
+    resumed = lever_model(encoder, config)
+    torch.manual_seed(123)
+    assert pretrain(resumed, images, config, progress=False, resume=state)["epoch"] == [1, 2]
+    pairs = zip(full.state_dict().values(), resumed.state_dict().values(), strict=True)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in pairs)
+    with pytest.raises(CheckpointError, match="defect_negatives"):
+        pretrain(lever_model(encoder, config), images, PretrainConfig(epochs=2, batch_size=4, image_size=32),
+                 progress=False, resume=state)
+
+
+def test_mean_shift_centers_are_each_categorys_mean_normalised_h(samples, encoder):
+    images = [s for s in samples if s.split == "train"]
+    config = PretrainConfig(image_size=32, batch_size=4, mean_shifted=True)
+    model = small_model(encoder)
+    centers = _anchors(model, images, config)["centers"]
+    names = sorted({s.category for s in images})
+    assert centers.shape == (len(names), 512)
+    for k, name in enumerate(names):
+        mine = [s for s in images if s.category == name]
+        x = torch.stack([DefectDataset(mine, 32)[i]["image"] for i in range(len(mine))])
+        with torch.no_grad():
+            expected = F.normalize(model.representation(x), dim=1).mean(dim=0)
+        torch.testing.assert_close(centers[k], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_frozen_head_batch_norm_stays_at_the_starting_statistics(samples, encoder):
+    images = [s for s in samples if s.category in SOURCE][:8]
+    config = PretrainConfig(epochs=1, batch_size=4, image_size=32, freeze_head_bn=True)
+    start = small_model(encoder)
+    _anchors(start, images, config)  # the statistics pretrain() estimates first
+    model = small_model(encoder)
+    pretrain(model, images, config, progress=False)
+    for a, b in zip(start.head.batch_norms, model.head.batch_norms, strict=True):
+        torch.testing.assert_close(a.running_mean, b.running_mean)
+        torch.testing.assert_close(a.running_var, b.running_var)
+    assert not torch.equal(start.head.layers[0].weight, model.head.layers[0].weight)  # the head trained
+
+
+def test_l2sp_keeps_block_5_closer_to_its_start(samples, encoder):
+    images = [s for s in samples if s.category in SOURCE][:8]
+    drift = {}
+    for weight in (0.0, 100.0):
+        model = small_model(encoder)
+        pretrain(model, images, PretrainConfig(epochs=2, batch_size=4, image_size=32, l2sp_weight=weight),
+                 progress=False)
+        start = small_model(encoder).encoder_parameters()
+        drift[weight] = l2sp_penalty(model.encoder_parameters(), start).item()
+    assert 0 < drift[100.0] < 0.5 * drift[0.0]
 
 
 class _Interrupt(Exception):

@@ -111,10 +111,13 @@ def load_checkpoint(path: str | Path, *, kind: str | None = None) -> dict:
     return data
 
 
-def load_resume_state(path: str | Path, kind: str, config: dict, keys: tuple[str, ...]) -> dict:
-    """Load a resumable training state and check it was written with the same settings."""
+def load_resume_state(
+    path: str | Path, kind: str, config: dict, keys: tuple[str, ...], defaults: dict | None = None
+) -> dict:
+    """Load a resumable training state and check it was written with the same settings; a key
+    the state lacks (written before that setting existed) counts as its value in `defaults`."""
     data = load_checkpoint(path, kind=kind)
-    saved = data["config"]
+    saved = {**(defaults or {}), **data["config"]}
     for key in keys:
         if saved.get(key) != config.get(key):
             raise CheckpointError(

@@ -20,6 +20,10 @@ from visinspect.demo import TARGET as SYNTHETIC_TARGET
 from visinspect.demo import DemoSettings
 from visinspect.errors import VisinspectError
 
+# PretrainConfig's anomaly-detection levers that `pretrain` has flags for (visinspect.simclr).
+PRETRAIN_LEVERS = ("defect_negatives", "rotation_negatives", "dense_weight", "mean_shifted", "l2sp_weight",
+                   "freeze_head_bn")
+
 
 def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
@@ -429,17 +433,8 @@ def cmd_pretrain(args) -> int:
     target = _csv(args.target) if args.target else ([] if args.data else list(SYNTHETIC_TARGET))
     src, tgt = unknown_context_split(table.samples, source, target)
     preset = PretrainConfig.demo if args.preset == "demo" else PretrainConfig.full
-    overrides = {
-        k: v
-        for k, v in (
-            ("epochs", args.epochs),
-            ("image_size", args.image_size),
-            ("seed", args.seed),
-            ("trainable_from", args.trainable_from),
-            ("temperature", args.temperature),
-        )
-        if v is not None
-    }
+    names = ("epochs", "image_size", "seed", "trainable_from", "temperature", *PRETRAIN_LEVERS)
+    overrides = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     config = preset(**overrides)
     images = pretrain_samples(src, tgt, include_target_good=args.include_target_good)
     print(
@@ -690,6 +685,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trainable-from", type=int, help="first trainable layer index of VGG16 features")
     p.add_argument("--seed", type=int)
     p.add_argument("--backbone-weights", default="auto")
+    # The anomaly-detection levers of visinspect.simclr.PretrainConfig (all off by default).
+    for name in PRETRAIN_LEVERS:
+        flag = "--" + name.replace("_", "-")
+        if name.endswith("_weight"):
+            p.add_argument(flag, type=float, help=f"PretrainConfig.{name} (0 = off)")
+        else:
+            p.add_argument(flag, action="store_true", default=None, help=f"PretrainConfig.{name}")
     _add_device(p)
     p.set_defaults(func=cmd_pretrain)
 

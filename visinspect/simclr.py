@@ -10,6 +10,14 @@ Deliberate deviations from the paper, which trains a ResNet-50 from scratch with
 we start from ImageNet VGG16 and train only its last block(s); batches are small (32), so AdamW
 replaces LARS and tau = 0.2 replaces 0.1 (see `nt_xent_loss`); `SimCLRTransform.inspection()`
 uses milder augmentations than the paper so that small defects survive cropping and blurring.
+
+Plain SimCLR learns to ignore exactly what a defect is (a local change of colour, texture or
+shape is what its augmentations teach it to disregard), and telling near-identical good parts
+apart drifts away from the ImageNet features. `PretrainConfig` therefore names a few levers from
+the anomaly-detection literature, all off by default: defect and rotation views as extra
+negatives (CutPaste, CSI), a dense loss on the conv5_3 maps the CAM reads (DenseCL), the
+mean-shifted loss (Reiss & Hoshen) and staying close to ImageNet (L2-SP, frozen batch norm).
+Each is still SimCLR: two views, NT-Xent, a projection head; what a lever changes is named there.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from visinspect.checkpoint import load_checkpoint, load_resume_state, save_check
 from visinspect.data import IMAGENET_MEAN, IMAGENET_STD, DefectDataset, Sample, load_rgb
 from visinspect.errors import CheckpointError, DataError, VisinspectError
 from visinspect.models import FEATURES_END, FROZEN_END, VGG16CAM, build_model, sha256_file
+from visinspect.pseudo_defects import pseudo_defect
 from visinspect.utils import autocast, model_device, resolve_precision, set_seed
 
 KIND = "simclr"
@@ -252,6 +261,48 @@ class ProjectionHead(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.layers(h)
 
+    @property
+    def batch_norms(self) -> list[nn.BatchNorm1d]:
+        return [m for m in self.layers if isinstance(m, nn.BatchNorm1d)]
+
+    @torch.no_grad()
+    def estimate_batch_norm(self, h: torch.Tensor) -> None:
+        """Set the batch-norm running statistics to the exact statistics of representations h
+        (N, input_dim), e.g. of the pre-training images under the starting encoder."""
+        if not self.batch_norms:
+            raise ValueError("this projection head has no batch norm (batch_norm=False or num_layers=1)")
+        was_training = self.training
+        momenta = [m.momentum for m in self.batch_norms]
+        for m in self.batch_norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: one batch of everything gives its exact statistics
+        self.train()(h)
+        for m, momentum in zip(self.batch_norms, momenta, strict=True):
+            m.momentum = momentum
+        self.train(was_training)
+
+    def freeze_batch_norm(self) -> None:
+        """Normalise with the running statistics (eval mode) from now on, even in train mode
+        (call again after every `train()`); the affine parameters still train."""
+        for m in self.batch_norms:
+            m.eval()
+
+
+class DenseProjectionHead(nn.Module):
+    """DenseCL's dense projection head: the MLP of ProjectionHead as 1x1 convolutions
+    (Conv-ReLU-Conv, no batch norm, as in Wang et al. CVPR 2021), one vector per map position."""
+
+    def __init__(
+        self, input_dim: int = REPRESENTATION_DIM, hidden_dim: int = 512, output_dim: int = 128
+    ) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Conv2d(input_dim, hidden_dim, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden_dim, output_dim, 1)
+        )
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        return self.layers(maps)
+
 
 class SimCLRModel(nn.Module):
     """The baseline's VGG16CAM encoder plus a projection head.
@@ -261,15 +312,21 @@ class SimCLRModel(nn.Module):
     only (the baseline's choice, the default), 17 = blocks 4-5, 0 = all. The frozen layers run
     under torch.no_grad, which saves the memory and time of keeping their activations.
     The encoder's dense layer `fc` is not used here (it stays as it is). Freezing is done with
-    `encoder.set_frozen(trainable_from)`, so the encoder passed in is changed.
+    `encoder.set_frozen(trainable_from)`, so the encoder passed in is changed. `dense_head`
+    (PretrainConfig.dense_weight > 0) projects the conv5_3 maps position by position.
     """
 
     def __init__(
-        self, encoder: VGG16CAM, head: ProjectionHead | None = None, trainable_from: int = FROZEN_END
+        self,
+        encoder: VGG16CAM,
+        head: ProjectionHead | None = None,
+        trainable_from: int = FROZEN_END,
+        dense_head: DenseProjectionHead | None = None,
     ) -> None:
         super().__init__()
         self.encoder = encoder
         self.head = head if head is not None else ProjectionHead()
+        self.dense_head = dense_head
         encoder.set_frozen(trainable_from)
 
     @property
@@ -277,21 +334,34 @@ class SimCLRModel(nn.Module):
         return self.encoder.frozen_end
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """Parameters the optimiser updates: the unfrozen conv layers and the head."""
-        encoder = [p for p in self.encoder.trainable.parameters() if p.requires_grad]
-        return encoder + list(self.head.parameters())
+        """Parameters the optimiser updates: the unfrozen conv layers and the heads."""
+        heads = list(self.head.parameters())
+        if self.dense_head is not None:
+            heads += list(self.dense_head.parameters())
+        return self.encoder_parameters() + heads
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """The unfrozen conv layers' parameters (those L2-SP holds near their starting values)."""
+        return [p for p in self.encoder.trainable.parameters() if p.requires_grad]
+
+    def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """conv5_3 + ReLU maps (N, 512, S/16, S/16) of ImageNet-normalised images x (N, 3, S, S),
+        the maps the CAM reads; gradients flow through the trainable blocks only."""
+        with torch.no_grad():
+            maps = self.encoder.frozen(x)
+        return self.encoder.trainable(maps)
 
     def representation(self, x: torch.Tensor) -> torch.Tensor:
         """h (N, 512) of ImageNet-normalised images x (N, 3, S, S)."""
-        with torch.no_grad():
-            maps = self.encoder.frozen(x)
-        return self.encoder.trainable(maps).mean(dim=(2, 3))
+        return self.feature_maps(x).mean(dim=(2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.representation(x))
 
 
-def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+def nt_xent_loss(
+    z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2, negatives: torch.Tensor | None = None
+) -> torch.Tensor:
     """NT-Xent (normalised temperature-scaled cross entropy), the SimCLR loss.
 
     z1[i] and z2[i] are projections of two views of image i. Each of the 2N views is an anchor
@@ -299,6 +369,11 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -
     views; the loss is the cross entropy of cosine similarity / temperature, averaged over all
     2N anchors. tau = 0.2 is Chen's advice for small batches (google-research/simclr#166); the
     paper's 0.1 is tuned for batch 4096, where many more negatives share the probability mass.
+
+    `negatives` (M, D): extra views that are only negatives (never anchors), in every anchor's
+    denominator: CSI's shifted copies, e.g. a defective or rotated copy of each image
+    (PretrainConfig.defect_negatives, rotation_negatives), so that anchor i must also tell its
+    own image from that image with a defect.
     """
     if z1.ndim != 2 or z1.shape != z2.shape:
         raise ValueError(f"z1 and z2 must both be (N, D) with the same shape; got "
@@ -308,13 +383,105 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -
                          f"{z1.shape[0]}")
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a positive number; got {temperature}")
+    if negatives is not None and (negatives.ndim != 2 or negatives.shape[1] != z1.shape[1]):
+        raise ValueError(f"negatives must be (M, D) with D = {z1.shape[1]}; got {tuple(negatives.shape)}")
     n = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
     logits = z @ z.T / temperature
     self_pairs = torch.eye(2 * n, dtype=torch.bool, device=z.device)
     logits = logits.masked_fill(self_pairs, float("-inf"))  # a view is not its own negative
+    if negatives is not None:
+        logits = torch.cat([logits, z @ F.normalize(negatives.float(), dim=1).T / temperature], dim=1)
     positives = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
     return F.cross_entropy(logits, positives)
+
+
+def mean_shift(h: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+    """Reiss & Hoshen's mean-shifted representation: normalise h (N, D), subtract the normal
+    data's center (D,) or (N, D) (the mean of normalised h of normal images), normalise again.
+
+    Plain NT-Xent on the unit sphere pushes all views apart, uniformly over the sphere; but the
+    pretrained features of one product's good images sit in a small cap of it, so spreading them
+    destroys what made them good. Measured as angles around the cap's center, uniformity no
+    longer pulls the normal images away from each other's neighbourhood.
+    """
+    if h.ndim != 2 or center.shape not in (h.shape, h.shape[1:]):
+        raise ValueError(f"h must be (N, D) and center (D,) or (N, D); got {tuple(h.shape)} and "
+                         f"{tuple(center.shape)}")
+    return F.normalize(F.normalize(h.float(), dim=1) - center.float(), dim=1)
+
+
+def dense_nt_xent_loss(
+    d1: torch.Tensor, d2: torch.Tensor, f1: torch.Tensor, f2: torch.Tensor, temperature: float = 0.2
+) -> torch.Tensor:
+    """Dense (patch-level) NT-Xent on maps of two views, DenseCL's loss without its queue.
+
+    d1, d2 (N, D, h, w): dense projections of the two views of N images; f1, f2 (N, C, h, w):
+    the backbone maps used to match positions. Each position p of view 1 of image i is an anchor;
+    its positive is the position of view 2 of image i whose backbone vector is most similar
+    (cosine) to f1[i, :, p] (DenseCL's correspondence: no crop geometry is needed, and flips and
+    rotations are matched too); its negatives are every other position of every view-2 map of
+    the batch, those of its own image included, so a defect's patch must differ from the rest
+    of its part. The same with the views swapped; the loss is the mean over all 2 N h w anchors.
+    Cost: two (N h w) x (N h w) similarity matrices (39 M entries for 32 images at 224 px).
+    """
+    same_grid = f1.ndim == 4 and f1.shape[0] == d1.shape[0] and f1.shape[2:] == d1.shape[2:]
+    if d1.ndim != 4 or d1.shape != d2.shape or f1.shape != f2.shape or not same_grid:
+        raise ValueError(f"d1, d2 must be (N, D, h, w) and f1, f2 (N, C, h, w) of the same N, h, w; got "
+                         f"{tuple(d1.shape)}, {tuple(d2.shape)}, {tuple(f1.shape)}, {tuple(f2.shape)}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive number; got {temperature}")
+    n, _, h, w = d1.shape
+
+    def positions(maps: torch.Tensor) -> torch.Tensor:  # (N, C, h, w) -> (N, h w, C), unit vectors
+        return F.normalize(maps.flatten(2).transpose(1, 2).float(), dim=2)
+
+    with torch.no_grad():
+        match = positions(f1) @ positions(f2).transpose(1, 2)  # (N, h w, h w): cosine, view 1 to 2
+        offset = (torch.arange(n, device=d1.device) * h * w)[:, None]
+        to2 = (match.argmax(dim=2) + offset).flatten()  # view-1 position -> its view-2 match
+        to1 = (match.argmax(dim=1) + offset).flatten()  # view-2 position -> its view-1 match
+    q1, q2 = positions(d1).flatten(0, 1), positions(d2).flatten(0, 1)  # (N h w, D)
+    logits = q1 @ q2.T / temperature
+    return 0.5 * (F.cross_entropy(logits, to2) + F.cross_entropy(logits.T, to1))
+
+
+def l2sp_penalty(parameters: Sequence[torch.Tensor], start: Sequence[torch.Tensor]) -> torch.Tensor:
+    """L2-SP (Li et al., ICML 2018): the squared L2 distance sum ||w - w0||^2 of the parameters
+    from their starting (ImageNet) values, instead of weight decay's distance from zero."""
+    if len(parameters) != len(start) or any(
+        p.shape != s.shape for p, s in zip(parameters, start, strict=False)
+    ):
+        raise ValueError("parameters and start must be lists of tensors of the same shapes")
+    return sum(((p.float() - s.float()) ** 2).sum() for p, s in zip(parameters, start, strict=True))
+
+
+# ----------------------------------------------------------------------------- shifted negatives
+
+
+def defect_views(views: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Each ImageNet-normalised view (N, 3, S, S) with one pseudo-defect drawn on it
+    (pseudo_defects.pseudo_defect: CutPaste, a scar or one of the synthetic dataset's defects).
+
+    The defect is drawn on the view, after its augmentations, so that no crop can remove it
+    and the copy differs from the view only inside the defect (outside it, the values are equal).
+    """
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    pixels = ((views.detach().float().cpu() * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
+    defective = torch.stack([
+        torch.from_numpy(pseudo_defect(p.permute(1, 2, 0).contiguous().numpy(), rng)[0]).permute(2, 0, 1)
+        for p in pixels
+    ])
+    delta = (defective.float() - pixels.float()) / 255.0 / std
+    return views + delta.to(views.device, views.dtype)
+
+
+def rotated_views(views: torch.Tensor) -> torch.Tensor:
+    """Each view (N, C, S, S) rotated by 90, 180 or 270 degrees, drawn per view from torch's
+    generator: CSI's rotations (one of the three per image, to cost one view, not three)."""
+    turns = torch.randint(1, 4, (len(views),)).tolist()
+    return torch.stack([torch.rot90(v, k, dims=(-2, -1)) for v, k in zip(views, turns, strict=True)])
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -329,6 +496,36 @@ class PretrainConfig:
     and with batches of 32 Adam-type optimisers are what the PyTorch ports use (sthalles,
     Spijkervet). The learning rate rises linearly for `warmup_epochs` (may be fractional),
     then follows a cosine down to 0, stepped every batch.
+
+    Levers for anomaly detection (issue 14), each off by default, so the default is plain SimCLR:
+
+    - `defect_negatives` (False). CutPaste (Li et al. CVPR 2021) meets CSI (Tack et al. NeurIPS
+      2020): view 1 of each image, with one synthetic local defect drawn on it (`defect_views`),
+      joins the batch as an extra *negative*, in every anchor's NT-Xent denominator: the views of
+      image i must be closer to each other than to image i with a defect, so the encoder may no
+      longer be invariant to local defects. N more views per step (1.5x the work).
+    - `rotation_negatives` (False). CSI's shifting transformation: view 1 rotated by 90, 180 or
+      270 degrees (`rotated_views`) as another extra negative, for products with an up. Rotations
+      then leave the augmentations (the preset's vf_prob and rr_prob become 0; vertical and
+      horizontal flips together make the 180-degree rotation): a change cannot be both a positive
+      and a negative. N more views per step.
+    - `dense_weight` (0.0 = off; DenseCL uses 0.5). Loss = (1 - w) NT-Xent + w dense NT-Xent
+      (`dense_nt_xent_loss`) on a dense projection head over the conv5_3 maps the CAM reads:
+      defects are local, so positions, not only whole images, are contrasted.
+    - `mean_shifted` (False). Reiss & Hoshen's mean-shifted contrastive loss (AAAI 2023): NT-Xent
+      on `mean_shift(h, c)` of the encoder's h, where c is the mean normalised h of each category's
+      pre-training images under the starting (ImageNet) encoder, computed once; the target's
+      unlabeled good images get the target's own center. As in the paper the projection head is
+      bypassed: the loss acts on h, what the CAM head will read. The paper pairs it with a low lr
+      (1e-5, SGD) and tau = 0.25.
+    - `l2sp_weight` (0.0 = off; try 0.01 to 1). L2-SP (Li et al. ICML 2018): adds
+      l2sp_weight / 2 * sum ||w - w0||^2 over the trained conv layers (w0: the starting ImageNet
+      weights) to the loss; weight decay then applies to the projection heads only.
+    - `freeze_head_bn` (False). The projection head's batch norm uses fixed statistics, those of
+      the pre-training images under the starting encoder, instead of each batch's: small batches
+      of near-identical parts make batch statistics noisy. Not with `mean_shifted` (no head).
+    - Short schedules and a low lr are the existing `epochs`, `lr` and `trainable_from` (24: block
+      5 only).
     """
 
     epochs: int = 7
@@ -348,6 +545,12 @@ class PretrainConfig:
     seed: int = 0
     precision: str = "auto"  # see utils.resolve_precision
     num_workers: int = 0  # DataLoader workers; 0 keeps the image cache in one process
+    defect_negatives: bool = False  # each image's view with a pseudo-defect as an extra negative
+    rotation_negatives: bool = False  # each image's view rotated by 90/180/270 as an extra negative
+    dense_weight: float = 0.0  # weight of the dense conv5_3 loss, in [0, 1]; DenseCL: 0.5
+    mean_shifted: bool = False  # NT-Xent on h around each category's mean (Reiss & Hoshen)
+    l2sp_weight: float = 0.0  # L2-SP: pull towards the starting weights; 0 = off
+    freeze_head_bn: bool = False  # head batch norm with the starting encoder's statistics
 
     def __post_init__(self) -> None:
         positive = ("epochs", "lr", "temperature", "proj_hidden_dim", "proj_output_dim", "proj_layers")
@@ -375,6 +578,29 @@ class PretrainConfig:
         if self.max_images is not None and self.max_images < self.batch_size:
             raise VisinspectError(f"PretrainConfig.max_images ({self.max_images}) must be at least "
                                   f"batch_size ({self.batch_size})")
+        self._check_levers()
+
+    def _check_levers(self) -> None:
+        for name in ("defect_negatives", "rotation_negatives", "mean_shifted", "freeze_head_bn"):
+            if not isinstance(getattr(self, name), bool):
+                raise VisinspectError(f"PretrainConfig.{name} must be True or False; got "
+                                      f"{getattr(self, name)!r}")
+        if not 0.0 <= self.dense_weight <= 1.0:
+            raise VisinspectError(f"PretrainConfig.dense_weight is the dense loss's share, in [0, 1] "
+                                  f"(0 = off, DenseCL: 0.5); got {self.dense_weight}")
+        if not (math.isfinite(self.l2sp_weight) and self.l2sp_weight >= 0):
+            raise VisinspectError(f"PretrainConfig.l2sp_weight must be 0 (off) or positive; got "
+                                  f"{self.l2sp_weight}")
+        rotations = {k: self.augment_kwargs[k] for k in ("vf_prob", "rr_prob") if self.augment_kwargs.get(k)}
+        if self.rotation_negatives and rotations:
+            raise VisinspectError(f"PretrainConfig.rotation_negatives makes rotations negatives, but "
+                                  f"augment_kwargs makes them positives too ({rotations}): drop those keys")
+        if self.freeze_head_bn and self.mean_shifted:
+            raise VisinspectError("PretrainConfig.freeze_head_bn has no effect with mean_shifted (the "
+                                  "mean-shifted loss bypasses the projection head): set one of them")
+        if self.freeze_head_bn and self.proj_layers < 2:
+            raise VisinspectError("PretrainConfig.freeze_head_bn needs a head with batch norm "
+                                  "(proj_layers >= 2)")
 
     @classmethod
     def demo(cls, **overrides) -> PretrainConfig:
@@ -396,10 +622,13 @@ class PretrainConfig:
         return cls(**overrides)
 
     def make_transform(self) -> SimCLRTransform:
-        """The augmentation this config asks for, at `image_size`."""
+        """The augmentation this config asks for, at `image_size` (without rotations and vertical
+        flips when they are negatives)."""
+        kwargs = {"vf_prob": 0.0, "rr_prob": 0.0} if self.rotation_negatives else {}
+        kwargs.update(self.augment_kwargs)
         if self.augment == "inspection":
-            return SimCLRTransform.inspection(self.image_size, **self.augment_kwargs)
-        return SimCLRTransform(self.image_size, **self.augment_kwargs)
+            return SimCLRTransform.inspection(self.image_size, **kwargs)
+        return SimCLRTransform(self.image_size, **kwargs)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -416,7 +645,10 @@ def build_simclr_model(
     encoder, provenance = build_model(weights, frozen_end=config.trainable_from)
     head = ProjectionHead(REPRESENTATION_DIM, config.proj_hidden_dim, config.proj_output_dim,
                           config.proj_layers)
-    return SimCLRModel(encoder, head, config.trainable_from), provenance
+    dense = None
+    if config.dense_weight > 0:  # built after the head, which so starts as in plain SimCLR
+        dense = DenseProjectionHead(REPRESENTATION_DIM, config.proj_hidden_dim, config.proj_output_dim)
+    return SimCLRModel(encoder, head, config.trainable_from, dense), provenance
 
 
 # ----------------------------------------------------------------------------- data selection
@@ -497,6 +729,9 @@ def pretrain(
             f"only {len(samples)} images to pre-train on, fewer than one batch of "
             f"{config.batch_size} (incomplete batches are dropped): lower batch_size or add images"
         )
+    # Measured on the starting model, before set_seed, so that they draw nothing from the
+    # random generators; a resumed run reads them from its state instead.
+    anchors = _anchors(model, samples, config) if resume is None else {}
     set_seed(config.seed)
     device = model_device(model)
     precision = resolve_precision(config.precision)
@@ -505,11 +740,11 @@ def pretrain(
     # GPU's whole training step. The loader then hands over the cached uint8 images as a list.
     augment_on_device = device.type == "cuda"
     if augment_on_device:
-        dataset, collate = CachedImages(samples, cache_side=2 * config.image_size), list
+        dataset, collate = CachedImages(samples, cache_side=2 * config.image_size), _collate_images
     else:
         dataset, collate = TwoViewDataset(samples, transform, cache_side=2 * config.image_size), None
     loader = DataLoader(
-        dataset,
+        _Indexed(dataset),
         batch_size=config.batch_size,
         collate_fn=collate,
         shuffle=True,
@@ -519,29 +754,28 @@ def pretrain(
         generator=torch.Generator().manual_seed(config.seed),
     )
     steps_per_epoch = len(loader)
-    optimizer = torch.optim.AdamW(
-        model.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay
-    )
+    optimizer = torch.optim.AdamW(_parameter_groups(model, config), lr=config.lr,
+                                  weight_decay=config.weight_decay)
     total = config.epochs * steps_per_epoch
     warmup = round(config.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup, total))
     # channels_last is oneDNN's preferred layout for convolutions on a CPU (see inference.py).
     model.train().to(memory_format=torch.channels_last)
+    if config.freeze_head_bn:
+        model.head.freeze_batch_norm()
     history: dict[str, list] = {}
     first = 1
     if resume is not None:
-        first, history = _restore_state(resume, model, optimizer, scheduler, loader.generator, config)
+        first, history, anchors = _restore_state(resume, model, optimizer, scheduler, loader.generator,
+                                                 config)
+    categories = _category_indices(samples)
     bar = tqdm(total=total, initial=(first - 1) * steps_per_epoch, desc="SimCLR", unit="step",
                disable=not progress)
     for epoch in range(first, config.epochs + 1):
         start, losses = time.perf_counter(), []
-        for batch in loader:
+        for index, batch in loader:
             view1, view2 = _views_on(device, transform, batch) if augment_on_device else batch
-            # Both views in one forward pass: one batch-norm batch of 2N, as in the paper.
-            x = torch.cat([view1, view2]).to(device, memory_format=torch.channels_last)
-            with autocast(device, precision):
-                z = model(x)
-            loss = nt_xent_loss(*z.float().chunk(2), temperature=config.temperature)
+            loss = _batch_loss(model, view1, view2, categories[index], anchors, config, precision)
             if not torch.isfinite(loss):
                 raise VisinspectError(
                     f"SimCLR loss became {loss.item()} at epoch {epoch}: lower lr "
@@ -569,15 +803,111 @@ def pretrain(
             history.setdefault(key, []).append(value)
         if checkpoint_path is not None:
             _save_state(checkpoint_path, model, optimizer, scheduler, loader.generator, config, epoch,
-                        history)
+                        history, anchors)
     bar.close()
     return history
 
 
-RESUME_KEYS = ("seed", "batch_size", "lr", "image_size", "temperature", "trainable_from", "max_images")
+class _Indexed(Dataset):
+    """(index, item) of another dataset: the loss needs to know which image a view shows."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[int, object]:
+        return index, self.dataset[index]
 
 
-def _save_state(path, model, optimizer, scheduler, generator, config, epoch: int, history: dict) -> None:
+def _collate_images(batch: list[tuple[int, np.ndarray]]) -> tuple[torch.Tensor, list[np.ndarray]]:
+    """The indices as a tensor and the cached images as a list (they may differ in size)."""
+    return torch.tensor([i for i, _ in batch]), [image for _, image in batch]
+
+
+def _category_indices(samples: Sequence[Sample]) -> torch.Tensor:
+    """Each sample's category as an index into the sorted category names."""
+    names = sorted({s.category for s in samples})
+    return torch.tensor([names.index(s.category) for s in samples])
+
+
+def _anchors(model: SimCLRModel, samples: Sequence[Sample], config: PretrainConfig) -> dict:
+    """What the levers measure once on the starting model: the mean-shifted loss's per-category
+    centers (mean normalised h), the head's frozen batch-norm statistics (set in the head) and
+    L2-SP's starting weights."""
+    anchors: dict = {}
+    if config.mean_shifted or config.freeze_head_bn:
+        h = _representations(model, samples, config.image_size, config.batch_size)
+        if config.mean_shifted:
+            unit, categories = F.normalize(h, dim=1), _category_indices(samples)
+            anchors["centers"] = torch.stack([unit[categories == k].mean(dim=0)
+                                              for k in range(int(categories.max()) + 1)])
+        if config.freeze_head_bn:
+            model.head.estimate_batch_norm(h.to(model_device(model)))
+    if config.l2sp_weight > 0:
+        anchors["start"] = [p.detach().clone() for p in model.encoder_parameters()]
+    return anchors
+
+
+def _parameter_groups(model: SimCLRModel, config: PretrainConfig) -> list:
+    """The optimiser's parameters; with L2-SP, the conv layers without weight decay: L2-SP pulls
+    them towards their starting values, weight decay would pull them towards zero."""
+    if config.l2sp_weight == 0:
+        return model.trainable_parameters()
+    encoder = model.encoder_parameters()
+    ids = {id(p) for p in encoder}
+    heads = [p for p in model.trainable_parameters() if id(p) not in ids]
+    return [{"params": encoder, "weight_decay": 0.0}, {"params": heads}]
+
+
+def _batch_loss(
+    model: SimCLRModel,
+    view1: torch.Tensor,
+    view2: torch.Tensor,
+    categories: torch.Tensor,
+    anchors: dict,
+    config: PretrainConfig,
+    precision: str,
+) -> torch.Tensor:
+    """The loss of one batch: NT-Xent of the two views, with the levers `config` turns on."""
+    device = model_device(model)
+    n = len(view1)
+    extra = []
+    if config.defect_negatives:
+        # A fresh generator per batch, seeded from torch's (saved in resumable states).
+        rng = np.random.default_rng(int(torch.randint(2**62, (1,)).item()))
+        extra.append(defect_views(view1, rng))
+    if config.rotation_negatives:
+        extra.append(rotated_views(view1))
+    # Every view in one forward pass: one batch-norm batch, as in the paper.
+    x = torch.cat([view1, view2, *extra]).to(device, memory_format=torch.channels_last)
+    with autocast(device, precision):
+        maps = model.feature_maps(x)
+        h = maps.mean(dim=(2, 3))
+        z = None if config.mean_shifted else model.head(h)
+        dense = model.dense_head(maps[: 2 * n]) if config.dense_weight > 0 else None
+    if config.mean_shifted:
+        centers = anchors["centers"].to(device)[categories.repeat(2 + len(extra)).to(device)]
+        z = mean_shift(h, centers)
+    z = z.float()
+    loss = nt_xent_loss(z[:n], z[n : 2 * n], config.temperature, negatives=z[2 * n :] if extra else None)
+    if dense is not None:
+        dense_loss = dense_nt_xent_loss(dense[:n], dense[n:], maps[:n], maps[n : 2 * n], config.temperature)
+        loss = (1.0 - config.dense_weight) * loss + config.dense_weight * dense_loss
+    if config.l2sp_weight > 0:
+        loss = loss + 0.5 * config.l2sp_weight * l2sp_penalty(model.encoder_parameters(), anchors["start"])
+    return loss
+
+
+RESUME_KEYS = ("seed", "batch_size", "lr", "image_size", "temperature", "trainable_from", "max_images",
+               "defect_negatives", "rotation_negatives", "dense_weight", "mean_shifted", "l2sp_weight",
+               "freeze_head_bn")
+
+
+def _save_state(
+    path, model, optimizer, scheduler, generator, config, epoch: int, history: dict, anchors: dict
+) -> None:
     save_checkpoint(path, {
         "kind": "simclr-state",
         "config": config.to_dict(),
@@ -588,17 +918,21 @@ def _save_state(path, model, optimizer, scheduler, generator, config, epoch: int
         "torch_rng": torch.get_rng_state(),  # the augmentations draw from torch's global RNG
         "epoch": epoch,
         "history": history,
+        "anchors": anchors,  # measured on the starting model, which a resumed run no longer has
     })
 
 
-def _restore_state(path, model, optimizer, scheduler, generator, config) -> tuple[int, dict]:
-    data = load_resume_state(path, "simclr-state", config.to_dict(), RESUME_KEYS)
+def _restore_state(path, model, optimizer, scheduler, generator, config) -> tuple[int, dict, dict]:
+    # States written before the levers existed were written with them off (their defaults).
+    data = load_resume_state(path, "simclr-state", config.to_dict(), RESUME_KEYS,
+                             defaults=PretrainConfig().to_dict())
     model.load_state_dict(data["model"])
     optimizer.load_state_dict(data["optimizer"])
     scheduler.load_state_dict(data["scheduler"])
     generator.set_state(data["loader_rng"])
     torch.set_rng_state(data["torch_rng"])
-    return int(data["epoch"]) + 1, {k: list(v) for k, v in data["history"].items()}
+    history = {k: list(v) for k, v in data["history"].items()}
+    return int(data["epoch"]) + 1, history, data.get("anchors", {})
 
 
 @torch.no_grad()
