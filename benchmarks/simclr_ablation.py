@@ -1,12 +1,18 @@
-"""What was tried to make SimCLR help: one split, one seed, the pre-training settings varied.
+"""What was tried to make SimCLR help: one split, the pre-training settings varied.
 
 Each variant pre-trains with SimCLR on the source images plus the target's unlabeled train/good
 images, then trains the baseline's head with the seed's recipe, and is scored on the target's
 test images (positive class anomaly; threshold from the source validation split). The baseline
-(no pre-training) runs once on the same split for reference.
+(no pre-training) runs once per seed on the same split for reference.
 
     python benchmarks/simclr_ablation.py --data ../shared/data/mvtec_ad ../shared/data/industrial \\
         --target magnetic_tile --preset small --json runs/ablation_magnetic_tile.json
+
+`--set levers` varies the anomaly-detection levers of PretrainConfig (issue 14) instead of the
+plain settings; without --data it runs on the synthetic dataset's course split
+(visinspect.demo.SOURCE / TARGET):
+
+    python benchmarks/simclr_ablation.py --set levers --preset demo --seeds 2 --device cpu
 
 `small` (defined here) keeps five pre-trainings affordable on 2 CPU cores: classifier at 96 px
 for 6 epochs, ~100 images per source category and ~100 test images, SimCLR at 64 px on 200
@@ -22,10 +28,12 @@ import sys
 import time
 from pathlib import Path
 
-from visinspect.compare import ComparePreset, run_seed, summary_table
-from visinspect.data import build_sample_table
+from visinspect.compare import ComparePreset, pivot_table, run_seed, summary_table
+from visinspect.data import build_sample_table, default_synthetic_root
+from visinspect.demo import SOURCE, TARGET
 from visinspect.evaluate import round_floats
 from visinspect.simclr import PretrainConfig
+from visinspect.synthetic import ensure_synthetic_dataset
 
 SMALL = ComparePreset("small", 96, 6, PretrainConfig(image_size=64, epochs=4, max_images=200),
                       max_source_per_category=100, max_test_per_category=100)
@@ -38,34 +46,61 @@ ABLATIONS = {
     "paper augmentations (crops from 8 %)": {"augment": "simclr"},
     "blocks 4-5 trained": {"trainable_from": 17},
 }
+# The levers against what SimCLR erases (visinspect.simclr.PretrainConfig), one at a time.
+LEVERS = {
+    "plain SimCLR": {},
+    "defect negatives": {"defect_negatives": True},
+    "rotation negatives": {"rotation_negatives": True},
+    "dense 0.5": {"dense_weight": 0.5},
+    "mean-shifted": {"mean_shifted": True},
+    "L2-SP 1": {"l2sp_weight": 1.0},
+    "L2-SP 100": {"l2sp_weight": 100.0},
+    "frozen head BN": {"freeze_head_bn": True},
+}
+SETS = {"ablation": ABLATIONS, "levers": LEVERS}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", nargs="+", required=True)
-    p.add_argument("--target", required=True)
+    p.add_argument("--data", nargs="+", help="data roots (default: the synthetic dataset)")
+    p.add_argument("--target", help="comma-separated target categories (default with the synthetic "
+                   "data: the course's)")
+    p.add_argument("--source", help="comma-separated source categories (default: every other one)")
+    p.add_argument("--set", default="ablation", choices=tuple(SETS), help="which variants to run")
     p.add_argument("--preset", default="small", choices=("small", "demo", "medium", "full"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--seeds", type=int, default=1, help="run seeds SEED .. SEED+N-1")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="write {'rows': [...]} here")
     args = p.parse_args()
-    table = build_sample_table(args.data).samples
-    source = sorted({s.category for s in table} - {args.target})
+    course = args.data is None and args.target is None  # the synthetic course split
+    if args.data is not None and args.target is None:
+        p.error("--target is required with --data")
+    table = build_sample_table(args.data or [ensure_synthetic_dataset(default_synthetic_root())]).samples
+    target = list(TARGET) if course else args.target.split(",")
+    if args.source:
+        source = args.source.split(",")
+    else:
+        source = list(SOURCE) if course else sorted({s.category for s in table} - set(target))
     preset = SMALL if args.preset == "small" else ComparePreset.named(args.preset)
     rows = []
     runs = [("baseline", "baseline", preset)] + [
         (name, "simclr-source+target-good",
          dataclasses.replace(preset, pretrain=dataclasses.replace(preset.pretrain, **overrides)))
-        for name, overrides in ABLATIONS.items()
+        for name, overrides in SETS[args.set].items()
     ]
-    for name, variant, run_preset in runs:
-        start = time.monotonic()
-        result = run_seed(table, source, [args.target], args.seed, run_preset, variants=(variant,),
-                          device=args.device, log=lambda m: print(m, file=sys.stderr))
-        seconds = time.monotonic() - start
-        print(f"{name}: {seconds:.0f} s", file=sys.stderr, flush=True)
-        rows += [{**r, "model": name, "seconds": seconds} for r in result.rows if r["target"] != "all"]
-    print(summary_table(rows, ("image_auroc", "average_precision", "balanced_accuracy", "pixel_auroc")))
+    for seed in range(args.seed, args.seed + args.seeds):
+        for name, variant, run_preset in runs:
+            start = time.monotonic()
+            result = run_seed(table, source, target, seed, run_preset, variants=(variant,),
+                              device=args.device, log=lambda m: print(m, file=sys.stderr))
+            seconds = time.monotonic() - start
+            print(f"seed {seed}, {name}: {seconds:.0f} s", file=sys.stderr, flush=True)
+            rows += [{**r, "model": name, "seconds": seconds} for r in result.rows]
+    per_target = [r for r in rows if r["target"] != "all" or len(target) > 1]
+    print(summary_table(per_target, ("image_auroc", "average_precision", "balanced_accuracy", "pixel_auroc")))
+    print()
+    print(pivot_table(per_target))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"rows": round_floats(rows)}, indent=1) + "\n")

@@ -12,7 +12,8 @@ import pytest
 from conftest import TINY_CATEGORIES, TINY_PER_CATEGORY
 
 from visinspect.checkpoint import load_classifier
-from visinspect.cli import main
+from visinspect.cli import PRETRAIN_LEVERS, main
+from visinspect.simclr import PretrainConfig
 from visinspect.synthetic import CATEGORIES
 
 REQUIRED = {"n_images", "n_anomalous", "positive_class", "threshold", "accuracy", "balanced_accuracy",
@@ -116,6 +117,20 @@ def test_missing_root(capsys, tmp_path):
 def test_unknown_category(capsys, tiny_root):
     line = fails(capsys, "info", "--data", tiny_root, "--categories", "bottle")
     assert "bottle" in line and "available: grain_wood, round_pill" in line
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--dense-weight", "1.5"], "dense_weight"), (["--l2sp-weight", "-1"], "l2sp_weight"),
+     (["--freeze-head-bn", "--mean-shifted"], "bypasses the projection head")],
+)
+def test_pretrain_lever_flags_reach_the_config(capsys, tiny_root, tmp_path, flags, message):
+    assert message in fails(capsys, "pretrain", "--data", tiny_root, "--out", tmp_path / "s.pt", *flags)
+
+
+def test_pretrain_lever_flags_name_config_fields_that_are_off_by_default():
+    plain = PretrainConfig().to_dict()
+    assert all(not plain[name] for name in PRETRAIN_LEVERS)
 
 
 def test_missing_checkpoint(capsys, tiny_root, tmp_path):

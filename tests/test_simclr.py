@@ -222,7 +222,8 @@ def test_dense_loss_matches_the_per_position_definition():
     g = torch.Generator().manual_seed(5)
     d1, d2 = torch.randn(3, 4, 2, 3, generator=g), torch.randn(3, 4, 2, 3, generator=g)
     f1 = torch.randn(3, 5, 2, 3, generator=g)
-    f2 = f1.flip(-1) + 0.1 * torch.randn(3, 5, 2, 3, generator=g)  # view 2: view 1 flipped
+    # View 2: view 1 shifted cyclically (not its own inverse, so the two matching directions differ).
+    f2 = f1.roll(1, dims=-1) + 0.1 * torch.randn(3, 5, 2, 3, generator=g)
     for temperature in (0.2, 1.0):
         assert dense_nt_xent_loss(d1, d2, f1, f2, temperature).item() == pytest.approx(
             loop_dense(d1, d2, f1, f2, temperature), rel=1e-5)
@@ -649,6 +650,12 @@ def test_pretraining_with_levers_is_seeded_and_resumes_to_the_same_weights(sampl
     history = pretrain(full, images, config, progress=False)
     again = lever_model(encoder, config)
     assert pretrain(again, images, config, progress=False)["loss"] == history["loss"]
+    start = dict(lever_model(encoder, config).named_parameters())
+    bypassed = "head." if config.mean_shifted else "no part"  # the mean-shifted loss reads h
+    trained = {id(p) for p in full.trainable_parameters()}
+    for name, p in full.named_parameters():
+        if id(p) in trained and not name.startswith(bypassed):
+            assert not torch.equal(p, start[name]), f"{name} did not train"
     state = tmp_path / "state.pt"
     with pytest.raises(_Interrupt):
         pretrain(lever_model(encoder, config), images, config, progress=False, checkpoint_path=state,

@@ -437,9 +437,11 @@ def cmd_pretrain(args) -> int:
     overrides = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     config = preset(**overrides)
     images = pretrain_samples(src, tgt, include_target_good=args.include_target_good)
+    levers = ", ".join(f"{k}={getattr(config, k)}" for k in PRETRAIN_LEVERS if getattr(config, k))
     print(
         f"SimCLR pre-training on {len(images)} unlabeled images ({args.preset} preset, "
-        f"{config.image_size} px, {config.epochs} epochs, temperature {config.temperature})"
+        f"{config.image_size} px, {config.epochs} epochs, temperature {config.temperature}"
+        f"{', levers: ' + levers if levers else ''})"
     )
     model, provenance = build_simclr_model(config, args.backbone_weights)
     model.to(resolve_device(args.device))
