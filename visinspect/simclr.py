@@ -729,8 +729,8 @@ def pretrain(
             f"only {len(samples)} images to pre-train on, fewer than one batch of "
             f"{config.batch_size} (incomplete batches are dropped): lower batch_size or add images"
         )
-    # Measured on the starting model, before set_seed, so that they draw nothing from the
-    # random generators; a resumed run reads them from its state instead.
+    # Measured on the starting model, before set_seed, so that their loader's random draws do
+    # not shift the run's; a resumed run reads them from its state instead.
     anchors = _anchors(model, samples, config) if resume is None else {}
     set_seed(config.seed)
     device = model_device(model)
