@@ -12,8 +12,7 @@ import pytest
 from conftest import TINY_CATEGORIES, TINY_PER_CATEGORY
 
 from visinspect.checkpoint import load_classifier
-from visinspect.cli import PRETRAIN_LEVERS, main
-from visinspect.simclr import PretrainConfig
+from visinspect.cli import main
 from visinspect.synthetic import CATEGORIES
 
 REQUIRED = {"n_images", "n_anomalous", "positive_class", "threshold", "accuracy", "balanced_accuracy",
@@ -126,11 +125,6 @@ def test_unknown_category(capsys, tiny_root):
 )
 def test_pretrain_lever_flags_reach_the_config(capsys, tiny_root, tmp_path, flags, message):
     assert message in fails(capsys, "pretrain", "--data", tiny_root, "--out", tmp_path / "s.pt", *flags)
-
-
-def test_pretrain_lever_flags_name_config_fields_that_are_off_by_default():
-    plain = PretrainConfig().to_dict()
-    assert all(not plain[name] for name in PRETRAIN_LEVERS)
 
 
 def test_missing_checkpoint(capsys, tiny_root, tmp_path):

@@ -15,6 +15,7 @@ from visinspect.data import DefectDataset, build_sample_table, denormalize, to_t
 from visinspect.errors import CheckpointError, DataError, VisinspectError
 from visinspect.models import VGG16CAM, sha256_file
 from visinspect.simclr import (
+    LEVERS,
     DenseProjectionHead,
     PretrainConfig,
     ProjectionHead,
@@ -472,6 +473,15 @@ def test_levers_are_off_by_default_and_rotation_negatives_take_rotations_out_of_
     assert steps["RandomHorizontalFlip"].p == 0.5  # a flip alone is no rotation
     plain_steps = {type(t).__name__: t for t in plain.make_transform().pipeline.transforms}
     assert plain_steps["RandomRotate90"].p == 0.5
+
+
+def test_config_repr_names_the_levers_that_are_on():
+    plain = PretrainConfig()
+    assert all(not getattr(plain, name) for name in LEVERS)
+    assert not any(name in repr(plain) for name in LEVERS)  # reads as before the levers existed
+    assert repr(plain).startswith("PretrainConfig(epochs=7, ") and "num_workers=0)" in repr(plain)
+    on = repr(PretrainConfig(dense_weight=0.5, freeze_head_bn=True))
+    assert on.endswith("num_workers=0, dense_weight=0.5, freeze_head_bn=True)")
 
 
 def test_warmup_then_cosine_schedule():

@@ -19,10 +19,7 @@ from visinspect.demo import SOURCE as SYNTHETIC_SOURCE
 from visinspect.demo import TARGET as SYNTHETIC_TARGET
 from visinspect.demo import DemoSettings
 from visinspect.errors import VisinspectError
-
-# PretrainConfig's anomaly-detection levers that `pretrain` has flags for (visinspect.simclr).
-PRETRAIN_LEVERS = ("defect_negatives", "rotation_negatives", "dense_weight", "mean_shifted", "l2sp_weight",
-                   "freeze_head_bn")
+from visinspect.simclr import LEVERS as PRETRAIN_LEVERS
 
 
 def _csv(value: str) -> list[str]:

@@ -26,7 +26,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import cv2
@@ -48,6 +48,9 @@ from visinspect.utils import autocast, model_device, resolve_precision, set_seed
 
 KIND = "simclr"
 REPRESENTATION_DIM = 512  # channels of conv5_3, global-average-pooled into h
+# PretrainConfig's anomaly-detection levers (issue 14); all off by default.
+LEVERS = ("defect_negatives", "rotation_negatives", "dense_weight", "mean_shifted", "l2sp_weight",
+          "freeze_head_bn")
 
 
 # ----------------------------------------------------------------------------- augmentations
@@ -505,7 +508,8 @@ class PretrainConfig:
       image i must be closer to each other than to image i with a defect, so the encoder may no
       longer be invariant to local defects. N more views per step (1.5x the work).
     - `rotation_negatives` (False). CSI's shifting transformation: view 1 rotated by 90, 180 or
-      270 degrees (`rotated_views`) as another extra negative, for products with an up. Rotations
+      270 degrees (`rotated_views`) as another extra negative, for products with an up (not for
+      rotation-symmetric parts: a hex nut turned by 180 degrees is itself). Rotations
       then leave the augmentations (the preset's vf_prob and rr_prob become 0; vertical and
       horizontal flips together make the 180-degree rotation): a change cannot be both a positive
       and a negative. N more views per step.
@@ -579,6 +583,12 @@ class PretrainConfig:
             raise VisinspectError(f"PretrainConfig.max_images ({self.max_images}) must be at least "
                                   f"batch_size ({self.batch_size})")
         self._check_levers()
+
+    def __repr__(self) -> str:
+        """The dataclass's repr, levers only when on: a plain SimCLR config reads as it did
+        before the levers existed."""
+        shown = [f.name for f in fields(self) if f.name not in LEVERS or getattr(self, f.name) != f.default]
+        return f"PretrainConfig({', '.join(f'{name}={getattr(self, name)!r}' for name in shown)})"
 
     def _check_levers(self) -> None:
         for name in ("defect_negatives", "rotation_negatives", "mean_shifted", "freeze_head_bn"):
