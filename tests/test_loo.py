@@ -181,3 +181,12 @@ def test_new_methods_join_the_earlier_rows_of_the_same_settings(uninterrupted, t
     other = dataclasses.replace(TINY, image_size=64)
     with pytest.raises(ConfigError, match="other settings"):
         run_loo(tiny_root, work, store, models=["reference"], preset=other)
+
+
+@pytest.mark.slow
+def test_every_pass_of_a_run_goes_through_its_store(tiny_root, tmp_path, monkeypatch):
+    monkeypatch.setenv(STORE_ENV, str(tmp_path / "default"))
+    run_loo(tiny_root, tmp_path / "out", FeatureStore(tmp_path / "mine"), models=["baseline", "reference"],
+            targets=["round_pill"])
+    assert not (tmp_path / "default").exists()  # training and scoring too, not only the frozen pass
+    assert FeatureStore(tmp_path / "mine").info()["entries"] > 0

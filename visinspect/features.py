@@ -25,6 +25,7 @@ Where: $VISINSPECT_FEATURE_STORE, else $XDG_CACHE_HOME/visinspect/features, else
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -187,8 +188,9 @@ class FeatureStore:
 
     @classmethod
     def default(cls) -> FeatureStore:
-        """The store of $VISINSPECT_FEATURE_STORE or the user's cache folder ('off': none)."""
-        return cls(default_store_root())
+        """The store every call uses unless given one: the one `use_store` set, else that of
+        $VISINSPECT_FEATURE_STORE or the user's cache folder ('off': none)."""
+        return _CURRENT[-1] if _CURRENT else cls(default_store_root())
 
     @property
     def enabled(self) -> bool:
@@ -382,6 +384,20 @@ class FeatureStore:
         if not any(self.root.iterdir()):
             self.root.rmdir()
         return freed
+
+
+_CURRENT: list[FeatureStore] = []
+
+
+@contextlib.contextmanager
+def use_store(store: FeatureStore) -> Iterator[FeatureStore]:
+    """Within the block, every call that does not get a store explicitly uses `store` (a whole
+    `loo` run, or a benchmark comparing stores, without passing it through every function)."""
+    _CURRENT.append(store)
+    try:
+        yield store
+    finally:
+        _CURRENT.pop()
 
 
 def _dataset_of(path: Path) -> str:

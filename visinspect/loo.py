@@ -42,7 +42,7 @@ from visinspect.compare import (
 )
 from visinspect.data import Sample, build_sample_table, single_class_categories
 from visinspect.errors import ConfigError
-from visinspect.features import FeatureStore
+from visinspect.features import FeatureStore, use_store
 from visinspect.methods import METHODS, make_detector, untrained_backbone
 from visinspect.utils import atomic_path, describe_machine, resolve_device, resolve_precision
 
@@ -208,7 +208,12 @@ class LeaveOneOut:
     # ------------------------------------------------------------------ the run
 
     def run(self) -> list[dict]:
-        """Frozen pass, every job not done yet, then rows, tables, budget and figures."""
+        """Frozen pass, every job not done yet, then rows, tables, budget and figures; every
+        frozen-layer pass of the run goes through the run's store."""
+        with use_store(self.store):
+            return self._run()
+
+    def _run(self) -> list[dict]:
         start = time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
         self._check_settings()
