@@ -9,7 +9,7 @@ import torch
 from visinspect import cli, compare
 from visinspect.calibration import Calibration, load_calibration
 from visinspect.cam import HeatmapNormalizer
-from visinspect.compare import ComparePreset, run_comparison, summary_table
+from visinspect.compare import ComparePreset, pivot_table, run_comparison, summary_table
 from visinspect.detectors import calibrated_view
 from visinspect.inference import ScoredImages
 from visinspect.simclr import PretrainConfig
@@ -57,6 +57,18 @@ def test_summary_table_states_positive_class_and_all_models(comparison):
     assert "positive class = anomaly" in table
     assert "± 0.000" in table  # two identical seeds: zero spread
     assert table.count("| round_pill |") == len({r["model"] for r in rows})
+
+
+def test_tables_say_when_a_cell_has_fewer_seeds():
+    """A method added to a run for one seed must not pass for a mean over all of them."""
+    row = {"target": "bottle", "n_images": 10, "image_auroc": 0.5}
+    rows = [{**row, "model": "baseline", "seed": s, "image_auroc": 0.5 + s / 10} for s in range(3)]
+    rows.append({**row, "model": "residual", "seed": 0})
+    pivot = pivot_table(rows)
+    assert "| bottle | 10 | 0.600 ± 0.100 | 0.500 (1 seed) |" in pivot
+    summary = summary_table(rows, ["image_auroc"])
+    assert "| bottle | baseline | 10 | 0.600 ± 0.100 |" in summary
+    assert "| bottle | residual | 10 | 0.500 (1 seed) |" in summary
 
 
 def test_calibrated_view_shifts_scores_and_scales_maps(tiny_root):

@@ -31,6 +31,7 @@ from visinspect.metrics import (
     false_alarm_threshold,
     per_group_metrics,
     pixel_auroc,
+    ranked_auroc,
     seed_spread,
 )
 
@@ -179,12 +180,22 @@ def small_maps(seed: int, levels: int | None = None) -> tuple[np.ndarray, np.nda
     return masks, heat.astype(np.float32)
 
 
-def test_pixel_auroc_matches_sklearn():
-    masks, heat = small_maps(0)
-    assert pixel_auroc(masks, heat) == pytest.approx(roc_auc_score(masks.ravel(), heat.ravel()))
+@pytest.mark.parametrize("levels", [None, 4, 1])
+def test_pixel_auroc_matches_sklearn(levels):
+    # levels=1: scores of only two values, ties everywhere (each tie must count half)
+    masks, heat = small_maps(0, levels)
+    assert pixel_auroc(masks, heat) == pytest.approx(roc_auc_score(masks.ravel(), heat.ravel()), abs=1e-12)
     assert pixel_auroc(masks.astype(np.uint8), heat) == pixel_auroc(masks, heat)
     assert pixel_auroc(np.zeros_like(masks), heat) is None
     assert pixel_auroc(np.ones_like(masks), heat) is None
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_ranked_auroc_matches_sklearn_on_random_ties(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.random(2000) < rng.uniform(0.01, 0.5)
+    s = np.round(rng.normal(size=2000) + y, rng.integers(0, 3))
+    assert ranked_auroc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
 
 
 def test_map_validation():

@@ -1,5 +1,6 @@
 """Tests for visinspect.reference: the patch memory bank's nearest-neighbour score and fusion."""
 
+import dataclasses
 import json
 
 import cv2
@@ -192,3 +193,25 @@ def test_the_model_can_still_be_trained_after_a_bank_is_fitted(data):
     loss = model(torch.randn(2, 3, SIZE, SIZE)).sum()
     loss.backward()
     assert model.fc.weight.grad is not None
+
+
+def test_patch_distances_are_computed_once_per_bank_and_images(model, data, bank, monkeypatch):
+    """The reference, top-5 % and fused rows of a split score the same images against the same
+    bank: the second scoring reuses the distances (and a changed bank does not)."""
+    good, defects = data
+    tests = [s for s, _ in defects.values()]
+    first_scores, first_maps = bank.score(model, tests, **FP32)
+    calls = []
+    real = PatchMemoryBank.score_features
+    monkeypatch.setattr(PatchMemoryBank, "score_features", lambda self, f: calls.append(1) or real(self, f))
+    top = dataclasses.replace(bank, top=0.25)  # the same patches, another image score
+    scores, maps = top.score(model, tests, **FP32)
+    assert not calls
+    torch.testing.assert_close(maps, first_maps)
+    assert (scores <= first_scores + 1e-6).all()  # a top-25 % mean is at most the largest
+    np.testing.assert_allclose(scores, top.image_scores(first_maps))
+    maps.zero_()  # a caller's in-place change does not reach the remembered maps
+    torch.testing.assert_close(bank.score(model, tests, **FP32)[1], first_maps)
+    other = PatchMemoryBank.fit(model, good[:3], image_size=SIZE, max_patches=None, **FP32)
+    other.score(model, tests, **FP32)
+    assert calls

@@ -333,13 +333,16 @@ def run_comparison(
     return rows, first
 
 
-def _mean_std(values: list[float | None]) -> str:
+def _mean_std(values: list[float | None], seeds: int = 1) -> str:
+    """Mean ± std of one cell; a cell over fewer seeds than its table's others says how many (a
+    run that added a method for one seed only, say), so that no number passes for more than it is."""
     vals = [v for v in values if v is not None]
+    fewer = f" ({len(values)} seed{'s' * (len(values) > 1)})" if len(values) < seeds else ""
     if not vals:
         return "n/a"
     if len(vals) == 1:
-        return f"{vals[0]:.3f}"
-    return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}"
+        return f"{vals[0]:.3f}{fewer}"
+    return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}{fewer}"
 
 
 def pivot_table(rows: Sequence[dict], metric: str = "image_auroc") -> str:
@@ -356,9 +359,10 @@ def pivot_table(rows: Sequence[dict], metric: str = "image_auroc") -> str:
         "| target | n | " + " | ".join(models) + " |",
         "|" + " --- |" * (len(models) + 2),
     ]
+    seeds = max(len(g) for g in groups.values())
     for t in targets:
         n = next(g[0]["n_images"] for (tt, _), g in groups.items() if tt == t)
-        cells = [_mean_std([r.get(metric) for r in groups.get((t, m), [])]) for m in models]
+        cells = [_mean_std([r.get(metric) for r in groups.get((t, m), [])], seeds) for m in models]
         lines.append(f"| {t} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -376,11 +380,12 @@ def summary_table(rows: Sequence[dict], keys: Sequence[str] = ROW_KEYS) -> str:
         "|" + " --- |" * (len(keys) + 3),
     ]
     order = sorted(groups, key=lambda tm: (tm[0] != "all", tm[0]))
+    seeds = max((len(g) for g in groups.values()), default=1)
     for target, model in order:
         g = groups[(target, model)]
         lines.append(
             f"| {target} | {model} | {g[0]['n_images']} | "
-            + " | ".join(_mean_std([r.get(k) for r in g]) for k in keys)
+            + " | ".join(_mean_std([r.get(k) for r in g], seeds) for k in keys)
             + " |"
         )
     return "\n".join(lines)

@@ -148,6 +148,12 @@ class StoredFeatures:
     def __len__(self) -> int:
         return len(self._files) if self._files is not None else len(self._tensor)
 
+    @property
+    def identity(self) -> tuple[str, ...] | None:
+        """The store entries in order (each named by its image's content and the key of the
+        features), so equal identities mean equal features; None with the store off."""
+        return tuple(f.name for f in self._files) if self._files is not None else None
+
     def batch(self, indices: Sequence[int] | slice) -> torch.Tensor:
         if self._tensor is not None:
             idx = indices if isinstance(indices, slice) else list(indices)

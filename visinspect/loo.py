@@ -253,7 +253,7 @@ class LeaveOneOut:
         split = self.split(job.target, job.seed)
         if job.kind == "score":
             return "score", len(split.test) * max(1, len(split.ks))
-        kind = "train" if job.name == "baseline" else "train-simclr"
+        kind = "train-simclr" if job.name.startswith("simclr") else "train"
         return kind, len(split.train) * self.preset.epochs
 
 

@@ -180,12 +180,32 @@ def _regions(mask: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
     return n, labels, stats
 
 
+def ranked_auroc(positive: np.ndarray, scores: np.ndarray) -> float:
+    """AUROC as the Mann-Whitney statistic: the chance that a random positive scores above a
+    random negative, ties counting half. One sort, where scikit-learn's roc_auc_score builds the
+    whole ROC curve: on the ~40 M pixels of a real test set it is several times faster (same
+    value; tests check it against scikit-learn)."""
+    y = np.asarray(positive, dtype=bool).ravel()
+    s = np.asarray(scores).ravel()
+    order = np.argsort(s)  # ties are grouped below, so their order does not matter
+    s, y = s[order], y[order]
+    # Tied scores share the mean of their 1-based ranks.
+    starts = np.flatnonzero(np.concatenate([[True], s[1:] != s[:-1]]))
+    ends = np.append(starts[1:], s.size)
+    mean_rank = (starts + ends + 1) / 2.0
+    positives_per_tie = np.add.reduceat(y.astype(np.int64), starts)
+    n_pos = int(positives_per_tie.sum())
+    n_neg = s.size - n_pos
+    rank_sum = float(np.dot(positives_per_tie, mean_rank))
+    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+
+
 def pixel_auroc(masks, heatmaps) -> float | None:
     """AUROC over all pixels (defect pixels positive); None without both kinds of pixel."""
     m, h = _masks_maps(masks, heatmaps)
     if m.all() or not m.any():
         return None
-    return float(roc_auc_score(m.ravel(), h.ravel()))
+    return ranked_auroc(m, h)
 
 
 def aupro(

@@ -9,6 +9,7 @@ Both scores can be fused (`fit_fusion`): each is standardised on the good images
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -30,8 +31,10 @@ LAYERS = ("conv4_3", "conv5_3")
 # backbone's own ~0.2 s. Cost grows linearly with max_patches and with conv5_3 (1024 dims).
 DEFAULT_MAX_PATCHES = 2048
 CORESET_DIM = 128  # coreset distances use a random projection to this many dims, as PatchCore
+DISTANCE_MEMORY = 8  # patch-distance maps of the last few (bank, images) scorings, kept in memory
 CHUNK_ELEMENTS = 1 << 22  # distances computed at once (16 MB of float32): memory stays flat
 MIN_STD = 1e-6
+_DISTANCES: dict[tuple, torch.Tensor] = {}  # see PatchMemoryBank.score
 
 
 def backbone_maps(
@@ -85,8 +88,9 @@ def _features_by_batch(
     progress: bool = False,
     store: FeatureStore | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Yield the patch features of `samples`, one batch at a time, in order: conv4_3 from the
-    feature store, conv5_3 (if asked) computed from it with the model's block 5."""
+    """Yield the stored conv4_3 features of `samples` (StoredFeatures), then their patch features
+    one batch at a time, in order: conv4_3 from the feature store, conv5_3 (if asked) computed
+    from it with the model's block 5."""
     precision = resolve_precision(precision)
     device = model_device(model)
     # Re-layout the weights outside inference mode (else they become inference tensors and the
@@ -96,6 +100,7 @@ def _features_by_batch(
     feats = (store or FeatureStore.default()).fetch_samples(
         model, samples, image_size, precision=precision, progress=progress
     )
+    yield feats
     for c4 in feats.batches(batch_size):
         with torch.inference_mode():
             c4 = c4.to(device, memory_format=torch.channels_last)
@@ -219,6 +224,7 @@ class PatchMemoryBank:
         batches = _features_by_batch(
             model, good_samples, image_size, layers, batch_size, precision, progress, store
         )
+        next(batches)
         feats = torch.cat(list(batches))
         n, _, h, w = feats.shape
         patches = _patches(feats)
@@ -303,13 +309,24 @@ class PatchMemoryBank:
         """
         if not samples:
             return np.zeros(0), torch.zeros(0, 0, 0)
-        results = [
-            self.score_features(f)
-            for f in _features_by_batch(
-                model, samples, self.image_size, self.layers, batch_size, precision, progress, store
-            )
-        ]
-        return np.concatenate([s for s, _ in results]), torch.cat([m for _, m in results])
+        batches = _features_by_batch(
+            model, samples, self.image_size, self.layers, batch_size, precision, progress, store
+        )
+        stored = next(batches).identity
+        # The patch distances depend only on the bank and the stored features (conv5_3 would also
+        # depend on the model's block 5): the reference, top-5 % and fused rows of a split share them.
+        key = None
+        if stored is not None and self.layers == ("conv4_3",):
+            key = (hashlib.blake2b(self.bank.cpu().numpy().tobytes()).hexdigest(), stored)
+        if key not in _DISTANCES:
+            maps = torch.cat([self.score_features(f)[1] for f in batches])
+            if key is None:
+                return self.image_scores(maps), maps
+            _DISTANCES[key] = maps
+            while len(_DISTANCES) > DISTANCE_MEMORY:
+                _DISTANCES.pop(next(iter(_DISTANCES)))
+        maps = _DISTANCES[key].clone()  # a copy: a caller may change its maps in place
+        return self.image_scores(maps), maps
 
 
 # ----------------------------------------------------------------------------- fusion

@@ -169,6 +169,35 @@ class SimCLRTransform:
         return self.pipeline(x)
 
 
+def aligned_views(transform: SimCLRTransform, images: Sequence[np.ndarray], seed: int) -> torch.Tensor:
+    """The same random view of several images of one size (N, 3, S, S): one crop, flip, jitter and
+    blur for all, since the view's random draws depend on the image size only. Of a good part and
+    its defective twin, their difference is what the augmentation left of the defect. (It seeds
+    torch's global generator with `seed`.)"""
+    if len({im.shape for im in images}) > 1:
+        raise DataError(f"aligned views need images of one size; got {sorted({im.shape for im in images})}")
+    views = []
+    for image in images:
+        torch.manual_seed(seed)  # the same draws for each image
+        views.append(transform(image))
+    return torch.stack(views)
+
+
+def defect_left(
+    transform: SimCLRTransform, good: np.ndarray, defective: np.ndarray, draws: int = 200, seed: int = 0
+) -> np.ndarray:
+    """What each of `draws` views keeps of a defect: the largest change between the view of the good
+    part and the same view of its defective twin, in intensity (0 to 1, RGB before normalising).
+    Near 0: the view cropped the defect out, or blurred or jittered it away; SimCLR then calls
+    the part with and without its defect the same image."""
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    left = [
+        ((views[1] - views[0]) * std).abs().amax().item()
+        for views in (aligned_views(transform, [good, defective], seed + i) for i in range(draws))
+    ]
+    return np.asarray(left)
+
+
 class CachedImages(Dataset):
     """The decoded RGB uint8 image (H, W, 3) of each sample, cached in memory on first use.
 
