@@ -17,7 +17,7 @@ from visinspect.compare import ComparePreset
 from visinspect.data import build_sample_table
 from visinspect.errors import ConfigError
 from visinspect.features import STORE_ENV, FeatureStore
-from visinspect.loo import DEFAULT_MODELS, LeaveOneOut, default_targets, plan_jobs
+from visinspect.loo import DEFAULT_MODELS, LeaveOneOut, chosen_on_other_targets, default_targets, plan_jobs
 from visinspect.methods import METHODS
 from visinspect.simclr import PretrainConfig
 
@@ -190,3 +190,20 @@ def test_every_pass_of_a_run_goes_through_its_store(tiny_root, tmp_path, monkeyp
             targets=["round_pill"])
     assert not (tmp_path / "default").exists()  # training and scoring too, not only the frozen pass
     assert FeatureStore(tmp_path / "mine").info()["entries"] > 0
+
+
+def test_the_method_chosen_on_the_other_targets():
+    """Nested leave-one-out: each target gets the method best on the others, not on itself."""
+    def row(target, model, auroc, seed=0):
+        return {"target": target, "model": model, "image_auroc": auroc, "seed": seed}
+
+    rows = [row(t, "a k=20", 0.9) for t in ("t1", "t2", "t3")] + [row("t4", "a k=20", 0.5)]
+    rows += [row(t, "b k=20", 0.8) for t in ("t1", "t2", "t3", "t4")]
+    rows += [row("t1", "c k=20", 1.0), row("t1", "a k=5", 1.0), row("solo", "baseline", 0.7)]
+    chosen = {c["target"]: c for c in chosen_on_other_targets(rows, 20)}
+    assert set(chosen) == {"t1", "t2", "t3", "t4"}  # "solo" has no K good images; c misses targets
+    assert chosen["t4"]["chosen"] == "a k=20" and chosen["t4"]["auroc"] == 0.5
+    assert chosen["t4"]["best"] == "b k=20" and chosen["t4"]["best_auroc"] == 0.8
+    # On t1 the others prefer b (a: 0.9, 0.9, 0.5 against b: 0.8, 0.8, 0.8), though a is better here.
+    assert chosen["t1"]["chosen"] == "b k=20" and chosen["t1"]["best"] == "a k=20"
+    assert chosen_on_other_targets(rows, 50) == []  # no method at K = 50 on every target

@@ -419,6 +419,50 @@ def budget_text(budget: dict) -> str:
     ])
 
 
+def chosen_on_other_targets(rows: Sequence[dict], k: int) -> list[dict]:
+    """For each target, the method (at K = k, or one that needs no good image) with the best mean
+    image AUROC over the *other* targets, and what it gets on this one: the method a user would
+    pick on the products they have (nested leave-one-out), against the best one picked by
+    looking at this target. Only methods with rows on every target (that has K good images) compete."""
+    auroc: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        if r["image_auroc"] is not None and (" k=" not in r["model"] or r["model"].endswith(f" k={k}")):
+            auroc.setdefault((r["target"], r["model"]), []).append(r["image_auroc"])
+    mean = {key: statistics.mean(v) for key, v in auroc.items()}
+    # Targets without K good images (no "k=" rows) would leave only the baseline to compare.
+    targets = sorted({t for t, m in mean if " k=" in m} or {t for t, _ in mean})
+    models = sorted(m for m in {m for _, m in mean} if all((t, m) in mean for t in targets))
+    if len(targets) < 2 or not models:
+        return []
+    out = []
+    for t in targets:
+        others = [o for o in targets if o != t]
+        chosen = max(models, key=lambda m: (statistics.mean(mean[o, m] for o in others), m))
+        best = max(models, key=lambda m: (mean[t, m], m))
+        out.append({"target": t, "chosen": chosen, "auroc": mean[t, chosen],
+                    "best": best, "best_auroc": mean[t, best]})
+    return out
+
+
+def _chosen_table(rows: Sequence[dict], k: int) -> str:
+    chosen = chosen_on_other_targets(rows, k)
+    if not chosen:
+        return ""
+    lines = [
+        "image_auroc, positive class = anomaly; mean over each cell's seeds",
+        "",
+        "| target | chosen on the other targets | its AUROC here | best here, chosen on this target |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [f"| {c['target']} | {c['chosen']} | {c['auroc']:.3f} | {c['best']} ({c['best_auroc']:.3f}) |"
+              for c in chosen]
+    lines.append(
+        f"| mean | | {statistics.mean(c['auroc'] for c in chosen):.3f} | "
+        f"{statistics.mean(c['best_auroc'] for c in chosen):.3f} |"
+    )
+    return "\n".join(lines)
+
+
 def tables_markdown(rows: Sequence[dict], settings: dict) -> str:
     """tables.md: the headline AUROC table, then every metric with and without good images."""
     cap = settings["max_source_per_category"]
@@ -440,6 +484,13 @@ def tables_markdown(rows: Sequence[dict], settings: dict) -> str:
         lines += ["### Without good images of the new product", "", summary_table(plain), ""]
     if few:
         lines += ["### With K good images of the new product", "", summary_table(few, FEW_KEYS), ""]
+    k = max([k for k in settings["calibrate"] if k <= 20] or settings["calibrate"] or [0])
+    chosen = _chosen_table(rows, k)
+    if chosen:
+        lines += [f"### The method chosen on the other targets (K = {k})", "",
+                  "Which method would a user choose without this target's labels? The one best on "
+                  "the other targets (nested leave-one-out); the last column is the choice made by "
+                  "looking at this target, which no user can make.", "", chosen, ""]
     return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ from visinspect.calibration import Calibration, fit_calibration, require_good_tr
 from visinspect.cam import upsample
 from visinspect.data import Sample
 from visinspect.errors import DataError, VisinspectError
-from visinspect.features import FeatureStore
+from visinspect.features import FeatureStore, StoredFeatures
 from visinspect.models import CONV4_3_END, FEATURES_END, VGG16CAM
 from visinspect.utils import autocast, model_device, resolve_precision
 
@@ -78,30 +78,33 @@ def _check_layers(layers: Sequence[str]) -> tuple[str, ...]:
     return layers
 
 
-def _features_by_batch(
+def _stored(
     model: VGG16CAM,
     samples: Sequence[Sample],
     image_size: int,
-    layers: tuple[str, ...],
-    batch_size: int,
     precision: str,
     progress: bool = False,
     store: FeatureStore | None = None,
+) -> StoredFeatures:
+    """The conv4_3 features of `samples`, from the feature store (computed there if missing)."""
+    # Re-layout the weights outside inference mode (else they become inference tensors and the
+    # model can no longer be trained).
+    model.eval().to(memory_format=torch.channels_last)
+    return (store or FeatureStore.default()).fetch_samples(
+        model, samples, image_size, precision=resolve_precision(precision), progress=progress
+    )
+
+
+def _patch_batches(
+    model: VGG16CAM, feats: StoredFeatures, layers: tuple[str, ...], batch_size: int, precision: str
 ) -> Iterator[torch.Tensor]:
-    """Yield the stored conv4_3 features of `samples` (StoredFeatures), then their patch features
-    one batch at a time, in order: conv4_3 from the feature store, conv5_3 (if asked) computed
-    from it with the model's block 5."""
+    """Yield the patch features of stored conv4_3 features, one batch at a time, in order; conv5_3
+    (if asked) is computed from them with the model's block 5."""
     precision = resolve_precision(precision)
     device = model_device(model)
-    # Re-layout the weights outside inference mode (else they become inference tensors and the
-    # model can no longer be trained), and enter it per batch: a generator that yields inside
-    # the mode would leave it switched on in the caller's code between batches.
-    model = model.eval().to(memory_format=torch.channels_last)
-    feats = (store or FeatureStore.default()).fetch_samples(
-        model, samples, image_size, precision=precision, progress=progress
-    )
-    yield feats
     for c4 in feats.batches(batch_size):
+        # Inference mode per batch: a generator that yields inside the mode would leave it
+        # switched on in the caller's code between batches.
         with torch.inference_mode():
             c4 = c4.to(device, memory_format=torch.channels_last)
             c5 = None
@@ -221,11 +224,8 @@ class PatchMemoryBank:
             )
         if max_patches is not None and max_patches < 1:
             raise VisinspectError(f"max_patches must be at least 1 (or None); got {max_patches}")
-        batches = _features_by_batch(
-            model, good_samples, image_size, layers, batch_size, precision, progress, store
-        )
-        next(batches)
-        feats = torch.cat(list(batches))
+        stored = _stored(model, good_samples, image_size, precision, progress, store)
+        feats = torch.cat(list(_patch_batches(model, stored, layers, batch_size, precision)))
         n, _, h, w = feats.shape
         patches = _patches(feats)
         owners = torch.arange(n).repeat_interleave(h * w)
@@ -309,16 +309,14 @@ class PatchMemoryBank:
         """
         if not samples:
             return np.zeros(0), torch.zeros(0, 0, 0)
-        batches = _features_by_batch(
-            model, samples, self.image_size, self.layers, batch_size, precision, progress, store
-        )
-        stored = next(batches).identity
+        stored = _stored(model, samples, self.image_size, precision, progress, store)
         # The patch distances depend only on the bank and the stored features (conv5_3 would also
         # depend on the model's block 5): the reference, top-5 % and fused rows of a split share them.
         key = None
-        if stored is not None and self.layers == ("conv4_3",):
-            key = (hashlib.blake2b(self.bank.cpu().numpy().tobytes()).hexdigest(), stored)
+        if stored.identity is not None and self.layers == ("conv4_3",):
+            key = (hashlib.blake2b(self.bank.cpu().numpy().tobytes()).hexdigest(), stored.identity)
         if key not in _DISTANCES:
+            batches = _patch_batches(model, stored, self.layers, batch_size, precision)
             maps = torch.cat([self.score_features(f)[1] for f in batches])
             if key is None:
                 return self.image_scores(maps), maps
