@@ -1,12 +1,13 @@
 """The few-good-parts methods beyond the plain reference score: the top-percent image score,
-residual learning and pseudo-defects."""
+residual learning, pseudo-defects and the fusion weight learnt on the source products."""
 
 import numpy as np
 import pytest
 import torch
 
-from visinspect.data import build_sample_table
-from visinspect.errors import DataError, VisinspectError
+from visinspect.data import build_sample_table, stratified_split
+from visinspect.errors import ConfigError, DataError, VisinspectError
+from visinspect.learnt_fusion import WEIGHTS, choose_weight
 from visinspect.methods import backbone_info, make_detector
 from visinspect.pseudo_defects import KINDS, cut_paste, pseudo_defect
 from visinspect.reference import PatchMemoryBank
@@ -79,3 +80,43 @@ def test_each_method_adapts_and_scores_a_new_product(name, tiny_root, pristine_m
     scored = detector.score(test)
     assert detector.threshold == 0.0 and np.isfinite(scored.scores).all()
     assert scored.maps.shape[0] == len(test) and detector.product == "round_pill"
+
+
+def test_the_fusion_weight_is_the_one_that_ranks_the_source_products_best():
+    labels = np.array([0, 0, 1, 1])
+    rising, falling = np.arange(4.0), np.arange(4.0)[::-1]
+    # The classifier ranks perfectly, the reference backwards: every weight above 0.5 ranks
+    # perfectly, and the one nearest equal weights wins.
+    weight, means = choose_weight({"a": (labels, rising, falling)})
+    assert weight == 0.55 and means[1.0] == 1.0 and means[0.0] == 0.0 and set(means) == set(WEIGHTS)
+    # The mean over products decides: here the reference is right on two products of three.
+    weight, _ = choose_weight({"a": (labels, rising, falling), "b": (labels, falling, rising),
+                               "c": (labels, falling, rising)})
+    assert weight == 0.45
+    assert choose_weight({"a": (labels, rising, rising)})[0] == 0.5  # no information: equal weights
+    with pytest.raises(DataError, match="no source product"):
+        choose_weight({})
+
+
+@pytest.mark.slow
+def test_fused_learnt_learns_its_weight_on_the_sources_and_refuses_to_adapt_without_it(
+    tiny_root, pristine_model, good
+):
+    samples = build_sample_table(tiny_root, split="all").samples
+    source = [s for s in samples if s.category != "round_pill"]
+    train, val = stratified_split(source, 0.4, 1)  # 3 good train/ images left to reference
+    info = backbone_info(SIZE, {"source": "random"})
+    detector = make_detector("fused-learnt", pristine_model, info, precision="fp32")
+    with pytest.raises(ConfigError, match="--method fused-learnt"):
+        detector.adapt(good)
+    learnt = detector.fit_sources(train, val)["fusion_weight"]
+    assert learnt["classifier"] in WEIGHTS and learnt["products"] == sorted({s.category for s in source})
+    assert detector.weight == learnt["classifier"] and not detector.reference.banks  # sources forgotten
+    detector.adapt(good)
+    test = [s for s in samples if s.category == "round_pill" and s.split == "test"]
+    assert np.isfinite(detector.score(test).scores).all()
+    assert detector.fusions["round_pill"].weight == detector.weight
+    # A checkpoint's info carries the weight: a detector made from it adapts at once.
+    again = make_detector("fused-learnt", pristine_model, info | {"fusion_weight": learnt}, precision="fp32")
+    again.adapt(good)
+    np.testing.assert_allclose(again.score(test).scores, detector.score(test).scores)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from visinspect.cam import anomaly_cam
+from visinspect.cam import anomaly_cam, upsample
 from visinspect.data import Sample, to_tensor
-from visinspect.errors import DataError, VisinspectError
+from visinspect.errors import ConfigError, DataError, VisinspectError
 from visinspect.features import FeatureStore
 from visinspect.models import VGG16CAM
 from visinspect.reference import (
@@ -166,6 +166,12 @@ def test_fusion_standardises_on_good_images():
         fit_fusion(cls, ref[:5])
     with pytest.raises(DataError, match="both"):
         fit_fusion(cls, ref, cams)
+    # The classifier's share: 1 is the classifier's z-score alone, and it weighs the maps too.
+    alone = fit_fusion(cls, ref, cams, ref_maps, weight=1.0)
+    np.testing.assert_allclose(alone.score(cls, ref), alone.classifier(cls))
+    assert torch.allclose(alone.heatmap(cams, ref_maps), alone.classifier_map(upsample(cams, (8, 8))))
+    with pytest.raises(ConfigError, match=r"in \[0, 1\]; got 1.5"):
+        fit_fusion(cls, ref, weight=1.5)
 
 
 def test_fusion_floors_a_zero_spread_and_round_trips():
@@ -175,7 +181,7 @@ def test_fusion_floors_a_zero_spread_and_round_trips():
     with pytest.raises(VisinspectError, match="without good-image maps"):
         fused.heatmap(torch.zeros(1, 4, 4), torch.zeros(1, 8, 8))
     maps = (Standardizer(5, 6), Standardizer(7, 8))
-    full = FusedScorer(Standardizer(1, 2), Standardizer(3, 4), *maps)
+    full = FusedScorer(Standardizer(1, 2), Standardizer(3, 4), *maps, weight=0.3)
     for scorer in (fused, full):
         d = json.loads(json.dumps(scorer.to_dict()))
         assert FusedScorer.from_dict(d) == scorer

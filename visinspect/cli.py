@@ -128,7 +128,7 @@ def _train_val(args, source_default: Sequence[str]):
 def cmd_train(args) -> int:
     from visinspect.checkpoint import save_classifier
     from visinspect.errors import ConfigError
-    from visinspect.methods import RECOMMENDED, method, untrained_backbone
+    from visinspect.methods import RECOMMENDED, make_detector, method, untrained_backbone
     from visinspect.models import describe_backbone
     from visinspect.train import TrainConfig, train_baseline
 
@@ -183,6 +183,9 @@ def cmd_train(args) -> int:
             file=sys.stderr,
         )
         return 130
+    # What the method learns on top of the trained model (e.g. fused-learnt's weight) goes with it.
+    detector = make_detector(chosen.name, model, info, precision=args.precision, seed=args.seed)
+    info |= detector.fit_sources(train, val)
     save_classifier(args.out, model, **info, method=chosen.name)
     state.unlink(missing_ok=True)
     print(f"method {chosen.name!r}: {chosen.about}")
@@ -193,6 +196,10 @@ def cmd_train(args) -> int:
         f"accuracy {h['accuracy'][-1]:.3f}; validation threshold (logit margin) "
         f"{info['threshold']:.3f}"
     )
+    if "fusion_weight" in info:
+        w = info["fusion_weight"]
+        print(f"fusion weight learnt on {', '.join(w['products'])}: classifier {w['classifier']:.2f}, "
+              f"reference {1 - w['classifier']:.2f}")
     print(f"saved {args.out}")
     return 0
 

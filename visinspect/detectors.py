@@ -95,6 +95,11 @@ class Detector:
     def score(self, samples: Sequence[Sample]) -> ScoredImages:
         raise NotImplementedError
 
+    def fit_sources(self, train: Sequence[Sample], val: Sequence[Sample]) -> dict:
+        """What the method learns from the labelled source products on top of its training (e.g. a
+        fusion weight), to keep in the checkpoint's info; most methods learn nothing here."""
+        return {}
+
 
 class ClassifierDetector(Detector):
     """The trained classifier as it is: the logit margin and the CAM, with the threshold and the
@@ -198,6 +203,7 @@ class FusedDetector(Detector):
 
     uses_good = True
     score_name = "mean z-score (classifier, reference) minus calibrated threshold"
+    weight = 0.5  # the classifier's share of the fused score
 
     def __init__(self, model: VGG16CAM, info: dict, **kwargs) -> None:
         super().__init__(model, info, **kwargs)
@@ -206,12 +212,18 @@ class FusedDetector(Detector):
         self.fusions: dict[str, FusedScorer] = {}
         self.calibrations: dict[str, Calibration] = {}
 
+    def standardise(self, good: Sequence[Sample], weight: float = 0.5) -> tuple[FusedScorer, Predictions]:
+        """Both scores standardised on the K good images (the reference adapted to them), and the
+        classifier's predictions of those images."""
+        self.reference.adapt(good)
+        bank, preds = self.reference.banks[_product(good)], self.classifier.predictions(good)
+        return fit_fusion(preds.margins, bank.good_scores, preds.cams, bank.good_maps, weight=weight), preds
+
     def adapt(self, good: Sequence[Sample]) -> None:
         super().adapt(good)
-        self.reference.adapt(good)
         product = _product(good)
-        bank, preds = self.reference.banks[product], self.classifier.predictions(good)
-        fusion = fit_fusion(preds.margins, bank.good_scores, preds.cams, bank.good_maps)
+        fusion, preds = self.standardise(good, self.weight)
+        bank = self.reference.banks[product]
         self.fusions[product] = fusion
         self.calibrations[product] = fit_calibration(
             fusion.score(preds.margins, bank.good_scores), fusion.heatmap(preds.cams, bank.good_maps),

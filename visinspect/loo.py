@@ -161,7 +161,7 @@ class LeaveOneOut:
             raise ConfigError(f"K values must be at least 1; got {self.calibrate}")
         if any(METHODS[m].detector.uses_good for m in self.models) and not self.calibrate:
             raise ConfigError("the few-good-parts models need K values: pass --calibrate, e.g. 5,20")
-        if {"reference", "fused"} & set(self.models) and self.calibrate[0] < 2:
+        if any(m.startswith(("reference", "fused")) for m in self.models) and self.calibrate[0] < 2:
             raise ConfigError(
                 "the reference and fused models need K >= 2 good images (each is scored against the "
                 f"others to calibrate); got K = {self.calibrate[0]}"
@@ -307,11 +307,14 @@ class LeaveOneOut:
             model, info = load_classifier(Job("train", job.target, job.seed, trains).path(self.out))
         detector = make_detector(job.name, model.to(self.device), info, precision=self.preset.precision,
                                  seed=job.seed)
+        learnt = detector.fit_sources(split.train, split.val)
         result = SeedResult()
         add_detector_rows(result, detector, split)
         # A split has one target: its "all" row repeats that target's row.
         rows = [r for r in result.rows if r["target"] != "all"]
         payload = {"job": str(job), "seconds": round(time.perf_counter() - began, 1), "rows": rows}
+        if learnt:
+            payload["learnt_on_sources"] = learnt
         _write_json(job.path(self.out), payload)
 
     # ------------------------------------------------------------------ results

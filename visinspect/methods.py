@@ -2,7 +2,7 @@
 
 A new method is a Detector subclass in a module of its own (see visinspect.detectors) and one line
 in METHODS here; if it learns from the labelled source products, its training is one more case
-of `compare.train_variant`.
+of `compare.train_variant`, or, for what is learnt on top of a trained model, `Detector.fit_sources`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from visinspect.detectors import (
     reference_samples,
 )
 from visinspect.errors import ConfigError
+from visinspect.learnt_fusion import LearntFusionDetector
 from visinspect.models import VGG16CAM, build_model
 from visinspect.pseudo_defects import PseudoDefectDetector
 from visinspect.residual import ResidualDetector
@@ -51,6 +52,8 @@ METHODS: dict[str, Method] = {
                "the same, image score = mean of the 5 % largest patch distances (AnomalyDINO)"),
         Method("fused", "baseline", FusedDetector,
                "baseline and reference, standardised on K good images, averaged"),
+        Method("fused-learnt", "baseline", LearntFusionDetector,
+               "the same, the classifier's weight learnt on the source products' validation images"),
         Method("simclr-source", "simclr-source", ClassifierDetector,
                "SimCLR pre-training on the source images, then the seed's classifier"),
         Method("simclr-source calibrated", "simclr-source", CalibratedClassifier,

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from visinspect.calibration import Calibration, fit_calibration, require_good_train_samples
 from visinspect.cam import upsample
 from visinspect.data import Sample
-from visinspect.errors import DataError, VisinspectError
+from visinspect.errors import ConfigError, DataError, VisinspectError
 from visinspect.features import FeatureStore, StoredFeatures
 from visinspect.models import CONV4_3_END, FEATURES_END, VGG16CAM
 from visinspect.utils import autocast, model_device, resolve_precision
@@ -360,18 +360,21 @@ class Standardizer:
 
 @dataclass
 class FusedScorer:
-    """The mean of the classifier's and the reference's z-scores, each measured on good images.
+    """A weighted mean of the classifier's and the reference's z-scores, each measured on good images.
 
     Standardising puts a logit margin and a feature distance on one scale ("how many good-image
-    standard deviations above normal"); the mean weighs both equally, because with only good
-    images there is nothing to learn better weights from. Calibrate the fused score like any
-    other (calibration.fit_calibration on the good images' fused scores and maps).
+    standard deviations above normal"). By default both weigh the same, because with only good
+    images of the product there is nothing to learn better weights from; `weight` (the
+    classifier's share) can be learnt on the source products (visinspect.learnt_fusion).
+    Calibrate the fused score like any other (calibration.fit_calibration on the good images'
+    fused scores and maps).
     """
 
     classifier: Standardizer
     reference: Standardizer
     classifier_map: Standardizer | None = None
     reference_map: Standardizer | None = None
+    weight: float = 0.5
 
     def score(self, classifier_scores, reference_scores) -> np.ndarray:
         """Fused image scores (N,) from logit margins and reference scores."""
@@ -382,7 +385,7 @@ class FusedScorer:
                 f"need one classifier and one reference score per image; got shapes {c.shape} "
                 f"and {r.shape}"
             )
-        return (self.classifier(c) + self.reference(r)) / 2
+        return self.weight * self.classifier(c) + (1 - self.weight) * self.reference(r)
 
     def heatmap(self, cams: torch.Tensor, reference_maps: torch.Tensor) -> torch.Tensor:
         """Fused maps (N, h, w) at the reference maps' resolution (CAMs upsampled to it)."""
@@ -391,11 +394,13 @@ class FusedScorer:
                 "this fusion was fitted without good-image maps: pass them to fit_fusion"
             )
         cams = upsample(cams, tuple(reference_maps.shape[-2:]))
-        return (self.classifier_map(cams) + self.reference_map(reference_maps.float())) / 2
+        return self.weight * self.classifier_map(cams) + (1 - self.weight) * self.reference_map(
+            reference_maps.float()
+        )
 
     def to_dict(self) -> dict:
         parts = ("classifier", "reference", "classifier_map", "reference_map")
-        return {"method": "mean_z"} | {
+        return {"method": "mean_z", "weight": self.weight} | {
             p: None if getattr(self, p) is None else getattr(self, p).to_dict() for p in parts
         }
 
@@ -405,7 +410,8 @@ class FusedScorer:
             return None if d.get(name) is None else Standardizer.from_dict(d[name])
 
         return cls(
-            part("classifier"), part("reference"), part("classifier_map"), part("reference_map")
+            part("classifier"), part("reference"), part("classifier_map"), part("reference_map"),
+            float(d.get("weight", 0.5)),
         )
 
 
@@ -414,8 +420,10 @@ def fit_fusion(
     good_reference_scores,
     good_cam_maps: torch.Tensor | None = None,
     good_ref_maps: torch.Tensor | None = None,
+    weight: float = 0.5,
 ) -> FusedScorer:
-    """Standardise both scores (and maps, if given) on the same K good images.
+    """Standardise both scores (and maps, if given) on the same K good images; `weight` is the
+    classifier's share of the fused score (0: the reference alone, 1: the classifier alone).
 
     Pass the memory bank's leave-one-out `good_scores` / `good_maps`, not scores of the bank's
     own images (those are ~0 and would make every new good part look anomalous).
@@ -426,7 +434,9 @@ def fit_fusion(
         raise DataError(f"need both scores of the same good images; got {c.size} and {r.size}")
     if (good_cam_maps is None) != (good_ref_maps is None):
         raise DataError("pass both good-image maps (classifier CAMs and reference maps) or neither")
-    fused = FusedScorer(Standardizer.fit(c), Standardizer.fit(r))
+    if not 0.0 <= weight <= 1.0:
+        raise ConfigError(f"the classifier's fusion weight must be in [0, 1]; got {weight}")
+    fused = FusedScorer(Standardizer.fit(c), Standardizer.fit(r), weight=weight)
     if good_cam_maps is not None:
         cams = upsample(good_cam_maps, tuple(good_ref_maps.shape[-2:]))
         fused.classifier_map = Standardizer.fit(cams)
