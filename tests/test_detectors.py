@@ -115,3 +115,21 @@ def test_a_method_that_trains_nothing_saves_its_backbone(tiny_root, tmp_path, ca
     assert detector.name == "reference" and len(detector.banks) == 1
     code = main(["train", "--method", "simclr-source", "--out", str(tmp_path / "x.pt")])
     assert code == 2 and "pretrain" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["residual", "fused-learnt"])
+def test_train_then_predict_with_the_methods_that_learn_more_than_the_classifier(
+    name, tiny_root, tmp_path, capsys
+):
+    out = tmp_path / f"{name}.pt"
+    assert main(["train", "--data", str(tiny_root), "--method", name, "--image-size", str(SIZE),
+                 "--epochs", "1", "--backbone-weights", "random", "--precision", "fp32",
+                 "--val-fraction", "0.4", "--out", str(out)]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert f"method {name!r}" in printed
+    assert ("fusion weight learnt on" in printed) == (name == "fused-learnt")
+    reference = tiny_root / "round_pill" / "train" / "good"
+    detector = load_detector(out, reference=[reference], precision="fp32")
+    scored = detector.score(reference_samples([tiny_root / "round_pill" / "test"], product=detector.product))
+    assert detector.name == name and np.isfinite(scored.scores).all()

@@ -138,10 +138,14 @@ def cmd_train(args) -> int:
         save_classifier(args.out, model, **info, method=chosen.name)
         print(f"method {chosen.name!r} trains nothing; saved its backbone to {args.out}")
         return 0
-    if chosen.trains != "baseline":
+    if chosen.trains not in ("baseline", "residual"):
         raise ConfigError(
             f"method {chosen.name!r} needs SimCLR pre-training: run `pretrain` (with "
             "--include-target-good for the +target-good variant), then `train --pretrained FILE`"
+        )
+    if args.pretrained and chosen.trains == "residual":
+        raise ConfigError(
+            "--pretrained starts the classifier from SimCLR; the residual method trains from ImageNet"
         )
     train, val = _train_val(args, SYNTHETIC_SOURCE)
     config = TrainConfig(
@@ -165,17 +169,23 @@ def cmd_train(args) -> int:
         model = VGG16CAM()
         provenance = load_pretrained_encoder(args.pretrained, model)
     try:
-        model, info = train_baseline(
-            train,
-            val,
-            config,
-            weights=args.backbone_weights,
-            model=model,
-            provenance=provenance,
-            checkpoint_path=state,
-            resume=args.resume,
-            device=args.device,
-        )
+        if chosen.trains == "residual":
+            from visinspect.residual import train_residual
+
+            model, info = train_residual(train, val, config, weights=args.backbone_weights,
+                                         device=args.device, checkpoint_path=state, resume=args.resume)
+        else:
+            model, info = train_baseline(
+                train,
+                val,
+                config,
+                weights=args.backbone_weights,
+                model=model,
+                provenance=provenance,
+                checkpoint_path=state,
+                resume=args.resume,
+                device=args.device,
+            )
     except KeyboardInterrupt:
         # The state after the last finished epoch is already on disk (written atomically).
         print(
