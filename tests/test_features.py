@@ -37,11 +37,12 @@ def test_second_fetch_hits_and_returns_the_same_features(tmp_path, pristine_mode
     a, b = first.batch(range(len(samples))), again.batch(range(len(samples)))
     assert a.shape == (len(samples), 512, SIZE // 8, SIZE // 8) and a.dtype == torch.float32
     assert torch.equal(a, b)
-    # Stored entries are what the frozen layers give, rounded to fp16 (the default dtype).
+    # Stored entries are what the frozen layers give in fp32 (the default dtype), up to the last
+    # bits that oneDNN's choice of algorithm for another batch size and layout changes.
     with torch.no_grad():
         x = torch.stack([features._read_input(s.path, SIZE) for s in samples[:2]])
         direct = pristine_model.features[: features.CONV4_3_END](x)
-    torch.testing.assert_close(a[:2], direct.half().float())
+    torch.testing.assert_close(a[:2], direct, rtol=1e-3, atol=1e-4)
 
 
 def test_a_changed_image_file_misses(writable_root, pristine_model, tmp_path):
@@ -76,7 +77,7 @@ def test_every_other_key_part_misses(change, tmp_path, pristine_model, fresh_mod
     elif change == "precision":
         precision = "bf16"
     else:
-        store = FeatureStore(tmp_path / "store", dtype="float32")
+        store = FeatureStore(tmp_path / "store", dtype="float16")
     again = store.fetch_samples(model, samples[:2], size, precision=precision)
     assert again.computed == 2
     assert len(list((tmp_path / "store").glob("*/meta.json"))) == 2
@@ -180,7 +181,7 @@ def test_info_counts_entries_per_dataset(tmp_path, pristine_model, samples):
     info = store.info()
     (ns,) = info["namespaces"]
     assert info["entries"] == ns["entries"] == len(samples)
-    assert ns["image_size"] == SIZE and ns["precision"] == "fp32" and ns["dtype"] == "float16"
+    assert ns["image_size"] == SIZE and ns["precision"] == "fp32" and ns["dtype"] == "float32"
     per = {c: sum(s.category == c for s in samples) for c in {s.category for s in samples}}
     assert {d: v["entries"] for d, v in ns["datasets"].items()} == per
     assert info["bytes"] == sum(f.stat().st_size for f in (tmp_path / "store").glob("*/*/*.npy"))

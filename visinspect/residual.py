@@ -113,10 +113,10 @@ def train_residual(
     banks = {c: PatchMemoryBank.fit(model, group, config.image_size, seed=config.seed, precision=precision)
              for c, group in refs.items()}
     # Residuals depend only on the frozen layers and the references: computed once, in memory.
-    maps = torch.zeros(len(train), 512, config.image_size // 8, config.image_size // 8, dtype=torch.float16)
+    maps = torch.zeros(len(train), 512, config.image_size // 8, config.image_size // 8)
     for category, bank in banks.items():
         idx = [i for i, s in enumerate(train) if s.category == category]
-        maps[idx] = residual_maps(model, bank, [train[i] for i in idx], precision).half()
+        maps[idx] = residual_maps(model, bank, [train[i] for i in idx], precision)
     history = train_classifier(model, train, config, progress=progress, features=StoredFeatures(tensor=maps),
                                checkpoint_path=checkpoint_path, resume=resume)
     model.eval()

@@ -190,12 +190,14 @@ def defect_left(
     part and the same view of its defective twin, in intensity (0 to 1, RGB before normalising).
     Near 0: the view cropped the defect out, or blurred or jittered it away; SimCLR then calls
     the part with and without its defect the same image."""
+    return np.asarray([left_in(aligned_views(transform, [good, defective], seed + i)) for i in range(draws)])
+
+
+def left_in(views: torch.Tensor) -> float:
+    """What one pair of aligned views (good part, defective twin; from `aligned_views`) keeps of
+    the defect: the largest change between them, in intensity (0 to 1, RGB before normalising)."""
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    left = [
-        ((views[1] - views[0]) * std).abs().amax().item()
-        for views in (aligned_views(transform, [good, defective], seed + i) for i in range(draws))
-    ]
-    return np.asarray(left)
+    return ((views[1] - views[0]) * std).abs().amax().item()
 
 
 class CachedImages(Dataset):
