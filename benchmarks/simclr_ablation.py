@@ -32,7 +32,7 @@ from visinspect.compare import ComparePreset, pivot_table, run_seed, summary_tab
 from visinspect.data import build_sample_table, default_synthetic_root
 from visinspect.demo import SOURCE, TARGET
 from visinspect.evaluate import round_floats
-from visinspect.simclr import PretrainConfig
+from visinspect.simclr import LEVER_SETS, PretrainConfig
 from visinspect.synthetic import ensure_synthetic_dataset
 
 SMALL = ComparePreset("small", 96, 6, PretrainConfig(image_size=64, epochs=4, max_images=200),
@@ -46,17 +46,9 @@ ABLATIONS = {
     "paper augmentations (crops from 8 %)": {"augment": "simclr"},
     "blocks 4-5 trained": {"trainable_from": 17},
 }
-# The levers against what SimCLR erases (visinspect.simclr.PretrainConfig), one at a time.
-LEVERS = {
-    "plain SimCLR": {},
-    "defect negatives": {"defect_negatives": True},
-    "rotation negatives": {"rotation_negatives": True},
-    "dense 0.5": {"dense_weight": 0.5},
-    "mean-shifted": {"mean_shifted": True},
-    "L2-SP 1": {"l2sp_weight": 1.0},
-    "L2-SP 100": {"l2sp_weight": 100.0},
-    "frozen head BN": {"freeze_head_bn": True},
-}
+# The levers against what SimCLR erases, one at a time at the settings `loo` runs as the rows
+# "simclr+NAME" (visinspect.simclr.LEVER_SETS), and L2-SP also 100 times weaker.
+LEVERS = {"plain SimCLR": {}, **LEVER_SETS, "l2sp 1": {"l2sp_weight": 1.0}}
 SETS = {"ablation": ABLATIONS, "levers": LEVERS}
 
 

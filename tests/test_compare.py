@@ -10,9 +10,11 @@ from visinspect import cli, compare
 from visinspect.calibration import Calibration, load_calibration
 from visinspect.cam import HeatmapNormalizer
 from visinspect.compare import ComparePreset, pivot_table, run_comparison, summary_table
+from visinspect.data import build_sample_table
 from visinspect.detectors import calibrated_view
+from visinspect.errors import ConfigError
 from visinspect.inference import ScoredImages
-from visinspect.simclr import PretrainConfig
+from visinspect.simclr import LEVER_SETS, LEVERS, PretrainConfig
 
 TINY_PRESET = ComparePreset(
     "tiny", image_size=32, epochs=1,
@@ -145,3 +147,36 @@ def test_evaluate_calibrate_uses_only_good_train_images(tiny_root, tmp_path, cap
         assert cal_row["method"] == "baseline calibrated" and cal_row["threshold"] == 0.0
         assert cal_row["score"] == pytest.approx(plain["score"] - threshold, abs=2e-4)
         assert cal_row["label"] == int(cal_row["score"] > 0)
+
+
+class _Stop(Exception):
+    """Raised by a stand-in for pretrain once it has seen what it was asked to do."""
+
+
+@pytest.mark.parametrize("lever", sorted(LEVER_SETS))
+def test_lever_variants_pretrain_with_their_lever_on_the_target_good_images(lever, tiny_root, monkeypatch):
+    seen = {}
+
+    def record(model, images, config, **kwargs):
+        seen.update(images=images, config=config)
+        raise _Stop
+
+    monkeypatch.setattr(compare, "pretrain", record)
+    table = build_sample_table([tiny_root]).samples
+    split = compare.make_split(table, ["grain_wood"], ["round_pill"], 0, TINY_PRESET, (), lambda m: None)
+    with pytest.raises(_Stop):
+        compare.train_variant(f"simclr+{lever}", split, TINY_PRESET, weights="random")
+    config = seen["config"]
+    assert {k: getattr(config, k) for k in LEVER_SETS[lever]} == LEVER_SETS[lever]
+    others = [k for k in LEVERS if k not in LEVER_SETS[lever]]
+    assert all(getattr(config, k) == getattr(TINY_PRESET.pretrain, k) for k in others)  # one lever only
+    # The unknown-context setting of plain "simclr-source+target-good": the target's good train images.
+    assert {(s.category, s.split, s.label) for s in seen["images"] if s.category == "round_pill"} == {
+        ("round_pill", "train", 0)}
+
+
+def test_unknown_training_names_the_lever_variants(tiny_root):
+    table = build_sample_table([tiny_root]).samples
+    split = compare.make_split(table, ["grain_wood"], ["round_pill"], 0, TINY_PRESET, (), lambda m: None)
+    with pytest.raises(ConfigError, match="simclr\\+mean-shifted"):
+        compare.train_variant("simclr+nothing", split, TINY_PRESET, weights="random")

@@ -132,6 +132,11 @@ def test_models_choose_what_runs(tiny_root, tmp_path, store):
     rows = run_loo(tiny_root, tmp_path / "ref", store, models=["reference"], targets=["round_pill"])
     assert {r["model"] for r in rows} == {"reference k=2"}
     assert not (tmp_path / "ref" / "models").exists()  # the reference score trains nothing
+    # A SimCLR lever is a row like any other: its pre-training is the split's one training job.
+    rows = run_loo(tiny_root, tmp_path / "lever", store, models=["simclr+defect-negatives calibrated"],
+                   targets=["round_pill"])
+    assert {r["model"] for r in rows} == {"simclr+defect-negatives calibrated k=2"}
+    assert [p.name for p in (tmp_path / "lever" / "models").rglob("*.pt")] == ["simclr+defect-negatives.pt"]
 
 
 def test_bad_settings_are_refused(tiny_root, tmp_path, store):
@@ -157,7 +162,8 @@ def test_cli_errors_are_one_line(tiny_root, tmp_path, capsys):
 def test_cache_cli_info_and_clear(tiny_root, tmp_path, capsys, pristine_model, monkeypatch):
     monkeypatch.setenv(STORE_ENV, os.environ[STORE_ENV])  # --feature-store sets it: restore it after
     root = tmp_path / "store"
-    FeatureStore(root).fetch_samples(pristine_model, [], 32)  # nothing yet
+    # One precision throughout (VISINSPECT_PRECISION may make "auto" bf16): one namespace.
+    FeatureStore(root).fetch_samples(pristine_model, [], 32, precision="fp32")  # nothing yet
     assert cli.main(["cache", "info", "--feature-store", str(root)]) == 0
     assert "0 entries" in capsys.readouterr().out
     samples = build_sample_table(tiny_root).samples[:3]

@@ -19,6 +19,7 @@ from visinspect.demo import SOURCE as SYNTHETIC_SOURCE
 from visinspect.demo import TARGET as SYNTHETIC_TARGET
 from visinspect.demo import DemoSettings
 from visinspect.errors import VisinspectError
+from visinspect.simclr import LEVER_SETS as PRETRAIN_LEVER_SETS
 from visinspect.simclr import LEVERS as PRETRAIN_LEVERS
 
 
@@ -141,7 +142,8 @@ def cmd_train(args) -> int:
     if chosen.trains not in ("baseline", "residual"):
         raise ConfigError(
             f"method {chosen.name!r} needs SimCLR pre-training: run `pretrain` (with "
-            "--include-target-good for the +target-good variant), then `train --pretrained FILE`"
+            "--include-target-good for the +target-good and simclr+LEVER variants, and a lever's flag, "
+            "e.g. --l2sp-weight 100 for simclr+l2sp), then `train --pretrained FILE`"
         )
     if args.pretrained and chosen.trains == "residual":
         raise ConfigError(
@@ -735,7 +737,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--models",
         help="comma-separated row names without ' k=K' (default: baseline,baseline calibrated,"
-        "reference,fused; also simclr-source[ calibrated], simclr-source+target-good[ calibrated])",
+        "reference,fused; also simclr-source[ calibrated], simclr-source+target-good[ calibrated], "
+        f"simclr+LEVER[ calibrated] with LEVER one of {', '.join(PRETRAIN_LEVER_SETS)}, and the "
+        "other methods of the README's table)",
     )
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1; tables give mean ± std over them")
     p.add_argument("--calibrate", default="5,20,50", help="K values (good images of the target)")

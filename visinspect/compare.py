@@ -7,6 +7,8 @@ are the unknown products. Models:
 - `simclr-source`: SimCLR pre-training on the source images (labels ignored), then the same head;
 - `simclr-source+target-good`: pre-training also sees the good images of the targets' train/
   split (a factory has good parts of a new product before it has labelled defects);
+- `simclr+LEVER` (asked for by name, e.g. `simclr+mean-shifted`): the same pre-training with one
+  anomaly lever of `visinspect.simclr.LEVER_SETS` switched on;
 and, with `calibrate=(K, ...)`, for K good train/ images of each target category:
 - `<model> calibrated k=K`: the same model, threshold and heatmap scale fitted on the K images;
 - `reference k=K`: nearest-neighbour distance to the K images' conv4_3 patches (PatchCore idea);
@@ -43,11 +45,14 @@ from visinspect.methods import make_detector
 from visinspect.metrics import seed_spread
 from visinspect.models import FROZEN_END, VGG16CAM, build_model
 from visinspect.residual import train_residual
-from visinspect.simclr import PretrainConfig, build_simclr_model, pretrain, pretrain_samples
+from visinspect.simclr import LEVER_SETS, PretrainConfig, build_simclr_model, pretrain, pretrain_samples
 from visinspect.train import TrainConfig, train_baseline
 from visinspect.utils import resolve_device, set_seed
 
 VARIANTS = ("baseline", "simclr-source", "simclr-source+target-good")
+# SimCLR with one anomaly lever of visinspect.simclr (issue 14): on the source and the target's
+# good images, like the last variant, which is these rows' plain SimCLR.
+LEVER_VARIANTS = tuple(f"simclr+{name}" for name in LEVER_SETS)
 ROW_KEYS = (
     "image_auroc",
     "average_precision",
@@ -216,13 +221,14 @@ def train_variant(
     if variant == "baseline":
         set_seed(config.seed)  # the dense layer starts from seeded weights
         model, provenance = build_model(weights)
-    elif variant in VARIANTS:
+    elif variant in VARIANTS or variant in LEVER_VARIANTS:
+        levers = LEVER_SETS.get(variant.removeprefix("simclr+"), {})
         pre = PretrainConfig(
-            **{**preset.pretrain.to_dict(), "seed": split.seed, "precision": preset.precision}
+            **{**preset.pretrain.to_dict(), **levers, "seed": split.seed, "precision": preset.precision}
         )
         simclr, provenance = build_simclr_model(pre, weights)
         simclr.to(device)
-        with_good = variant.endswith("target-good")
+        with_good = variant != "simclr-source"
         images = pretrain_samples(split.source, split.target, include_target_good=with_good)
         pre_state = None if state is None else Path(f"{state}.pretrain-state")
         history = pretrain(
@@ -239,7 +245,7 @@ def train_variant(
         }
     else:
         raise ConfigError(
-            f"unknown training {variant!r}; known: {', '.join(VARIANTS)}, residual"
+            f"unknown training {variant!r}; known: {', '.join(VARIANTS + LEVER_VARIANTS)}, residual"
         )
     return train_baseline(
         split.train, split.val, config, model=model, provenance=provenance, progress=progress,

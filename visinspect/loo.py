@@ -508,15 +508,15 @@ def draw_figures(rows: Sequence[dict], folder: Path) -> None:
     if plain:
         for metric in ("image_auroc", "balanced_accuracy"):
             save_figure(plot_metric_bars(plain, metric), folder / f"loo_{metric}.png")
-    targets = sorted({r["target"] for r in rows if " k=" in r["model"]})
     # Per product, calibration shifts the scores and leaves the ranking (AUROC) as it was: the
     # AUROC panel shows the K-dependent models only; balanced accuracy shows them all.
     for metric, keep in (
         ("image_auroc", lambda m: "calibrated" not in m),
         ("balanced_accuracy", lambda m: True),
     ):
+        targets = sorted({r["target"] for r in rows if " k=" in r["model"] and keep(r["model"])})
         if not targets:
-            break
+            continue
         fig, axes = plt.subplots(1, len(targets), figsize=(3.6 * len(targets), 3.6), squeeze=False,
                                  sharey=True)
         for i, (ax, target) in enumerate(zip(axes[0], targets, strict=True)):

@@ -25,6 +25,7 @@ from visinspect.learnt_fusion import LearntFusionDetector
 from visinspect.models import VGG16CAM, build_model
 from visinspect.pseudo_defects import PseudoDefectDetector
 from visinspect.residual import ResidualDetector
+from visinspect.simclr import LEVER_SETS
 from visinspect.utils import set_seed
 
 
@@ -66,6 +67,16 @@ METHODS: dict[str, Method] = {
                "the seed's head trained on residuals: features minus their nearest good patch (ResAD)"),
         Method("pseudo-defects", "baseline", PseudoDefectDetector,
                "the baseline fine-tuned on K good images against their pseudo-defects (CutPaste, DRAEM)"),
+    )
+} | {
+    m.name: m
+    for lever in LEVER_SETS
+    for m in (
+        Method(f"simclr+{lever}", f"simclr+{lever}", ClassifierDetector,
+               f"SimCLR on the source and the target's good images with the {lever} lever, then the "
+               "classifier"),
+        Method(f"simclr+{lever} calibrated", f"simclr+{lever}", CalibratedClassifier,
+               "the same, calibrated on K good images"),
     )
 }
 RECOMMENDED = "fused"
