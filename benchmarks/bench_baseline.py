@@ -16,7 +16,6 @@ Reports, in one run:
 from __future__ import annotations
 
 import argparse
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from visinspect.models import CONV4_3_END, build_model, describe_backbone
 from visinspect.reference import PatchMemoryBank, backbone_maps, patch_features
 from visinspect.synthetic import CATEGORIES, generate_synthetic_dataset
 from visinspect.train import TrainConfig, train_classifier
-from visinspect.utils import autocast, resolve_precision, set_seed
+from visinspect.utils import autocast, describe_machine, resolve_precision, set_seed
 
 
 def naive_cam(model, x: torch.Tensor) -> torch.Tensor:
@@ -73,8 +72,7 @@ def main() -> None:
     precision = resolve_precision(args.precision)
     model, provenance = build_model("auto")
     model.eval().to(memory_format=torch.channels_last)
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, "
-          f"CPU capability {torch.backends.cpu.get_cpu_capability()}; torch {torch.__version__}")
+    print(f"machine: {describe_machine()}; torch {torch.__version__}")
     print(describe_backbone(provenance))
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
 

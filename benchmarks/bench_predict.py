@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -30,6 +28,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+
+from visinspect.utils import describe_machine
 
 PER_FOLDER = 100  # images are written in folders of 100: a run on n images names n / 100 folders
 
@@ -124,18 +124,20 @@ def naive_predict(model, info: dict, inputs: list[Path], out: Path, batch_size: 
 def worker(args) -> None:
     """One measured run, in this (fresh) process; prints one JSON line."""
     from visinspect.checkpoint import load_classifier
+    from visinspect.methods import load_detector
     from visinspect.predict import list_images, predict_images
 
-    model, info = load_classifier(args.checkpoint)
+    naive = args.worker == "naive"
+    loaded = load_classifier(args.checkpoint) if naive else load_detector(args.checkpoint)
     inputs = [Path(p) for p in args.inputs]
     n = len(list_images(inputs))
     reset = reset_peak_rss()
     before = (_status_kb("VmRSS") or 0) / 1024
     start = time.perf_counter()
-    if args.worker == "naive":
-        naive_predict(model, info, inputs, Path(args.out), args.batch_size)
+    if naive:
+        naive_predict(*loaded, inputs, Path(args.out), args.batch_size)
     else:
-        summary = predict_images(model, info, inputs, Path(args.out), batch_size=args.batch_size,
+        summary = predict_images(loaded, inputs, Path(args.out), batch_size=args.batch_size,
                                  overlays=args.worker == "overlays", progress=False)
         assert summary["n_images"] == n and summary["n_failed"] == 0, summary
     seconds = time.perf_counter() - start
@@ -190,8 +192,7 @@ def main() -> None:
             results.append(run_worker(mode, tmp / "random.pt", folders[: n // PER_FOLDER],
                                       tmp / f"out_{i}", args.batch_size))
 
-    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
-          f"{torch.__version__} ({torch.get_num_threads()} threads), batch {args.batch_size}, "
+    print(f"\n{describe_machine()}, torch {torch.__version__}, batch {args.batch_size}, "
           f"{args.image_size} px; peak RSS is the whole process, 'while predicting' excludes "
           "building the model")
     print("| run | images | seconds | images/s | RSS before (MB) | peak RSS predicting (MB) |")
