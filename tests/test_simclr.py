@@ -690,6 +690,11 @@ def test_pretraining_with_levers_is_seeded_and_resumes_to_the_same_weights(sampl
     for name, p in full.named_parameters():
         if id(p) in trained and not name.startswith(bypassed):
             assert not torch.equal(p, start[name]), f"{name} did not train"
+    # conv1_1 .. conv4_3 stay ImageNet's with every lever: the good-reference score (conv4_3) is
+    # the same on a SimCLR backbone, so pre-training cannot lower it.
+    frozen = {n: p for n, p in full.named_parameters() if n.startswith("encoder.features.")
+              and int(n.split(".")[2]) < 24}
+    assert frozen and all(torch.equal(p, start[n]) for n, p in frozen.items())
     state = tmp_path / "state.pt"
     with pytest.raises(_Interrupt):
         pretrain(lever_model(encoder, config), images, config, progress=False, checkpoint_path=state,
