@@ -13,7 +13,7 @@ from PIL import Image
 from visinspect.checkpoint import save_checkpoint
 from visinspect.data import DefectDataset, build_sample_table, denormalize, to_tensor
 from visinspect.errors import CheckpointError, DataError, VisinspectError
-from visinspect.models import VGG16CAM, sha256_file
+from visinspect.models import FROZEN_END, VGG16CAM, sha256_file
 from visinspect.simclr import (
     LEVERS,
     DenseProjectionHead,
@@ -693,7 +693,7 @@ def test_pretraining_with_levers_is_seeded_and_resumes_to_the_same_weights(sampl
     # conv1_1 .. conv4_3 stay ImageNet's with every lever: the good-reference score (conv4_3) is
     # the same on a SimCLR backbone, so pre-training cannot lower it.
     frozen = {n: p for n, p in full.named_parameters() if n.startswith("encoder.features.")
-              and int(n.split(".")[2]) < 24}
+              and int(n.split(".")[2]) < FROZEN_END}
     assert frozen and all(torch.equal(p, start[n]) for n, p in frozen.items())
     state = tmp_path / "state.pt"
     with pytest.raises(_Interrupt):
