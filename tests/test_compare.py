@@ -149,12 +149,19 @@ def test_evaluate_calibrate_uses_only_good_train_images(tiny_root, tmp_path, cap
         assert cal_row["label"] == int(cal_row["score"] > 0)
 
 
+@pytest.fixture(scope="module")
+def split(tiny_root):
+    """A split of the tiny data, built once for the tests that only need one to train from."""
+    table = build_sample_table([tiny_root]).samples
+    return compare.make_split(table, ["grain_wood"], ["round_pill"], 0, TINY_PRESET, (), lambda m: None)
+
+
 class _Stop(Exception):
     """Raised by a stand-in for pretrain once it has seen what it was asked to do."""
 
 
 @pytest.mark.parametrize("lever", sorted(LEVER_SETS))
-def test_lever_variants_pretrain_with_their_lever_on_the_target_good_images(lever, tiny_root, monkeypatch):
+def test_lever_variants_pretrain_with_their_lever_on_the_target_good_images(lever, split, monkeypatch):
     seen = {}
 
     def record(model, images, config, **kwargs):
@@ -162,8 +169,6 @@ def test_lever_variants_pretrain_with_their_lever_on_the_target_good_images(leve
         raise _Stop
 
     monkeypatch.setattr(compare, "pretrain", record)
-    table = build_sample_table([tiny_root]).samples
-    split = compare.make_split(table, ["grain_wood"], ["round_pill"], 0, TINY_PRESET, (), lambda m: None)
     with pytest.raises(_Stop):
         compare.train_variant(f"simclr+{lever}", split, TINY_PRESET, weights="random")
     config = seen["config"]
@@ -175,8 +180,6 @@ def test_lever_variants_pretrain_with_their_lever_on_the_target_good_images(leve
         ("round_pill", "train", 0)}
 
 
-def test_unknown_training_names_the_lever_variants(tiny_root):
-    table = build_sample_table([tiny_root]).samples
-    split = compare.make_split(table, ["grain_wood"], ["round_pill"], 0, TINY_PRESET, (), lambda m: None)
+def test_unknown_training_names_the_lever_variants(split):
     with pytest.raises(ConfigError, match="simclr\\+mean-shifted"):
         compare.train_variant("simclr+nothing", split, TINY_PRESET, weights="random")

@@ -17,7 +17,15 @@ from visinspect.compare import ComparePreset
 from visinspect.data import build_sample_table
 from visinspect.errors import ConfigError
 from visinspect.features import STORE_ENV, FeatureStore
-from visinspect.loo import DEFAULT_MODELS, LeaveOneOut, chosen_on_other_targets, default_targets, plan_jobs
+from visinspect.loo import (
+    DEFAULT_MODELS,
+    LeaveOneOut,
+    chosen_on_other_targets,
+    default_targets,
+    paired_against,
+    plan_jobs,
+    tables_markdown,
+)
 from visinspect.methods import METHODS
 from visinspect.simclr import PretrainConfig
 
@@ -52,6 +60,12 @@ def test_plan_trains_before_scoring_and_orders_by_seed():
     assert [j.seed for j in jobs] == [0] * 8 + [1] * 8
     assert METHODS["simclr-source calibrated"].trains == "simclr-source"
     assert METHODS["reference"].trains is None
+    # The fused score over a SimCLR classifier trains that classifier once, shared with its own rows.
+    jobs = plan_jobs(["a"], ["simclr-source+target-good", "fused+simclr"], [0])
+    assert [str(j) for j in jobs] == [
+        "train a seed 0 simclr-source+target-good", "score a seed 0 simclr-source+target-good",
+        "score a seed 0 fused+simclr",
+    ]
 
 
 @pytest.mark.slow
@@ -213,3 +227,29 @@ def test_the_method_chosen_on_the_other_targets():
     # On t1 the others prefer b (a: 0.9, 0.9, 0.5 against b: 0.8, 0.8, 0.8), though a is better here.
     assert chosen["t1"]["chosen"] == "b k=20" and chosen["t1"]["best"] == "a k=20"
     assert chosen_on_other_targets(rows, 50) == []  # no method at K = 50 on every target
+
+
+def test_paired_against_the_baseline():
+    """Differences are taken on the same target and seed; unpaired and K-dependent rows are left out."""
+    def row(target, model, auroc, seed):
+        return {"target": target, "model": model, "image_auroc": auroc, "seed": seed, "n_images": 4}
+
+    rows = [row("t1", "baseline", 0.5, 0), row("t1", "baseline", 0.7, 1), row("t2", "baseline", 0.6, 0)]
+    rows += [row("t1", "s", 0.6, 0), row("t1", "s", 0.6, 1), row("t2", "s", 0.9, 0), row("t2", "s", 0.1, 1)]
+    rows += [row("t1", "s k=20", 1.0, 0), row("t1", "baseline", None, 2), row("t1", "s", 0.9, 2)]
+    (p,) = paired_against(rows)
+    assert p["model"] == "s"
+    assert p["per_target"] == pytest.approx({"t1": 0.0, "t2": 0.3})  # (+0.1 - 0.1) / 2; t2 seed 1 unpaired
+    assert p["seeds_per_target"] == {"t1": 2, "t2": 1}
+    assert p["over"] == ["t1"]  # t2 lacks seed 1: left out of the means, so seeds compare
+    assert p["per_seed"] == pytest.approx({0: 0.1, 1: -0.1})
+    assert p["mean"] == pytest.approx(0.0)
+    settings = {"preset": "tiny", "image_size": 64, "epochs": 1, "precision": "fp32",
+                "max_source_per_category": None, "max_test_per_category": None, "calibrate": [20],
+                "machine": "test"}
+    line = "| s | +0.000 (2) | +0.300 (1) | +0.000 | 0: +0.100, 1: -0.100 |"
+    assert line in tables_markdown(rows, settings)
+    # A method run with one seed on both targets is averaged over the targets the other one has
+    # on all its seeds, so that the two means compare.
+    (s, u) = paired_against([*rows, row("t1", "u", 0.7, 0), row("t2", "u", 0.7, 0)])
+    assert s["over"] == u["over"] == ["t1"] and u["mean"] == pytest.approx(0.2)

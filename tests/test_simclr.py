@@ -64,7 +64,7 @@ def encoder():
     return VGG16CAM()
 
 
-def small_model(encoder: VGG16CAM, trainable_from: int = 24) -> SimCLRModel:
+def small_model(encoder: VGG16CAM, trainable_from: int = FROZEN_END) -> SimCLRModel:
     torch.manual_seed(1)
     return SimCLRModel(copy.deepcopy(encoder), ProjectionHead(512, 64, 32), trainable_from)
 
@@ -437,7 +437,7 @@ def test_projection_head_layers():
     assert all(m.bias is not None for m in no_bn.modules() if isinstance(m, torch.nn.Linear))
 
 
-@pytest.mark.parametrize("trainable_from", [24, 17])
+@pytest.mark.parametrize("trainable_from", [FROZEN_END, 17])
 def test_simclr_model_trains_only_the_chosen_blocks(encoder, trainable_from):
     model = small_model(encoder, trainable_from)
     x = torch.randn(4, 3, 32, 32)
@@ -669,7 +669,7 @@ LEVER_SETS = [
 def lever_model(encoder: VGG16CAM, config: PretrainConfig) -> SimCLRModel:
     torch.manual_seed(1)
     dense = DenseProjectionHead(512, 64, 32) if config.dense_weight > 0 else None
-    return SimCLRModel(copy.deepcopy(encoder), ProjectionHead(512, 64, 32), 24, dense)
+    return SimCLRModel(copy.deepcopy(encoder), ProjectionHead(512, 64, 32), FROZEN_END, dense)
 
 
 @pytest.mark.precision

@@ -466,6 +466,64 @@ def _chosen_table(rows: Sequence[dict], k: int) -> str:
     return "\n".join(lines)
 
 
+def paired_against(rows: Sequence[dict], base: str = "baseline") -> list[dict]:
+    """Each method's image AUROC minus `base`'s on the same target and seed, for the methods without
+    good images: per target (mean over the seeds both have), and per seed and overall over the
+    targets that every method has paired on each of its seeds, so that the means compare across
+    seeds and methods. Pairing by seed removes the split's and the seed's share of the spread."""
+    auroc = {(r["target"], r["seed"], r["model"]): r["image_auroc"] for r in rows
+             if r["image_auroc"] is not None and " k=" not in r["model"]}
+    found = {}
+    for model in dict.fromkeys(m for _, _, m in auroc):
+        pairs = {(t, s): auroc[t, s, model] - auroc[t, s, base]
+                 for t, s, m in auroc if m == model != base and (t, s, base) in auroc}
+        if pairs:
+            found[model] = pairs
+    seeds = {m: sorted({s for _, s in pairs}) for m, pairs in found.items()}
+    complete = {m: {t for t, _ in pairs if all((t, s) in pairs for s in seeds[m])}
+                for m, pairs in found.items()}
+    # Targets every method has on all its seeds; if none, each method's own.
+    common = set.intersection(*complete.values()) if complete else set()
+    out = []
+    for model, pairs in found.items():
+        over = sorted(common or complete[model])
+        by_target: dict[str, list[float]] = {}
+        for (t, _), d in sorted(pairs.items()):
+            by_target.setdefault(t, []).append(d)
+        out.append({
+            "model": model,
+            "per_target": {t: statistics.mean(v) for t, v in by_target.items()},
+            "seeds_per_target": {t: len(v) for t, v in by_target.items()},
+            "over": over,
+            "per_seed": {s: statistics.mean(pairs[t, s] for t in over) for s in seeds[model]},
+            "mean": statistics.mean(statistics.mean(by_target[t]) for t in over),
+        })
+    return out
+
+
+def _paired_table(rows: Sequence[dict], base: str = "baseline") -> str:
+    paired = paired_against(rows, base)
+    if not paired:
+        return ""
+    targets = sorted({t for p in paired for t in p["per_target"]})
+    overs = {tuple(p["over"]) for p in paired}
+    over = (", ".join(overs.pop()) if len(overs) == 1
+            else "each method's targets run with every one of its seeds")
+    lines = [
+        f"image_auroc of the method minus {base}'s on the same target and seed, positive class = anomaly; "
+        f"a cell is the mean over its seeds (how many in brackets); the means are over {over}",
+        "",
+        "| method | " + " | ".join(targets) + " | mean | per seed |",
+        "|" + " --- |" * (len(targets) + 3),
+    ]
+    for p in paired:
+        cells = [f"{p['per_target'][t]:+.3f} ({p['seeds_per_target'][t]})" if t in p["per_target"] else "—"
+                 for t in targets]
+        seeds = ", ".join(f"{s}: {d:+.3f}" for s, d in p["per_seed"].items())
+        lines.append(f"| {p['model']} | " + " | ".join(cells) + f" | {p['mean']:+.3f} | {seeds} |")
+    return "\n".join(lines)
+
+
 def tables_markdown(rows: Sequence[dict], settings: dict) -> str:
     """tables.md: the headline AUROC table, then every metric with and without good images."""
     cap = settings["max_source_per_category"]
@@ -487,6 +545,9 @@ def tables_markdown(rows: Sequence[dict], settings: dict) -> str:
         lines += ["### Without good images of the new product", "", summary_table(plain), ""]
     if few:
         lines += ["### With K good images of the new product", "", summary_table(few, FEW_KEYS), ""]
+    paired = _paired_table(rows)
+    if paired:
+        lines += ["### Against the baseline, paired by target and seed", "", paired, ""]
     k = max([k for k in settings["calibrate"] if k <= 20] or settings["calibrate"] or [0])
     chosen = _chosen_table(rows, k)
     if chosen:

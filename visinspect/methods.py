@@ -40,13 +40,19 @@ class Method:
     about: str
 
 
+def _classifier(name: str, about: str, calibrated: str = "the same, calibrated on K good images") -> tuple:
+    """A trained classifier as two methods: `name` (the threshold from the source validation split)
+    and `name calibrated` (threshold and heatmap scale from K good images)."""
+    return (Method(name, name, ClassifierDetector, about),
+            Method(f"{name} calibrated", name, CalibratedClassifier, calibrated))
+
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("baseline", "baseline", ClassifierDetector,
-               "the seed's VGG16-CAM classifier; threshold from the source validation split"),
-        Method("baseline calibrated", "baseline", CalibratedClassifier,
-               "the same classifier; threshold and heatmap scale from K good images"),
+        *_classifier("baseline",
+                     "the seed's VGG16-CAM classifier; threshold from the source validation split",
+                     "the same classifier; threshold and heatmap scale from K good images"),
         Method("reference", None, ReferenceDetector,
                "nearest good patch (PatchCore idea) against K good images; no training"),
         Method("reference-top5", None, TopReferenceDetector,
@@ -55,28 +61,21 @@ METHODS: dict[str, Method] = {
                "baseline and reference, standardised on K good images, averaged"),
         Method("fused-learnt", "baseline", LearntFusionDetector,
                "the same, the classifier's weight learnt on the source products' validation images"),
-        Method("simclr-source", "simclr-source", ClassifierDetector,
-               "SimCLR pre-training on the source images, then the seed's classifier"),
-        Method("simclr-source calibrated", "simclr-source", CalibratedClassifier,
-               "the same, calibrated on K good images"),
-        Method("simclr-source+target-good", "simclr-source+target-good", ClassifierDetector,
-               "SimCLR also on the target's unlabeled good images, then the classifier"),
-        Method("simclr-source+target-good calibrated", "simclr-source+target-good", CalibratedClassifier,
-               "the same, calibrated on K good images"),
+        Method("fused+simclr", "simclr-source+target-good", FusedDetector,
+               "fused, with the classifier pre-trained by SimCLR on the source and the target's good images"),
+        Method("fused+simclr+l2sp", "simclr+l2sp", FusedDetector,
+               "fused, with the classifier pre-trained by SimCLR with the l2sp lever"),
+        *_classifier("simclr-source", "SimCLR pre-training on the source images, then the seed's classifier"),
+        *_classifier("simclr-source+target-good",
+                     "SimCLR also on the target's unlabeled good images, then the classifier"),
         Method("residual", "residual", ResidualDetector,
                "the seed's head trained on residuals: features minus their nearest good patch (ResAD)"),
         Method("pseudo-defects", "baseline", PseudoDefectDetector,
                "the baseline fine-tuned on K good images against their pseudo-defects (CutPaste, DRAEM)"),
-    )
-} | {
-    m.name: m
-    for lever in LEVER_SETS
-    for m in (
-        Method(f"simclr+{lever}", f"simclr+{lever}", ClassifierDetector,
-               f"SimCLR on the source and the target's good images with the {lever} lever, then the "
-               "classifier"),
-        Method(f"simclr+{lever} calibrated", f"simclr+{lever}", CalibratedClassifier,
-               "the same, calibrated on K good images"),
+        *(m for lever in LEVER_SETS for m in _classifier(
+            f"simclr+{lever}",
+            f"SimCLR on the source and the target's good images with the {lever} lever, then the classifier",
+        )),
     )
 }
 RECOMMENDED = "fused"
