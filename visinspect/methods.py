@@ -40,7 +40,9 @@ class Method:
     about: str
 
 
-def _classifier(name: str, about: str, calibrated: str = "the same, calibrated on K good images") -> tuple:
+def _classifier(
+    name: str, about: str, calibrated: str = "the same, calibrated on K good images"
+) -> tuple[Method, Method]:
     """A trained classifier as two methods: `name` (the threshold from the source validation split)
     and `name calibrated` (threshold and heatmap scale from K good images)."""
     return (Method(name, name, ClassifierDetector, about),
