@@ -490,13 +490,14 @@ def paired_against(rows: Sequence[dict], base: str = "baseline") -> list[dict]:
         by_target: dict[str, list[float]] = {}
         for (t, _), d in sorted(pairs.items()):
             by_target.setdefault(t, []).append(d)
+        per_target = {t: statistics.mean(v) for t, v in by_target.items()}
         out.append({
             "model": model,
-            "per_target": {t: statistics.mean(v) for t, v in by_target.items()},
+            "per_target": per_target,
             "seeds_per_target": {t: len(v) for t, v in by_target.items()},
             "over": over,
             "per_seed": {s: statistics.mean(pairs[t, s] for t in over) for s in seeds[model]},
-            "mean": statistics.mean(statistics.mean(by_target[t]) for t in over),
+            "mean": statistics.mean(per_target[t] for t in over),
         })
     return out
 
