@@ -127,6 +127,17 @@ def test_pretrain_lever_flags_reach_the_config(capsys, tiny_root, tmp_path, flag
     assert message in fails(capsys, "pretrain", "--data", tiny_root, "--out", tmp_path / "s.pt", *flags)
 
 
+@pytest.mark.parametrize(
+    ("name", "base"),
+    [("simclr-source", "baseline"), ("simclr+l2sp calibrated", "baseline calibrated"),
+     ("fused+simclr", "fused")],
+)
+def test_train_of_a_simclr_method_says_what_to_train_on_its_backbone(capsys, tiny_root, tmp_path, name, base):
+    line = fails(capsys, "train", "--data", tiny_root, "--method", name, "--out", tmp_path / "m.pt")
+    assert "`pretrain`" in line and f"--pretrained FILE --method {base}`" in line
+    assert not (tmp_path / "m.pt").exists()
+
+
 def test_missing_checkpoint(capsys, tiny_root, tmp_path):
     missing = tmp_path / "missing.pt"
     assert str(missing) in fails(capsys, "evaluate", "--checkpoint", missing, "--data", tiny_root)

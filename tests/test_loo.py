@@ -108,6 +108,7 @@ def test_killed_mid_training_resumes_to_the_same_rows(uninterrupted, tiny_root, 
             raise KeyboardInterrupt
 
     monkeypatch.setattr(train_module, "_save_resumable", save_then_die)
+    monkeypatch.setattr(train_module, "STATE_EVERY_S", 0.0)  # a state after every epoch
     out = tmp_path / "killed"
     with pytest.raises(KeyboardInterrupt):
         run_loo(tiny_root, out, store)

@@ -31,6 +31,7 @@ from visinspect.metrics import (
     false_alarm_threshold,
     per_group_metrics,
     pixel_auroc,
+    pixel_metrics,
     ranked_auroc,
     seed_spread,
 )
@@ -243,6 +244,17 @@ def test_aupro_matches_slow_reference(levels, fpr_limit):
         assert aupro(masks, heat, fpr_limit) == pytest.approx(expected, abs=1e-12)
         # Enough samples to hit every good pixel's rank: the sampled curve is the exact one.
         assert aupro(masks, heat, fpr_limit, num_thresholds=200) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("levels", [None, 4])
+def test_pixel_metrics_are_pixel_auroc_and_aupro(levels):
+    # One validation and one sort of the good pixels for both: the values of each function alone.
+    masks, heat = small_maps(2, levels)
+    both = pixel_metrics(masks, heat, fpr_limit=0.25)
+    assert both == {"pixel_auroc": pixel_auroc(masks, heat), "aupro": aupro(masks, heat, 0.25)}
+    assert pixel_metrics(np.zeros_like(masks), heat) == {"pixel_auroc": None, "aupro": None}
+    with pytest.raises(DataError, match="fpr_limit"):
+        pixel_metrics(masks, heat, fpr_limit=1.5)
 
 
 def test_aupro_sampled_is_close_to_exact():

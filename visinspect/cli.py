@@ -129,7 +129,7 @@ def _train_val(args, source_default: Sequence[str]):
 def cmd_train(args) -> int:
     from visinspect.checkpoint import save_classifier
     from visinspect.errors import ConfigError
-    from visinspect.methods import RECOMMENDED, make_detector, method, untrained_backbone
+    from visinspect.methods import METHODS, RECOMMENDED, make_detector, method, untrained_backbone
     from visinspect.models import describe_backbone
     from visinspect.train import TrainConfig, train_baseline
 
@@ -140,10 +140,14 @@ def cmd_train(args) -> int:
         print(f"method {chosen.name!r} trains nothing; saved its backbone to {args.out}")
         return 0
     if chosen.trains not in ("baseline", "residual"):
+        # The same detector over the baseline's training is what `--pretrained` turns into it.
+        base = next(m.name for m in METHODS.values()
+                    if m.detector is chosen.detector and m.trains == "baseline")
         raise ConfigError(
             f"method {chosen.name!r} needs SimCLR pre-training: run `pretrain` (with "
             "--include-target-good for the +target-good and simclr+LEVER variants, and a lever's flag, "
-            "e.g. --l2sp-weight 100 for simclr+l2sp), then `train --pretrained FILE`"
+            f"e.g. --l2sp-weight 100 for simclr+l2sp), then `train --pretrained FILE --method {base}`: "
+            f"{base!r} on the pre-trained backbone is {chosen.name!r}"
         )
     if args.pretrained and chosen.trains == "residual":
         raise ConfigError(
@@ -189,7 +193,7 @@ def cmd_train(args) -> int:
                 device=args.device,
             )
     except KeyboardInterrupt:
-        # The state after the last finished epoch is already on disk (written atomically).
+        # A state of at most train.STATE_EVERY_S ago is on disk (written atomically).
         print(
             f"interrupted: continue with --resume {state}" if state.is_file() else "interrupted",
             file=sys.stderr,

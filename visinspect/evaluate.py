@@ -18,12 +18,11 @@ from visinspect.errors import ConfigError
 from visinspect.inference import Predictions, ScoredImages
 from visinspect.metrics import (
     POSITIVE_CLASS,
-    aupro,
     best_f1_threshold,
     box_hit_rate,
     classification_metrics,
     per_group_metrics,
-    pixel_auroc,
+    pixel_metrics,
 )
 
 DEFAULT_BOX_THRESHOLD = 0.5
@@ -65,7 +64,7 @@ def localisation_metrics(
         return {}
     masks = preds.masks(known)  # read once: the defective images' masks are a part of them
     raw = preds.heatmaps(known, mode="raw").numpy()
-    out = {"pixel_auroc": pixel_auroc(masks, raw), "aupro": aupro(masks, raw, fpr_limit=0.3)}
+    out = pixel_metrics(masks, raw, fpr_limit=0.3)
     heat = preds.heatmaps(defective, mode=heat_mode, normalizer=normalizer).numpy()
     boxes = [heatmap_to_boxes(h, box_threshold, min_area) for h in heat]
     where = {i: j for j, i in enumerate(known)}

@@ -28,6 +28,11 @@ from visinspect.inference import Predictions, predict
 from visinspect.models import CONV4_3_END, FROZEN_END, VGG16CAM, build_model
 from visinspect.utils import autocast, model_device, resolve_device, resolve_precision, set_seed
 
+# A resumable state (~140 MB: the weights and Adam's moments) is written at most this often, and
+# after the last epoch: with stored features an epoch may take a second, and writing the state
+# after each one would cost more than the epoch; a kill loses at most this much training.
+STATE_EVERY_S = 30.0
+
 
 @dataclass
 class TrainConfig:
@@ -101,8 +106,9 @@ def train_classifier(
     user's), read one batch at a time, so memory stays flat whatever the number of images; or on
     `features`, conv4_3-shaped maps of the samples made otherwise (e.g. residual.py's).
     With `checkpoint_path`, a resumable checkpoint (weights, optimiser, shuffling RNG, history) is
-    written atomically after every epoch; `resume` continues from such a file and reaches the
-    same weights as an uninterrupted run with the same seed.
+    written atomically after an epoch, at most every STATE_EVERY_S seconds, and after the last;
+    `resume` continues from such a file and reaches the same weights as an uninterrupted run with
+    the same seed.
     """
     config = config or TrainConfig()
     if model.frozen_end < CONV4_3_END:
@@ -138,6 +144,7 @@ def train_classifier(
     bar = tqdm(
         epochs, desc="train", unit="epoch", disable=not progress, initial=state.epoch, total=config.epochs
     )
+    saved_at = time.perf_counter()
     for epoch in bar:
         if state.stopped_early:
             break
@@ -162,8 +169,10 @@ def train_classifier(
         state.epoch = epoch + 1
         state.stopped_early = accuracy >= config.target_accuracy
         bar.set_postfix(loss=f"{state.history['loss'][-1]:.4f}", acc=f"{accuracy:.3f}")
-        if checkpoint_path is not None:
+        last = state.stopped_early or state.epoch == config.epochs
+        if checkpoint_path is not None and (last or time.perf_counter() - saved_at >= STATE_EVERY_S):
             _save_resumable(checkpoint_path, model, optimizer, shuffle, config, state)
+            saved_at = time.perf_counter()
         if on_epoch_end is not None:
             on_epoch_end(epoch, state.history)
     model.eval()
@@ -231,7 +240,7 @@ def _save_resumable(path, model, optimizer, shuffle, config, state: TrainState) 
         {
             "kind": "train-state",
             "config": config.to_dict(),
-            "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "state_dict": model.state_dict(),  # saved before the next step changes it: no copy
             "optimizer": optimizer.state_dict(),
             "rng": shuffle.get_state(),
             "epoch": state.epoch,
