@@ -2,8 +2,8 @@
 
 (a) the frozen pass (conv1_1 .. conv4_3, what the store computes once per image): images/s, its
     GFLOP/s (multiply-adds counted from the layer shapes, x2) and that as a fraction of this
-    machine's matrix-multiply peak, measured here in the same precision (largest of a few square
-    torch.mm sizes);
+    machine's matrix-multiply peak, measured here in the same precision (the best of a few square
+    torch.mm sizes and of a 1x1 convolution, a matrix product in the convolutions' library);
 (b) the same leave-one-out three times: with the store off (every model recomputes the frozen
     layers, as before the store existed), from an empty store, and with the store full; the
     wall times and their ratios;
@@ -50,18 +50,30 @@ def frozen_gflop(model, image_size: int) -> float:
     return total / 1e9
 
 
+def _rate(fn, flop: float, seconds: float) -> float:
+    """GFLOP/s of fn() (flop each call), run for about `seconds` after one warm-up call."""
+    fn()
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        fn()
+        runs += 1
+    return flop * runs / (time.perf_counter() - start) / 1e9
+
+
 def matmul_peak(precision: str, seconds: float = 2.0) -> float:
-    """GFLOP/s of the best of a few square matrix products in `precision` (bf16 or fp32)."""
+    """GFLOP/s of the best of a few square matrix products in `precision` (bf16 or fp32), each
+    run both by torch.mm and as a 1x1 convolution: the two can take different libraries (on an
+    AMD CPU torch.mm in fp32 measured 215 GFLOP/s where oneDNN's convolutions ran at 390), and the
+    frozen pass runs on the convolution one."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     best = 0.0
     for n in (1024, 2048, 4096):
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        torch.mm(a, b)
-        runs, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds / 3:
-            torch.mm(a, b)
-            runs += 1
-        best = max(best, 2 * n**3 * runs / (time.perf_counter() - start) / 1e9)
+        best = max(best, _rate(lambda a=a, b=b: torch.mm(a, b), 2 * n**3, seconds / 6))
+    conv = nn.Conv2d(1024, 1024, 1, bias=False).to(memory_format=torch.channels_last)
+    x = torch.randn(FILL_BATCH, 1024, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), autocast("cpu", precision):
+        best = max(best, _rate(lambda: conv(x), 2 * 1024 * 1024 * FILL_BATCH * 32 * 32, seconds / 2))
     return best
 
 

@@ -67,6 +67,8 @@ METHODS: dict[str, Method] = {
                "fused, with the classifier pre-trained by SimCLR on the source and the target's good images"),
         Method("fused+simclr+l2sp", "simclr+l2sp", FusedDetector,
                "fused, with the classifier pre-trained by SimCLR with the l2sp lever"),
+        Method("fused+simclr+defect-negatives", "simclr+defect-negatives", FusedDetector,
+               "fused, with the classifier pre-trained by SimCLR with the defect-negatives lever"),
         *_classifier("simclr-source", "SimCLR pre-training on the source images, then the seed's classifier"),
         *_classifier("simclr-source+target-good",
                      "SimCLR also on the target's unlabeled good images, then the classifier"),
