@@ -2,12 +2,14 @@
 (`train --method`, then `predict --reference-dir`) on tiny synthetic data."""
 
 import contextlib
+import copy
 import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import visinspect.detectors as detectors
 from visinspect.cli import main
@@ -57,13 +59,35 @@ def test_adapted_detectors_score_relative_to_their_product(name, table, pristine
 
 def test_classifier_outputs_are_remembered_within_a_bound(table, pristine_model, monkeypatch):
     monkeypatch.setattr(detectors, "MEMORY", 3)
+    monkeypatch.setattr(detectors, "_OUTPUTS", {})
     info = backbone_info(SIZE, {"source": "random"})
     detector = make_detector("baseline", pristine_model, info, precision="fp32")
     samples = table[:6]
     first = detector.score(samples)
-    assert len(detector._seen) == 3  # memory stays flat however many images are scored
+    assert len(detectors._OUTPUTS) == 3  # memory stays flat however many images are scored
     again = detector.score(samples)
     np.testing.assert_array_equal(first.scores, again.scores)
+
+
+def test_detectors_of_the_same_weights_run_each_image_once(table, pristine_model, monkeypatch):
+    """The baseline, calibrated and fused rows of a split load the same classifier: the images
+    run once; other weights run them again."""
+    monkeypatch.setattr(detectors, "_OUTPUTS", {})
+    calls = []
+    real = detectors.predict
+    monkeypatch.setattr(detectors, "predict", lambda model, todo, *a, **k: calls.append(len(todo))
+                        or real(model, todo, *a, **k))
+    info = backbone_info(SIZE, {"source": "random"}) | {"threshold": 0.5}
+    samples = [s for s in table if s.category == "round_pill" and s.split == "test"]
+    first = make_detector("baseline", pristine_model, info, precision="fp32").score(samples)
+    twin = copy.deepcopy(pristine_model)  # loaded again: another object, the same weights
+    fused = make_detector("fused", twin, info, precision="fp32")
+    np.testing.assert_array_equal(fused.classifier.score(samples).scores, first.scores)
+    assert calls == [len(samples)]
+    with torch.no_grad():
+        twin.fc.weight.add_(0.1)  # trained further: its outputs are new
+    fused.classifier.score(samples)
+    assert calls == [len(samples)] * 2
 
 
 @pytest.fixture(scope="module")

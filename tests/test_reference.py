@@ -221,3 +221,27 @@ def test_patch_distances_are_computed_once_per_bank_and_images(model, data, bank
     other = PatchMemoryBank.fit(model, good[:3], image_size=SIZE, max_patches=None, **FP32)
     other.score(model, tests, **FP32)
     assert calls
+
+
+def test_a_bank_is_built_once_per_good_images_size_and_seed(model, data, monkeypatch):
+    """The reference, top-5 % and fused detectors of a product fit the same bank: the second fit
+    reuses it (another `top` only changes the image scores); other images or settings do not."""
+    good, _ = data
+    first = PatchMemoryBank.fit(model, good[:3], image_size=SIZE, max_patches=60, seed=1, **FP32)
+    calls = []
+    real = PatchMemoryBank.nearest
+    monkeypatch.setattr(PatchMemoryBank, "nearest", lambda *a, **k: calls.append(1) or real(*a, **k))
+    top = PatchMemoryBank.fit(model, good[:3], image_size=SIZE, max_patches=60, seed=1, top=0.25, **FP32)
+    assert not calls
+    assert torch.equal(top.bank, first.bank) and torch.equal(top.good_maps, first.good_maps)
+    np.testing.assert_allclose(top.good_scores, top.image_scores(first.good_maps))
+    top.good_maps.zero_()  # a caller's in-place change does not reach the remembered maps
+    again = PatchMemoryBank.fit(model, good[:3], image_size=SIZE, max_patches=60, seed=1, **FP32)
+    np.testing.assert_array_equal(again.good_scores, first.good_scores)
+    for changed in ({"seed": 2}, {"max_patches": 61}):
+        settings = {"max_patches": 60, "seed": 1, **changed}
+        PatchMemoryBank.fit(model, good[:3], image_size=SIZE, **settings, **FP32)
+        assert len(calls) == 1
+        calls.clear()
+    PatchMemoryBank.fit(model, good[1:], image_size=SIZE, max_patches=60, seed=1, **FP32)
+    assert calls

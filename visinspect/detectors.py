@@ -28,14 +28,18 @@ from visinspect.calibration import Calibration, fit_calibration
 from visinspect.cam import HeatmapNormalizer
 from visinspect.data import Sample
 from visinspect.errors import DataError
+from visinspect.features import file_digest, weights_digest
 from visinspect.inference import Predictions, ScoredImages, predict
 from visinspect.models import VGG16CAM
 from visinspect.reference import FusedScorer, PatchMemoryBank, fit_fusion
+from visinspect.utils import resolve_precision
 
 # Scores relative to a product's calibrated threshold: 0 is the decision threshold, and maps are
 # already on the product's good-image scale, so the "normaliser" is the identity.
 IDENTITY = HeatmapNormalizer(0.0, 1.0, "calibrated")
-MEMORY = 20_000  # raw classifier outputs kept per detector (~1 KB each at 224 px)
+MEMORY = 20_000  # raw classifier outputs kept, all detectors together (~1 KB each at 224 px)
+# (weights, image size, precision; image content) -> (logits, CAM): see ClassifierDetector.predictions
+_OUTPUTS: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def calibrated_view(scored: ScoredImages, calibrations: dict[str, Calibration]) -> ScoredImages:
@@ -112,21 +116,26 @@ class ClassifierDetector(Detector):
         self.threshold = float(info["threshold"])
         norm = info.get("normalizer")
         self.normalizer = HeatmapNormalizer.from_dict(norm) if norm else None
-        self._seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def predictions(self, samples: Sequence[Sample]) -> Predictions:
-        """The classifier's logits and CAMs, each image run once (adapting for another K or
-        another product then costs nothing more); the last MEMORY images are remembered."""
+        """The classifier's logits and CAMs, each image run once per set of weights whichever
+        detector asks (the baseline, calibrated and fused rows of a split share them; adapting for
+        another K or product costs nothing more); the last MEMORY images are remembered."""
         if not samples:
             return Predictions([], torch.zeros(0, 2), torch.zeros(0, 1, 1), self.image_size)
-        result = {key: self._seen.pop(key) for s in samples if (key := str(s.path)) in self._seen}
+        # Keyed by the weights' and the images' contents: a model trained further, or a file
+        # changed on disk, is run again.
+        model = f"{weights_digest(self.model)}/{self.image_size}/{resolve_precision(self.precision)}"
+        keys = {str(s.path): (model, file_digest(s.path)) for s in samples}
+        result = {path: _OUTPUTS.pop(key) for path, key in keys.items() if key in _OUTPUTS}
         todo = list({str(s.path): s for s in samples if str(s.path) not in result}.values())
         if todo:
             new = predict(self.model, todo, self.image_size, precision=self.precision, progress=self.progress)
             result |= {str(s.path): (lg, cam) for s, lg, cam in zip(todo, new.logits, new.cams, strict=True)}
-        self._seen |= result  # re-inserted last: the oldest go first, memory stays flat when streaming
-        while len(self._seen) > MEMORY:
-            self._seen.pop(next(iter(self._seen)))
+        for path, key in keys.items():  # re-inserted last: the oldest go first, memory stays flat
+            _OUTPUTS[key] = result[path]
+        while len(_OUTPUTS) > MEMORY:
+            _OUTPUTS.pop(next(iter(_OUTPUTS)))
         logits, cams = zip(*(result[str(s.path)] for s in samples), strict=True)
         return Predictions(list(samples), torch.stack(logits), torch.stack(cams), self.image_size)
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,10 +32,22 @@ LAYERS = ("conv4_3", "conv5_3")
 # backbone's own ~0.2 s. Cost grows linearly with max_patches and with conv5_3 (1024 dims).
 DEFAULT_MAX_PATCHES = 2048
 CORESET_DIM = 128  # coreset distances use a random projection to this many dims, as PatchCore
-DISTANCE_MEMORY = 8  # patch-distance maps of the last few (bank, images) scorings, kept in memory
+MEMORY = 8  # banks and patch-distance maps of the last few fits and scorings, kept in memory
 CHUNK_ELEMENTS = 1 << 22  # distances computed at once (16 MB of float32): memory stays flat
 MIN_STD = 1e-6
+_BANKS: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # see PatchMemoryBank.fit
 _DISTANCES: dict[tuple, torch.Tensor] = {}  # see PatchMemoryBank.score
+
+
+def _remember(cache: dict, key: tuple | None, compute: Callable[[], Any]) -> Any:
+    """compute() once per key, the last MEMORY results kept (key None: computed, not kept)."""
+    if key is None:
+        return compute()
+    if key not in cache:
+        cache[key] = compute()
+        while len(cache) > MEMORY:
+            cache.pop(next(iter(cache)))
+    return cache[key]
 
 
 def backbone_maps(
@@ -225,24 +238,35 @@ class PatchMemoryBank:
         if max_patches is not None and max_patches < 1:
             raise VisinspectError(f"max_patches must be at least 1 (or None); got {max_patches}")
         stored = _stored(model, good_samples, image_size, precision, progress, store)
-        feats = torch.cat(list(_patch_batches(model, stored, layers, batch_size, precision)))
-        n, _, h, w = feats.shape
-        patches = _patches(feats)
-        owners = torch.arange(n).repeat_interleave(h * w)
-        keep = torch.arange(len(patches))
-        if max_patches is not None and len(patches) > max_patches:
-            keep = greedy_coreset(patches, max_patches, seed)
-        if len(owners[keep].unique()) < 2:
-            raise VisinspectError(f"max_patches={max_patches} kept patches of one image: raise it")
-        # The bank lives where the model lives: on a GPU the nearest-neighbour search runs there.
+        # The bank and the good images' maps depend only on the stored conv4_3 features, the bank
+        # size and the seed (conv5_3 would also depend on the model's block 5): the reference,
+        # top-5 % and fused detectors of one product and K share them.
         device = model_device(model)
+        key = None
+        if stored.identity is not None and layers == ("conv4_3",):
+            key = (stored.identity, max_patches, seed, str(device))
+
+        def build() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            feats = torch.cat(list(_patch_batches(model, stored, layers, batch_size, precision)))
+            n, _, h, w = feats.shape
+            patches = _patches(feats)
+            owners = torch.arange(n).repeat_interleave(h * w)
+            keep = torch.arange(len(patches))
+            if max_patches is not None and len(patches) > max_patches:
+                keep = greedy_coreset(patches, max_patches, seed)
+            if len(owners[keep].unique()) < 2:
+                raise VisinspectError(f"max_patches={max_patches} kept patches of one image: raise it")
+            # The bank lives where the model lives: on a GPU the nearest-neighbour search runs there.
+            bank = cls(patches[keep].contiguous().to(device), owners[keep].to(device), layers, image_size,
+                       category)
+            return bank.bank, bank.owners, bank.nearest(patches, exclude=owners)[0].view(n, h, w)
+
+        patches, owners, good_maps = _remember(_BANKS, key, build)
         bank = cls(
-            patches[keep].contiguous().to(device), owners[keep].to(device), layers, image_size, category,
-            [str(s.path) for s in good_samples], top=top,
+            patches, owners, layers, image_size, category, [str(s.path) for s in good_samples], top=top
         )
-        dist = bank.nearest(patches, exclude=owners)[0].view(n, h, w)
-        bank.good_maps = dist
-        bank.good_scores = bank.image_scores(dist)
+        bank.good_maps = good_maps.clone()  # a copy: a caller may change its maps in place
+        bank.good_scores = bank.image_scores(bank.good_maps)
         return bank
 
     def calibrate(
@@ -315,15 +339,12 @@ class PatchMemoryBank:
         key = None
         if stored.identity is not None and self.layers == ("conv4_3",):
             key = (hashlib.blake2b(self.bank.cpu().numpy().tobytes()).hexdigest(), stored.identity)
-        if key not in _DISTANCES:
-            batches = _patch_batches(model, stored, self.layers, batch_size, precision)
-            maps = torch.cat([self.score_features(f)[1] for f in batches])
-            if key is None:
-                return self.image_scores(maps), maps
-            _DISTANCES[key] = maps
-            while len(_DISTANCES) > DISTANCE_MEMORY:
-                _DISTANCES.pop(next(iter(_DISTANCES)))
-        maps = _DISTANCES[key].clone()  # a copy: a caller may change its maps in place
+        maps = _remember(_DISTANCES, key, lambda: torch.cat([
+            self.score_features(f)[1]
+            for f in _patch_batches(model, stored, self.layers, batch_size, precision)
+        ]))
+        if key is not None:
+            maps = maps.clone()  # a copy: a caller may change its maps in place
         return self.image_scores(maps), maps
 
 
