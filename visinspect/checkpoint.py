@@ -159,12 +159,15 @@ def load_classifier(path: str | Path, image_size: int | None = None) -> tuple[to
             f"{path} was trained at {data.get('image_size')} px, but {image_size} px was asked for; "
             "use the checkpoint's image size (leave --image-size out)"
         )
-    model = VGG16CAM(frozen_end=int(data.get("frozen_end", 24)))
-    state = data["state_dict"]
+    with torch.device("meta"):  # no random initialisation to throw away: every weight is in the file
+        model = VGG16CAM(frozen_end=int(data.get("frozen_end", 24)))
+    # The model takes the file's tensors (as float32) instead of copies; info keeps no state_dict
+    # that training the model would then change under it.
+    state = {k: v.float() for k, v in data.pop("state_dict").items()}
     expected = model.state_dict()
     bad = [k for k in expected if k not in state or state[k].shape != expected[k].shape]
     odd = bad or sorted(set(state) - set(expected))
     if odd:
         raise CheckpointError(f"{path} does not match the VGG16-CAM architecture (e.g. parameter {odd[0]!r})")
-    model.load_state_dict(state)
+    model.load_state_dict(state, assign=True)
     return model.eval(), data

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from visinspect.checkpoint import load_classifier, save_classifier
+from visinspect.checkpoint import load_checkpoint, load_classifier, save_classifier
 from visinspect.compare import (
     ComparePreset,
     SeedResult,
@@ -361,7 +361,7 @@ class LeaveOneOut:
             if not path.is_file():
                 continue
             if job.kind == "train":
-                recorded["train"].append(float(load_classifier(path)[1].get("seconds", 0.0)))
+                recorded["train"].append(float(load_checkpoint(path, kind="classifier").get("seconds", 0.0)))
             else:
                 recorded["score"].append(float(json.loads(path.read_text()).get("seconds", 0.0)))
         return {
