@@ -13,6 +13,8 @@ from conftest import TINY_CATEGORIES, TINY_PER_CATEGORY
 
 from visinspect.checkpoint import load_classifier
 from visinspect.cli import main
+from visinspect.detectors import ClassifierDetector
+from visinspect.methods import METHODS, Method
 from visinspect.synthetic import CATEGORIES
 
 REQUIRED = {"n_images", "n_anomalous", "positive_class", "threshold", "accuracy", "balanced_accuracy",
@@ -136,6 +138,16 @@ def test_train_of_a_simclr_method_says_what_to_train_on_its_backbone(capsys, tin
     line = fails(capsys, "train", "--data", tiny_root, "--method", name, "--out", tmp_path / "m.pt")
     assert "`pretrain`" in line and f"--pretrained FILE --method {base}`" in line
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_train_of_a_simclr_only_method_still_says_to_pretrain(capsys, tiny_root, tmp_path, monkeypatch):
+    """A SimCLR method whose detector has no twin over the baseline's training (none today)."""
+    class SimCLROnly(ClassifierDetector):
+        pass
+
+    monkeypatch.setitem(METHODS, "simclr-only", Method("simclr-only", "simclr-source", SimCLROnly, "test"))
+    line = fails(capsys, "train", "--data", tiny_root, "--method", "simclr-only", "--out", tmp_path / "m.pt")
+    assert "`pretrain`" in line and line.endswith("then `train --pretrained FILE`")
 
 
 def test_missing_checkpoint(capsys, tiny_root, tmp_path):

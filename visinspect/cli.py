@@ -141,13 +141,14 @@ def cmd_train(args) -> int:
         return 0
     if chosen.trains not in ("baseline", "residual"):
         # The same detector over the baseline's training is what `--pretrained` turns into it.
-        base = next(m.name for m in METHODS.values()
-                    if m.detector is chosen.detector and m.trains == "baseline")
+        base = next((m.name for m in METHODS.values()
+                     if m.detector is chosen.detector and m.trains == "baseline"), None)
+        then = (f"`train --pretrained FILE --method {base}`: {base!r} on the pre-trained backbone is "
+                f"{chosen.name!r}" if base else "`train --pretrained FILE`")
         raise ConfigError(
             f"method {chosen.name!r} needs SimCLR pre-training: run `pretrain` (with "
             "--include-target-good for the +target-good and simclr+LEVER variants, and a lever's flag, "
-            f"e.g. --l2sp-weight 100 for simclr+l2sp), then `train --pretrained FILE --method {base}`: "
-            f"{base!r} on the pre-trained backbone is {chosen.name!r}"
+            f"e.g. --l2sp-weight 100 for simclr+l2sp), then {then}"
         )
     if args.pretrained and chosen.trains == "residual":
         raise ConfigError(

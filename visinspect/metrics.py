@@ -200,10 +200,17 @@ def ranked_auroc(positive: np.ndarray, scores: np.ndarray) -> float:
     return _auroc_sorted(np.sort(s[~y]), s[y])
 
 
+def _both_kinds(masks, heatmaps) -> tuple[np.ndarray, np.ndarray] | None:
+    """Validated masks and heatmaps (_masks_maps), or None without both defect and good pixels:
+    then no pixel metric is defined."""
+    m, h = _masks_maps(masks, heatmaps)
+    return None if m.all() or not m.any() else (m, h)
+
+
 def pixel_auroc(masks, heatmaps) -> float | None:
     """AUROC over all pixels (defect pixels positive); None without both kinds of pixel."""
-    m, h = _masks_maps(masks, heatmaps)
-    return None if m.all() or not m.any() else ranked_auroc(m, h)
+    pixels = _both_kinds(masks, heatmaps)
+    return None if pixels is None else ranked_auroc(*pixels)
 
 
 def aupro(
@@ -220,8 +227,11 @@ def aupro(
     None when there is no defect pixel or no good pixel.
     """
     _check_pro_curve(fpr_limit, num_thresholds)
-    m, h = _masks_maps(masks, heatmaps)
-    return None if m.all() or not m.any() else _aupro_sorted(m, h, np.sort(h[~m]), fpr_limit, num_thresholds)
+    pixels = _both_kinds(masks, heatmaps)
+    if pixels is None:
+        return None
+    m, h = pixels
+    return _aupro_sorted(m, h, np.sort(h[~m]), fpr_limit, num_thresholds)
 
 
 def pixel_metrics(
@@ -231,9 +241,10 @@ def pixel_metrics(
     good pixels once for both: on a real test set (millions of pixels) that sort is most of the
     cost of either."""
     _check_pro_curve(fpr_limit, num_thresholds)
-    m, h = _masks_maps(masks, heatmaps)
-    if m.all() or not m.any():
+    pixels = _both_kinds(masks, heatmaps)
+    if pixels is None:
         return {"pixel_auroc": None, "aupro": None}
+    m, h = pixels
     good = np.sort(h[~m])
     return {
         "pixel_auroc": _auroc_sorted(good, h[m]),
