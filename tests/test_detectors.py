@@ -84,10 +84,15 @@ def test_detectors_of_the_same_weights_run_each_image_once(table, pristine_model
     fused = make_detector("fused", twin, info, precision="fp32")
     np.testing.assert_array_equal(fused.classifier.score(samples).scores, first.scores)
     assert calls == [len(samples)]
+    hashed = []
+    real_digest = detectors.weights_digest
+    monkeypatch.setattr(detectors, "weights_digest", lambda m: hashed.append(1) or real_digest(m))
+    fused.classifier.score(samples)
+    assert not hashed  # unchanged weights are not hashed again
     with torch.no_grad():
         twin.fc.weight.add_(0.1)  # trained further: its outputs are new
     fused.classifier.score(samples)
-    assert calls == [len(samples)] * 2
+    assert calls == [len(samples)] * 2 and hashed == [1]
 
 
 @pytest.fixture(scope="module")

@@ -116,6 +116,17 @@ class ClassifierDetector(Detector):
         self.threshold = float(info["threshold"])
         norm = info.get("normalizer")
         self.normalizer = HeatmapNormalizer.from_dict(norm) if norm else None
+        self._weights: tuple[tuple[int, ...], str] | None = None
+
+    def _weights_key(self) -> str:
+        """The model's weights digest with the image size and precision; hashed again only when a
+        parameter changed in place since (an optimiser step or load_state_dict bumps its version
+        counter), so scoring a stream batch by batch does not hash 60 MB per batch."""
+        versions = tuple(p._version for p in self.model.parameters())
+        if self._weights is None or self._weights[0] != versions:
+            digest = weights_digest(self.model)
+            self._weights = (versions, f"{digest}/{self.image_size}/{resolve_precision(self.precision)}")
+        return self._weights[1]
 
     def predictions(self, samples: Sequence[Sample]) -> Predictions:
         """The classifier's logits and CAMs, each image run once per set of weights whichever
@@ -125,7 +136,7 @@ class ClassifierDetector(Detector):
             return Predictions([], torch.zeros(0, 2), torch.zeros(0, 1, 1), self.image_size)
         # Keyed by the weights' and the images' contents: a model trained further, or a file
         # changed on disk, is run again.
-        model = f"{weights_digest(self.model)}/{self.image_size}/{resolve_precision(self.precision)}"
+        model = self._weights_key()
         keys = {str(s.path): (model, file_digest(s.path)) for s in samples}
         result = {path: _OUTPUTS.pop(key) for path, key in keys.items() if key in _OUTPUTS}
         todo = list({str(s.path): s for s in samples if str(s.path) not in result}.values())
