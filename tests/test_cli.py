@@ -224,3 +224,12 @@ def test_predict_writes_a_line_per_image_and_fails_on_a_corrupt_one(capsys, tiny
         assert "error" not in row and row["label"] == int(row["score"] > row["threshold"])
         assert row["method"] == "baseline" and isinstance(row["boxes"], list)
     assert not (out / "overlays").exists()
+
+
+def test_loo_help_names_the_default_models():
+    from visinspect.cli import build_parser
+    from visinspect.loo import DEFAULT_MODELS
+
+    loo = next(a for a in build_parser()._subparsers._group_actions[0].choices["loo"]._actions
+               if "--models" in a.option_strings)
+    assert f"(default: {','.join(DEFAULT_MODELS)};" in loo.help

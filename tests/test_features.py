@@ -64,7 +64,8 @@ def test_a_changed_image_file_misses(writable_root, pristine_model, tmp_path):
 )
 def test_every_other_key_part_misses(change, tmp_path, pristine_model, fresh_model, samples, monkeypatch):
     store = FeatureStore(tmp_path / "store")
-    assert fetch(store, pristine_model, samples[:2]).computed == 2
+    first = fetch(store, pristine_model, samples[:2])
+    assert first.computed == 2
     model, size, precision = pristine_model, SIZE, "fp32"
     if change == "image_size":
         size = 2 * SIZE
@@ -80,6 +81,9 @@ def test_every_other_key_part_misses(change, tmp_path, pristine_model, fresh_mod
         store = FeatureStore(tmp_path / "store", dtype="float16")
     again = store.fetch_samples(model, samples[:2], size, precision=precision)
     assert again.computed == 2
+    # The in-memory banks and distances (visinspect.reference) are keyed by the identity: it
+    # must change with every part of the key, not only with the images.
+    assert again.identity != first.identity
     assert len(list((tmp_path / "store").glob("*/meta.json"))) == 2
     # ... and the first namespace is still served unchanged.
     assert fetch(FeatureStore(tmp_path / "store"), pristine_model, samples[:2]).computed == 0

@@ -82,6 +82,28 @@ def test_each_method_adapts_and_scores_a_new_product(name, tiny_root, pristine_m
     assert scored.maps.shape[0] == len(test) and detector.product == "round_pill"
 
 
+@pytest.mark.slow
+def test_fused_top5_averages_the_classifier_and_top5_reference_z_scores(tiny_root, pristine_model, good):
+    samples = build_sample_table(tiny_root).samples
+    test = [s for s in samples if s.category == "round_pill" and s.split == "test"]
+    # 64 px: 8 x 8 patches, so the 5 % largest are 3 of them (at 32 px, 1: the largest alone).
+    info = backbone_info(64, {"source": "random"})
+    fused = make_detector("fused-top5", pristine_model, info, precision="fp32")
+    top = make_detector("reference-top5", pristine_model, info, precision="fp32")
+    fused.adapt(good)
+    top.adapt(good)
+    bank = top.banks["round_pill"]
+    good_margins = fused.classifier.predictions(good).margins
+    z = lambda x, ref: (x - ref.mean()) / ref.std(ddof=1)  # noqa: E731
+    expected = 0.5 * z(fused.classifier.predictions(test).margins, good_margins) + 0.5 * z(
+        top.raw(test).scores, bank.good_scores)
+    got = fused.score(test).scores + fused.calibrations["round_pill"].threshold
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9)
+    plain = make_detector("fused", pristine_model, info, precision="fp32")
+    plain.adapt(good)
+    assert not np.allclose(plain.score(test).scores, fused.score(test).scores)  # not the max's score
+
+
 def test_the_fusion_weight_is_the_one_that_ranks_the_source_products_best():
     labels = np.array([0, 0, 1, 1])
     rising, falling = np.arange(4.0), np.arange(4.0)[::-1]

@@ -224,11 +224,12 @@ class FusedDetector(Detector):
     uses_good = True
     score_name = "mean z-score (classifier, reference) minus calibrated threshold"
     weight = 0.5  # the classifier's share of the fused score
+    reference_detector: type[ReferenceDetector] = ReferenceDetector  # its image score
 
     def __init__(self, model: VGG16CAM, info: dict, **kwargs) -> None:
         super().__init__(model, info, **kwargs)
         self.classifier = ClassifierDetector(model, info, **kwargs)
-        self.reference = ReferenceDetector(model, info, **kwargs)
+        self.reference = self.reference_detector(model, info, **kwargs)
         self.fusions: dict[str, FusedScorer] = {}
         self.calibrations: dict[str, Calibration] = {}
 
@@ -263,6 +264,14 @@ class FusedDetector(Detector):
             return fusion.score(sub.margins, ref_scores), fusion.heatmap(sub.cams, ref_maps)
 
         return calibrated_view(by_product(samples, self.image_size, self.fusions, fuse), self.calibrations)
+
+
+class FusedTopDetector(FusedDetector):
+    """The same fusion with the reference part's image score the mean of its 5 % largest patch
+    distances (TopReferenceDetector) instead of the largest one."""
+
+    score_name = "mean z-score (classifier, top-5 % reference) minus calibrated threshold"
+    reference_detector = TopReferenceDetector
 
 
 def by_product(

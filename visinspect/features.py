@@ -152,9 +152,12 @@ class StoredFeatures:
 
     @property
     def identity(self) -> tuple[str, ...] | None:
-        """The store entries in order (each named by its image's content and the key of the
-        features), so equal identities mean equal features; None with the store off."""
-        return tuple(f.name for f in self._files) if self._files is not None else None
+        """The store entries in order, each as <namespace>/<image digest>: the key of the features
+        (layer, size, preprocessing, weights, precision, dtype) and the image's content, so equal
+        identities mean equal features; None with the store off."""
+        if self._files is None:
+            return None
+        return tuple(f"{f.parent.parent.name}/{f.stem}" for f in self._files)
 
     def batch(self, indices: Sequence[int] | slice) -> torch.Tensor:
         if self._tensor is not None:
