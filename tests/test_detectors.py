@@ -96,8 +96,8 @@ def test_detectors_of_the_same_weights_run_each_image_once(table, pristine_model
 
 
 @pytest.fixture(scope="module")
-def fused_checkpoint(tiny_root, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("user") / "fused.pt"
+def recommended(tiny_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("user") / "recommended.pt"
     with contextlib.redirect_stdout(io.StringIO()):
         assert main(["train", "--data", str(tiny_root), "--categories", "grain_wood", "--image-size",
                      str(SIZE), "--epochs", "1", "--backbone-weights", "random", "--precision", "fp32",
@@ -106,10 +106,10 @@ def fused_checkpoint(tiny_root, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_the_users_path_train_then_predict_with_good_images(fused_checkpoint, tiny_root, tmp_path, capsys):
+def test_the_users_path_train_then_predict_with_good_images(recommended, tiny_root, tmp_path, capsys):
     reference = tiny_root / "round_pill" / "train" / "good"
     out = tmp_path / "pred"
-    code = main(["predict", "--checkpoint", str(fused_checkpoint), "--reference-dir", str(reference),
+    code = main(["predict", "--checkpoint", str(recommended), "--reference-dir", str(reference),
                  str(tiny_root / "round_pill" / "test"), "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
@@ -118,16 +118,16 @@ def test_the_users_path_train_then_predict_with_good_images(fused_checkpoint, ti
         assert r["method"] == RECOMMENDED and r["threshold"] == 0.0  # scores relative to the product
         assert r["label"] == int(r["score"] > r["threshold"]) and (out / r["overlay"]).is_file()
     # The same detector through the library.
-    detector = load_detector(fused_checkpoint, reference=[reference], precision="fp32")
+    detector = load_detector(recommended, reference=[reference], precision="fp32")
     assert detector.name == RECOMMENDED and detector.product == "good"
 
 
-def test_predict_refuses_a_missing_or_useless_reference(fused_checkpoint, tiny_root, tmp_path, capsys):
+def test_predict_refuses_a_missing_or_useless_reference(recommended, tiny_root, tmp_path, capsys):
     images = str(tiny_root / "round_pill" / "test" / "good")
-    code = main(["predict", "--checkpoint", str(fused_checkpoint), images, "--out", str(tmp_path / "a")])
+    code = main(["predict", "--checkpoint", str(recommended), images, "--out", str(tmp_path / "a")])
     err = capsys.readouterr().err
     assert code == 2 and "--reference-dir" in err and err.count("\n") == 1
-    code = main(["predict", "--checkpoint", str(fused_checkpoint), "--method", "baseline", "--reference-dir",
+    code = main(["predict", "--checkpoint", str(recommended), "--method", "baseline", "--reference-dir",
                  images, images, "--out", str(tmp_path / "b")])
     assert code == 2 and "leave --reference-dir out" in capsys.readouterr().err
     with pytest.raises(DataError, match="no good reference images"):

@@ -70,7 +70,8 @@ def test_pseudo_defects_are_seeded_and_bad_input_is_refused():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["residual", "pseudo-defects", "reference-top5"])
+@pytest.mark.parametrize("name", ["residual", "pseudo-defects", "reference-top5", "reference-mobilenet",
+                                  "fused-mobilenet"])
 def test_each_method_adapts_and_scores_a_new_product(name, tiny_root, pristine_model, good):
     samples = build_sample_table(tiny_root).samples
     test = [s for s in samples if s.category == "round_pill" and s.split == "test"]

@@ -136,8 +136,11 @@ def cmd_train(args) -> int:
     chosen = method(args.method or RECOMMENDED)
     if chosen.trains is None:  # nothing to learn from the source: the checkpoint is the backbone
         model, info = untrained_backbone(args.image_size, args.backbone_weights, args.seed)
+        patches = make_detector(chosen.name, model, info).patch_provenance  # fails early without weights
         save_classifier(args.out, model, **info, method=chosen.name)
-        print(f"method {chosen.name!r} trains nothing; saved its backbone to {args.out}")
+        print(f"method {chosen.name!r} trains nothing (it learns from the K good images given to "
+              f"`predict`); saved its settings and backbone to {args.out}")
+        print("patch features: " + describe_backbone(patches))
         return 0
     if chosen.trains not in ("baseline", "residual"):
         # The same detector over the baseline's training is what `--pretrained` turns into it.
@@ -273,6 +276,8 @@ def _evaluate_checkpoint(args, default_categories: Sequence[str]) -> dict:
         report["uncalibrated"] = {k: v for k, v in uncalibrated.items() if k != "per_defect_type"}
     report["method"] = detector.name
     report["backbone"] = info["backbone"]
+    if hasattr(detector, "patch_provenance"):  # the network of its nearest-good-patch score
+        report["patch_backbone"] = detector.patch_provenance
     report["checkpoint"] = str(args.checkpoint)
     return report
 
@@ -329,6 +334,8 @@ def cmd_evaluate(args) -> int:
     else:
         print(markdown_table(report))
     print(describe_backbone(report["backbone"]))
+    if report.get("patch_backbone", report["backbone"]) != report["backbone"]:
+        print("patch features: " + describe_backbone(report["patch_backbone"]))
     if args.json:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -339,6 +346,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_predict(args) -> int:
     from visinspect.methods import load_detector, make_detector
+    from visinspect.models import describe_backbone
     from visinspect.predict import predict_images
 
     if args.calibration:
@@ -358,6 +366,8 @@ def cmd_predict(args) -> int:
         if detector.uses_good:
             print(f"method {detector.name!r}, adapted to {len(args.reference_dir)} reference folder(s) "
                   f"of good {detector.product!r} images")
+        if getattr(detector, "patch_provenance", detector.info["backbone"]) != detector.info["backbone"]:
+            print("patch features: " + describe_backbone(detector.patch_provenance))
     summary = predict_images(
         detector,
         [Path(p) for p in args.inputs],
@@ -742,7 +752,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--models",
         help="comma-separated row names without ' k=K' (default: baseline,baseline calibrated,"
-        "reference,fused,fused-top5; also simclr-source[ calibrated], "
+        "reference,fused,fused-top5,reference-mobilenet,fused-mobilenet; also simclr-source[ calibrated], "
         "simclr-source+target-good[ calibrated], "
         f"simclr+LEVER[ calibrated] with LEVER one of {', '.join(PRETRAIN_LEVER_SETS)}, and the "
         "other methods of the README's table)",

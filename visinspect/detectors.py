@@ -28,10 +28,11 @@ from visinspect.calibration import Calibration, fit_calibration
 from visinspect.cam import HeatmapNormalizer
 from visinspect.data import Sample
 from visinspect.errors import DataError
-from visinspect.features import file_digest, weights_digest
+from visinspect.features import Network, file_digest, weights_digest
 from visinspect.inference import Predictions, ScoredImages, predict
+from visinspect.mobilenet import build_mobilenet
 from visinspect.models import VGG16CAM
-from visinspect.reference import FusedScorer, PatchMemoryBank, fit_fusion
+from visinspect.reference import DEFAULT_MAX_PATCHES, FusedScorer, PatchMemoryBank, fit_fusion
 from visinspect.utils import resolve_precision
 
 # Scores relative to a product's calibrated threshold: 0 is the decision threshold, and maps are
@@ -185,16 +186,21 @@ class ReferenceDetector(Detector):
     uses_good = True
     score_name = "nearest good patch distance minus calibrated threshold"
     top = 0.0  # image score: the largest patch distance (PatchCore); see PatchMemoryBank.top
+    layers: tuple[str, ...] = ("conv4_3",)  # the patch features: the model's VGG16 conv4_3
+    max_patches: int | None = DEFAULT_MAX_PATCHES  # the bank's coreset size
 
     def __init__(self, model: VGG16CAM, info: dict, **kwargs) -> None:
         super().__init__(model, info, **kwargs)
         self.banks: dict[str, PatchMemoryBank] = {}
         self.calibrations: dict[str, Calibration] = {}
+        self.patch_model: Network = model  # the network whose maps are the patch features
+        self.patch_provenance: dict = info.get("backbone") or {}  # where its weights came from
 
     def adapt(self, good: Sequence[Sample]) -> None:
         super().adapt(good)
         bank = PatchMemoryBank.fit(
-            self.model, good, self.image_size, seed=self.seed, precision=self.precision, top=self.top
+            self.patch_model, good, self.image_size, layers=self.layers, max_patches=self.max_patches,
+            seed=self.seed, precision=self.precision, top=self.top,
         )
         self.banks[bank.category] = bank
         self.calibrations[bank.category] = bank.calibrate(self.false_alarm_rate)
@@ -202,7 +208,7 @@ class ReferenceDetector(Detector):
     def raw(self, samples: Sequence[Sample]) -> ScoredImages:
         """Uncalibrated patch distances, each product against its own bank."""
         return by_product(samples, self.image_size, self.banks, lambda bank, group: bank.score(
-            self.model, group, precision=self.precision, progress=self.progress))
+            self.patch_model, group, precision=self.precision, progress=self.progress))
 
     def score(self, samples: Sequence[Sample]) -> ScoredImages:
         return calibrated_view(self.raw(samples), self.calibrations)
@@ -215,6 +221,23 @@ class TopReferenceDetector(ReferenceDetector):
 
     score_name = "mean of the 5 % largest nearest-good-patch distances minus calibrated threshold"
     top = 0.05
+
+
+class MobileNetReferenceDetector(TopReferenceDetector):
+    """The same top-5 % nearest good patch on MobileNetV2's stride-16 maps (visinspect.mobilenet)
+    instead of VGG16's conv4_3: the frozen ImageNet features that separated the real targets' good
+    and defective parts best (docs/results.md). The bank keeps every patch: 196 per image at
+    224 px, so even K = 50 searches fewer multiply-adds than conv4_3's 2048-patch coreset."""
+
+    score_name = "mean of the 5 % largest MobileNetV2 good-patch distances minus calibrated threshold"
+    layers = ("mobilenet_v2",)
+    max_patches = None
+
+    def __init__(self, model: VGG16CAM, info: dict, **kwargs) -> None:
+        super().__init__(model, info, **kwargs)
+        # Random weights exactly when the classifier's backbone has them (tests, the offline demo).
+        random = (info.get("backbone") or {}).get("source") == "random"
+        self.patch_model, self.patch_provenance = build_mobilenet("random" if random else "auto")
 
 
 class FusedDetector(Detector):
@@ -230,6 +253,7 @@ class FusedDetector(Detector):
         super().__init__(model, info, **kwargs)
         self.classifier = ClassifierDetector(model, info, **kwargs)
         self.reference = self.reference_detector(model, info, **kwargs)
+        self.patch_provenance = self.reference.patch_provenance
         self.fusions: dict[str, FusedScorer] = {}
         self.calibrations: dict[str, Calibration] = {}
 
@@ -272,6 +296,14 @@ class FusedTopDetector(FusedDetector):
 
     score_name = "mean z-score (classifier, top-5 % reference) minus calibrated threshold"
     reference_detector = TopReferenceDetector
+
+
+class FusedMobileNetDetector(FusedDetector):
+    """The same fusion with the reference part MobileNetReferenceDetector's: the classifier's
+    VGG16 margin and MobileNetV2's nearest good patch."""
+
+    score_name = "mean z-score (classifier, MobileNetV2 top-5 % reference) minus calibrated threshold"
+    reference_detector = MobileNetReferenceDetector
 
 
 def by_product(

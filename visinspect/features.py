@@ -21,6 +21,9 @@ entry is recomputed, with a warning.
 Where: $VISINSPECT_FEATURE_STORE, else $XDG_CACHE_HOME/visinspect/features, else
 ~/.cache/visinspect/features; "off" keeps features in memory for one call only (nothing written).
 `python -m visinspect cache info` and `cache clear` show and empty it.
+
+The same store keeps the patch features of MobileNetV2 (visinspect.mobilenet), the good-reference
+score's other backbone, under their own layer name.
 """
 
 from __future__ import annotations
@@ -41,16 +44,38 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from visinspect import mobilenet
 from visinspect.data import PREPROCESSING, Sample, load_rgb, to_tensor
 from visinspect.errors import ConfigError, VisinspectError
 from visinspect.models import CONV4_3_END, VGG16CAM
 from visinspect.utils import atomic_path, autocast, model_device, resolve_precision
 
+Network = VGG16CAM | mobilenet.MobileNetPatches  # what the store runs: its `features[:end]`
+
 STORE_ENV = "VISINSPECT_FEATURE_STORE"
 OFF = "off"
 MARKER = "visinspect-feature-store.json"  # marks a folder as a store: `clear` removes nothing else
-# Stored layers and the end index of each in `VGG16CAM.features` (output of features[:end]).
-LAYERS = {"conv4_3": CONV4_3_END}
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A stored layer: the output of `network.features[:end]`, `channels` maps at 1/`stride` of
+    the image size (rounded up after strided convolutions, down after max-pools)."""
+
+    end: int
+    channels: int
+    stride: int
+    round_up: bool = False
+
+    def side(self, image_size: int) -> int:
+        return -(-image_size // self.stride) if self.round_up else image_size // self.stride
+
+
+LAYERS = {
+    "conv4_3": Layer(CONV4_3_END, 512, 8),  # of VGG16CAM: three 2x2 max-pools before conv4_3
+    # of mobilenet.MobileNetPatches: four stride-2 convolutions
+    "mobilenet_v2": Layer(mobilenet.PATCH_END, mobilenet.CHANNELS, mobilenet.STRIDE, round_up=True),
+}
 # fp32 by default: rounding the classifier's training features to fp16 moved its trained rows by up
 # to 0.018 image AUROC (docs/results.md, "fp16 storage"), above the 0.002 a stored feature may move a
 # reported metric. fp16 halves the disk and is exact enough for the good-reference score alone.
@@ -123,14 +148,14 @@ class Namespace:
 
     def shape(self) -> tuple[int, int, int]:
         """(channels, height, width) of one entry."""
-        side = self.image_size // 8  # three 2x2 max-pools before conv4_3
-        return (512, side, side)
+        layer = LAYERS[self.layer]
+        return (layer.channels, layer.side(self.image_size), layer.side(self.image_size))
 
 
-def _frozen_layers(model: VGG16CAM, layer: str) -> torch.nn.Sequential:
+def _frozen_layers(model: Network, layer: str) -> torch.nn.Sequential:
     if layer not in LAYERS:
         raise ConfigError(f"the feature store keeps layers {', '.join(LAYERS)}; got {layer!r}")
-    return model.features[: LAYERS[layer]]
+    return model.features[: LAYERS[layer].end]
 
 
 # ----------------------------------------------------------------------------- stored features
@@ -208,7 +233,7 @@ class FeatureStore:
         return self.root is not None
 
     def namespace(
-        self, model: VGG16CAM, image_size: int, precision: str, layer: str = "conv4_3"
+        self, model: Network, image_size: int, precision: str, layer: str = "conv4_3"
     ) -> Namespace:
         """The key of the features `model` gives at this size and precision (all but the image)."""
         return Namespace(
@@ -222,7 +247,7 @@ class FeatureStore:
 
     def fetch(
         self,
-        model: VGG16CAM,
+        model: Network,
         paths: Sequence[str | Path],
         image_size: int,
         *,
@@ -270,14 +295,14 @@ class FeatureStore:
         return StoredFeatures(files=files, computed=len(todo))
 
     def fetch_samples(
-        self, model: VGG16CAM, samples: Sequence[Sample], image_size: int, **kwargs
+        self, model: Network, samples: Sequence[Sample], image_size: int, **kwargs
     ) -> StoredFeatures:
         """`fetch` for samples of the table; `cache info` groups them by category."""
         return self.fetch(model, [s.path for s in samples], image_size,
                           datasets=[s.category for s in samples], **kwargs)
 
     def compute(
-        self, model: VGG16CAM, images: torch.Tensor, *, precision: str = "auto", layer: str = "conv4_3"
+        self, model: Network, images: torch.Tensor, *, precision: str = "auto", layer: str = "conv4_3"
     ) -> StoredFeatures:
         """Features of images that are no file (normalised tensors (N, 3, S, S) made in memory,
         e.g. pseudo-defects): computed, never stored, rounded to the store's dtype like the rest."""
@@ -289,7 +314,7 @@ class FeatureStore:
     # --------------------------------------------------------------------- internals
 
     @torch.inference_mode()
-    def _compute(self, model: VGG16CAM, ns: Namespace, indices, read) -> torch.Tensor:
+    def _compute(self, model: Network, ns: Namespace, indices, read) -> torch.Tensor:
         """Run the frozen layers on images `indices`, FILL_BATCH at a time, rounded to the store's
         dtype."""
         indices = list(indices)

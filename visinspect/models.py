@@ -122,17 +122,21 @@ def _features_state_dict(raw: dict, path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _load_file(model: VGG16CAM, path: Path) -> None:
+def read_weights_file(path: Path, what: str, env: str):
+    """The contents of a weights file (`torch.load`, weights only), or an error naming it: `what`
+    names the weights, `env` the variable that may have pointed at it."""
     if not path.is_file():
         raise VisinspectError(
-            f"backbone weights file {path} does not exist: pass an existing .pth file, or unset "
-            f"{WEIGHTS_ENV}"
+            f"{what} weights file {path} does not exist: pass an existing .pth file, or unset {env}"
         )
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise VisinspectError(f"cannot load backbone weights {path}: {e}") from None
-    state = _features_state_dict(raw, path)
+        raise VisinspectError(f"cannot load {what} weights {path}: {e}") from None
+
+
+def _load_file(model: VGG16CAM, path: Path) -> None:
+    state = _features_state_dict(read_weights_file(path, "backbone", WEIGHTS_ENV), path)
     expected = set(model.features.state_dict())
     if set(state) != expected:
         missing = sorted(expected - set(state))[:4]
@@ -150,18 +154,38 @@ def _load_file(model: VGG16CAM, path: Path) -> None:
         ) from None
 
 
-def _torchvision_weights(model: VGG16CAM, timeout: float) -> dict:
-    """torchvision's VGG16_Weights.IMAGENET1K_V1, from the torch hub cache or downloaded."""
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(TORCHVISION_URL).name
+def hub_checkpoint(url: str, timeout: float) -> Path:
+    """The torchvision weights file at `url`, from the torch hub cache, downloaded there if missing
+    with a socket timeout (a machine without internet fails fast instead of hanging)."""
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
     if not cached.is_file():
         if os.environ.get(OFFLINE_ENV):
             raise OSError(f"{OFFLINE_ENV} is set, not downloading")
         old = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(timeout)  # never hang on a machine without internet
+        socket.setdefaulttimeout(timeout)
         try:
-            torch.hub.load_state_dict_from_url(TORCHVISION_URL, progress=False, check_hash=True)
+            torch.hub.load_state_dict_from_url(url, progress=False, check_hash=True)
         finally:
             socket.setdefaulttimeout(old)
+    return cached
+
+
+def warn_random_weights(network: str, error: Exception, url: str, fix: str) -> None:
+    """The warning nobody can miss when ImageNet weights could not be had."""
+    warnings.warn(
+        "\n" + "!" * 78 + "\n"
+        f"NO PRETRAINED WEIGHTS: the {network} is RANDOMLY INITIALISED.\n"
+        f"torchvision's ImageNet weights could not be had ({type(error).__name__}: {error}).\n"
+        "Results will be far worse than the seed's. Fix: download\n"
+        f"  {url}\n"
+        f"and {fix}.\n" + "!" * 78,
+        stacklevel=3,
+    )
+
+
+def _torchvision_weights(model: VGG16CAM, timeout: float) -> dict:
+    """torchvision's VGG16_Weights.IMAGENET1K_V1, from the torch hub cache or downloaded."""
+    cached = hub_checkpoint(TORCHVISION_URL, timeout)
     _load_file(model, cached)
     return {"source": "torchvision", "path": str(cached), "sha256": sha256_file(cached)}
 
@@ -190,15 +214,8 @@ def load_backbone_weights(
     try:
         return _torchvision_weights(model, timeout)
     except (OSError, RuntimeError) as e:
-        warnings.warn(
-            "\n" + "!" * 78 + "\n"
-            "NO PRETRAINED WEIGHTS: the VGG16 backbone is RANDOMLY INITIALISED.\n"
-            f"torchvision's ImageNet weights could not be had ({type(e).__name__}: {e}).\n"
-            "Results will be far worse than the seed's. Fix: download\n"
-            f"  {TORCHVISION_URL}\n"
-            f"and pass it with --backbone-weights FILE or set {WEIGHTS_ENV}=FILE.\n" + "!" * 78,
-            stacklevel=2,
-        )
+        warn_random_weights("VGG16 backbone", e, TORCHVISION_URL,
+                            f"pass it with --backbone-weights FILE or set {WEIGHTS_ENV}=FILE")
         return {"source": "random", "path": None, "sha256": None}
 
 
@@ -226,7 +243,8 @@ def describe_backbone(provenance: dict) -> str:
     if source.startswith("simclr"):
         start = describe_backbone(provenance.get("backbone") or {}).removeprefix("backbone: ")
         return f"backbone: SimCLR-adapted ({source}), pre-training started from {start}"
+    network = provenance.get("network", "VGG16")
     if source == "random":
-        return "backbone: RANDOM initialisation (no ImageNet weights found)"
+        return f"backbone: {network}, RANDOM initialisation (no ImageNet weights found)"
     sha = (provenance.get("sha256") or "")[:12]
-    return f"backbone: ImageNet VGG16 from {source} ({provenance.get('path')}, sha256 {sha}...)"
+    return f"backbone: ImageNet {network} from {source} ({provenance.get('path')}, sha256 {sha}...)"

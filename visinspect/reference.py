@@ -22,11 +22,14 @@ from visinspect.calibration import Calibration, fit_calibration, require_good_tr
 from visinspect.cam import upsample
 from visinspect.data import Sample
 from visinspect.errors import ConfigError, DataError, VisinspectError
-from visinspect.features import FeatureStore, StoredFeatures
+from visinspect.features import FeatureStore, Network, StoredFeatures
 from visinspect.models import CONV4_3_END, FEATURES_END, VGG16CAM
 from visinspect.utils import autocast, model_device, resolve_precision
 
 LAYERS = ("conv4_3", "conv5_3")
+# The layer choices of a bank: VGG16's conv4_3 (+ conv5_3 from the classifier's block 5), or the
+# stride-16 maps of MobileNetV2 (visinspect.mobilenet), both read from the feature store.
+LAYER_CHOICES = (LAYERS[:1], LAYERS, ("mobilenet_v2",))
 # Search cost per image = patches per image x max_patches x feature dim multiply-adds: at 224 px
 # 784 x 2048 x 512 = 0.8 G, about 0.04 s on 2 AVX2 cores (~40 GFLOP/s fp32), well under the
 # backbone's own ~0.2 s. Cost grows linearly with max_patches and with conv5_3 (1024 dims).
@@ -64,7 +67,8 @@ def backbone_maps(
 
 
 def patch_features(conv4_3: torch.Tensor, conv5_3: torch.Tensor | None = None) -> torch.Tensor:
-    """Patch features (N, C, S/8, S/8) float32: each position averaged over its 3x3 neighbours.
+    """Patch features (N, C, h, w) float32 of conv4_3 maps (or MobileNetV2's, the same way): each
+    position averaged over its 3x3 neighbours.
 
     The 3x3 average is PatchCore's local aggregation: a patch feature describes a small region,
     not one position, so it tolerates small shifts. conv5_3 (coarser, more semantic) is
@@ -86,33 +90,36 @@ def _local_average(maps: torch.Tensor) -> torch.Tensor:
 
 def _check_layers(layers: Sequence[str]) -> tuple[str, ...]:
     layers = tuple(layers)
-    if layers not in (LAYERS[:1], LAYERS):
-        raise VisinspectError(f"layers must be {LAYERS[:1]} or {LAYERS}; got {layers!r}")
+    if layers not in LAYER_CHOICES:
+        raise VisinspectError(f"layers must be one of {', '.join(map(str, LAYER_CHOICES))}; got {layers!r}")
     return layers
 
 
 def _stored(
-    model: VGG16CAM,
+    model: Network,
     samples: Sequence[Sample],
     image_size: int,
     precision: str,
+    layers: tuple[str, ...],
     progress: bool = False,
     store: FeatureStore | None = None,
 ) -> StoredFeatures:
-    """The conv4_3 features of `samples`, from the feature store (computed there if missing)."""
+    """The stored layer of `samples` (the first of `layers`), from the feature store (computed
+    there if missing)."""
     # Re-layout the weights outside inference mode (else they become inference tensors and the
     # model can no longer be trained).
     model.eval().to(memory_format=torch.channels_last)
     return (store or FeatureStore.default()).fetch_samples(
-        model, samples, image_size, precision=resolve_precision(precision), progress=progress
+        model, samples, image_size, precision=resolve_precision(precision), layer=layers[0],
+        progress=progress,
     )
 
 
 def _patch_batches(
-    model: VGG16CAM, feats: StoredFeatures, layers: tuple[str, ...], batch_size: int, precision: str
+    model: Network, feats: StoredFeatures, layers: tuple[str, ...], batch_size: int, precision: str
 ) -> Iterator[torch.Tensor]:
-    """Yield the patch features of stored conv4_3 features, one batch at a time, in order; conv5_3
-    (if asked) is computed from them with the model's block 5."""
+    """Yield the patch features of stored features (conv4_3 or MobileNetV2's), one batch at a
+    time, in order; conv5_3 (if asked) is computed from conv4_3 with the model's block 5."""
     precision = resolve_precision(precision)
     device = model_device(model)
     for c4 in feats.batches(batch_size):
@@ -174,7 +181,8 @@ class PatchMemoryBank:
     """Nearest-neighbour anomaly score against patches of good images (PatchCore, simplified).
 
     PatchCore (Roth et al., CVPR 2022) in five steps:
-    1. run an ImageNet CNN on good images and keep mid-level maps (here conv4_3, + conv5_3);
+    1. run an ImageNet CNN on good images and keep mid-level maps (here VGG16's conv4_3,
+       + conv5_3, or MobileNetV2's stride-16 maps);
     2. every position, averaged over its 3x3 neighbourhood, is a patch feature;
     3. the patches of all good images form a memory bank, subsampled to keep search cheap;
     4. a test patch's score is the L2 distance to its nearest neighbour in the bank;
@@ -209,7 +217,7 @@ class PatchMemoryBank:
     @classmethod
     def fit(
         cls,
-        model: VGG16CAM,
+        model: Network,
         good_samples: Sequence[Sample],
         image_size: int = 224,
         layers: Sequence[str] = ("conv4_3",),
@@ -237,13 +245,13 @@ class PatchMemoryBank:
             )
         if max_patches is not None and max_patches < 1:
             raise VisinspectError(f"max_patches must be at least 1 (or None); got {max_patches}")
-        stored = _stored(model, good_samples, image_size, precision, progress, store)
-        # The bank and the good images' maps depend only on the stored conv4_3 features, the bank
+        stored = _stored(model, good_samples, image_size, precision, layers, progress, store)
+        # The bank and the good images' maps depend only on the stored features, the bank
         # size and the seed (conv5_3 would also depend on the model's block 5): the reference,
         # top-5 % and fused detectors of one product and K share them.
         device = model_device(model)
         key = None
-        if stored.identity is not None and layers == ("conv4_3",):
+        if stored.identity is not None and "conv5_3" not in layers:
             key = (stored.identity, max_patches, seed, str(device))
 
         def build() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -319,25 +327,26 @@ class PatchMemoryBank:
 
     def score(
         self,
-        model: VGG16CAM,
+        model: Network,
         samples: Sequence[Sample],
         batch_size: int = 16,
         precision: str = "auto",
         progress: bool = False,
         store: FeatureStore | None = None,
     ) -> tuple[np.ndarray, torch.Tensor]:
-        """Image scores (N,) and maps (N, S/8, S/8) at the bank's image size, with its model.
+        """Image scores (N,) and maps (N, h, w) at the bank's image size, with its model.
 
-        The maps are patch distances at conv4_3 resolution (28 x 28 at 224 px): upsample them
-        with cam.upsample for display. Use the model the bank was fitted with.
+        The maps are patch distances at the layer's resolution (conv4_3: 28 x 28 at 224 px,
+        MobileNetV2: 14 x 14): upsample them with cam.upsample for display. Use the model the
+        bank was fitted with.
         """
         if not samples:
             return np.zeros(0), torch.zeros(0, 0, 0)
-        stored = _stored(model, samples, self.image_size, precision, progress, store)
+        stored = _stored(model, samples, self.image_size, precision, self.layers, progress, store)
         # The patch distances depend only on the bank and the stored features (conv5_3 would also
         # depend on the model's block 5): the reference, top-5 % and fused rows of a split share them.
         key = None
-        if stored.identity is not None and self.layers == ("conv4_3",):
+        if stored.identity is not None and "conv5_3" not in self.layers:
             key = (hashlib.blake2b(self.bank.cpu().numpy().tobytes()).hexdigest(), stored.identity)
         maps = _remember(_DISTANCES, key, lambda: torch.cat([
             self.score_features(f)[1]

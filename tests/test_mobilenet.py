@@ -1,0 +1,128 @@
+"""MobileNetV2's patch layers: where their weights come from, what they give, the store's own
+layer for them, and the detectors that use them."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+import visinspect.features as features
+from visinspect.cli import main
+from visinspect.data import build_sample_table
+from visinspect.errors import VisinspectError
+from visinspect.features import FeatureStore
+from visinspect.methods import backbone_info, make_detector
+from visinspect.mobilenet import CHANNELS, MOBILENET_ENV, build_mobilenet
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "weights" / "mobilenet_v2_imagenet.pth"
+
+
+@pytest.fixture(scope="module")
+def mobilenet_file(tmp_path_factory) -> Path:
+    """A torchvision-layout MobileNetV2 file (random weights, classifier included)."""
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("weights") / "mobilenet.pth"
+    torch.save(torchvision.models.mobilenet_v2().state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("size", [32, 50, 64])
+def test_maps_have_96_channels_at_a_sixteenth_of_the_size_rounded_up(size):
+    model, provenance = build_mobilenet("random")
+    with torch.no_grad():
+        maps = model(torch.zeros(2, 3, size, size))
+    assert maps.shape == (2, CHANNELS, -(-size // 16), -(-size // 16))
+    assert provenance["source"] == "random" and not model.training
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_random_weights_are_the_same_every_time_and_leave_the_global_seed_alone():
+    torch.manual_seed(5)
+    expected = torch.rand(1)
+    torch.manual_seed(5)
+    a, _ = build_mobilenet("random")
+    assert torch.equal(torch.rand(1), expected)
+    b, _ = build_mobilenet("random")
+    pairs = zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    assert all(torch.equal(x, y) for x, y in pairs)
+
+
+def test_a_file_and_the_environment_variable_load_the_weights(mobilenet_file, monkeypatch):
+    expected = torch.load(mobilenet_file, weights_only=True)["features.0.0.weight"]
+    model, provenance = build_mobilenet(mobilenet_file)
+    assert torch.equal(model.features[0][0].weight, expected)
+    assert provenance["source"] == "file" and len(provenance["sha256"]) == 64
+    monkeypatch.setenv(MOBILENET_ENV, str(mobilenet_file))
+    model, provenance = build_mobilenet("auto")
+    assert provenance["source"] == f"env:{MOBILENET_ENV}"
+    assert torch.equal(model.features[0][0].weight, expected)
+
+
+def test_a_wrong_or_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(VisinspectError, match="does not exist"):
+        build_mobilenet(tmp_path / "nope.pth")
+    vgg = tmp_path / "vgg.pth"
+    torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3)}, vgg)
+    with pytest.raises(VisinspectError, match=r"vgg\.pth does not hold torchvision MobileNetV2 weights"):
+        build_mobilenet(vgg)
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(VisinspectError, match="cannot load MobileNetV2 weights"):
+        build_mobilenet(junk)
+
+
+def test_offline_without_weights_warns_and_falls_back_to_random(tmp_path, monkeypatch):
+    monkeypatch.delenv(MOBILENET_ENV, raising=False)
+    monkeypatch.setenv("VISINSPECT_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache
+    with pytest.warns(UserWarning, match="MobileNetV2 .* RANDOMLY INITIALISED"):
+        _, provenance = build_mobilenet("auto")
+    assert provenance["source"] == "random"
+
+
+@pytest.mark.skipif(not SHARED.is_file(), reason=f"{SHARED} is absent (the shared ImageNet weights)")
+def test_the_shared_imagenet_file_loads():
+    _, provenance = build_mobilenet(SHARED)
+    assert provenance["sha256"] == "9a58eafba7067d6b327c1ecdd95d6c5ff612cf1a5cd801b8e4211017c04002b9"
+
+
+def test_the_store_keeps_mobilenet_maps_in_their_own_namespace(tmp_path, tiny_root, pristine_model):
+    samples = build_sample_table(tiny_root).samples[:3]
+    store = FeatureStore(tmp_path / "store")
+    model, _ = build_mobilenet("random")
+    first = store.fetch_samples(model, samples, 64, precision="fp32", layer="mobilenet_v2")
+    again = store.fetch_samples(model, samples, 64, precision="fp32", layer="mobilenet_v2")
+    vgg = store.fetch_samples(pristine_model, samples, 64, precision="fp32")
+    assert first.computed == 3 and again.computed == 0 and vgg.computed == 3
+    assert first.batch([0]).shape == (1, CHANNELS, 4, 4)
+    assert set(first.identity).isdisjoint(vgg.identity)
+    with torch.no_grad():
+        direct = model(torch.stack([features._read_input(s.path, 64) for s in samples[:2]]))
+    torch.testing.assert_close(first.batch([0, 1]), direct, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_the_mobilenet_reference_uses_every_patch_and_takes_random_weights_with_a_random_classifier(
+    tiny_root, pristine_model, monkeypatch
+):
+    monkeypatch.setenv("VISINSPECT_OFFLINE", "1")  # a download attempt would fail the test
+    samples = build_sample_table(tiny_root).samples
+    good = [s for s in samples if s.category == "round_pill" and s.split == "train"]
+    test = [s for s in samples if s.category == "round_pill" and s.split == "test"]
+    info = backbone_info(64, {"source": "random"})
+    detector = make_detector("reference-mobilenet", pristine_model, info, precision="fp32")
+    assert detector.patch_provenance["source"] == "random"
+    detector.adapt(good)
+    bank = detector.banks["round_pill"]
+    assert bank.bank.shape == (len(good) * 16, CHANNELS)  # 4 x 4 patches per image, none dropped
+    scored = detector.score(test)
+    assert scored.maps.shape == (len(test), 4, 4) and np.isfinite(scored.scores).all()
+
+
+def test_train_names_the_patch_network_of_a_method_that_trains_nothing(tmp_path, capsys):
+    assert main(["train", "--method", "reference-mobilenet", "--image-size", "32", "--backbone-weights",
+                 "random", "--out", str(tmp_path / "r.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "trains nothing" in out and "patch features: backbone: MobileNetV2, RANDOM initialisation" in out

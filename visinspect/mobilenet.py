@@ -1,0 +1,92 @@
+"""MobileNetV2's ImageNet layers as the patch features of the good-reference score.
+
+The nearest-good-patch score (visinspect.reference) only compares features, so it can use any
+frozen ImageNet network. Measured on the real targets (docs/results.md), MobileNetV2's stride-16
+maps (the output of its 13th inverted-residual block: 96 channels, 14 x 14 at 224 px) separate
+good from defective parts of new products far better than VGG16's conv4_3, at about a fortieth of
+its cost. VGG16 stays the classifier's backbone (the seed's model, its CAM and its training).
+
+Weights, in this order: a file given (or $VISINSPECT_MOBILENET_WEIGHTS), torchvision's
+MobileNet_V2_Weights.IMAGENET1K_V1 (hub cache, else a download with a timeout), else random
+initialisation with a warning nobody can miss.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from visinspect.errors import VisinspectError
+from visinspect.models import hub_checkpoint, read_weights_file, sha256_file, warn_random_weights
+
+MOBILENET_ENV = "VISINSPECT_MOBILENET_WEIGHTS"
+MOBILENET_URL = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1.url
+# torchvision's mobilenet_v2().features[:14] ends with the last 96-channel block, at stride 16.
+# Screened on the real targets: its stride-8 block (alone or concatenated) and its stride-32
+# blocks scored lower.
+PATCH_END = 14
+CHANNELS, STRIDE = 96, 16
+
+
+class MobileNetPatches(nn.Module):
+    """MobileNetV2's layers up to its stride-16 block, frozen and in eval mode (batch norm uses
+    ImageNet's statistics): images (N, 3, S, S) -> maps (N, 96, S/16, S/16)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = torchvision.models.mobilenet_v2().features[:PATCH_END]
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+def _load_file(model: MobileNetPatches, path: Path) -> None:
+    raw = read_weights_file(path, "MobileNetV2", MOBILENET_ENV)
+    expected = model.features.state_dict()
+    # torchvision's file holds the whole network: keep the layers up to PATCH_END, drop the rest.
+    raw = raw if isinstance(raw, dict) else {}
+    state = {k: raw[f"features.{k}"] for k in expected if f"features.{k}" in raw}
+    wrong = sorted(k for k in expected if k not in state or state[k].shape != expected[k].shape)
+    if wrong:
+        raise VisinspectError(
+            f"{path} does not hold torchvision MobileNetV2 weights (features.{wrong[0]} is missing or "
+            "has another shape): give the file of torchvision's mobilenet_v2 (MobileNet_V2_Weights)"
+        )
+    model.features.load_state_dict(state)
+
+
+def _provenance(source: str, path: Path | None) -> dict:
+    return {"network": "MobileNetV2", "source": source, "path": path and str(path),
+            "sha256": path and sha256_file(path)}
+
+
+def build_mobilenet(
+    weights: str | Path | None = "auto", *, timeout: float = 20.0
+) -> tuple[MobileNetPatches, dict]:
+    """MobileNetV2's patch layers with ImageNet weights, and where they came from (network, source,
+    path, sha256). "auto": $VISINSPECT_MOBILENET_WEIGHTS, else torchvision's (cache or download),
+    else random; "random" skips it all (tests). Random weights are seeded: the same every time."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = MobileNetPatches()
+    if weights is None or weights == "random":
+        return model, _provenance("random", None)
+    env = os.environ.get(MOBILENET_ENV)
+    if weights != "auto" or env:
+        path = Path(weights if weights != "auto" else env).expanduser()
+        _load_file(model, path)
+        return model, _provenance("file" if weights != "auto" else f"env:{MOBILENET_ENV}", path)
+    try:
+        path = hub_checkpoint(MOBILENET_URL, timeout)
+        _load_file(model, path)
+    except (OSError, RuntimeError) as e:
+        warn_random_weights("MobileNetV2 of the good-reference score", e, MOBILENET_URL,
+                            f"set {MOBILENET_ENV}=FILE")
+        return model, _provenance("random", None)
+    return model, _provenance("torchvision", path)
