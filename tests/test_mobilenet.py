@@ -1,6 +1,7 @@
 """MobileNetV2's patch layers: where their weights come from, what they give, the store's own
 layer for them, and the detectors that use them."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -121,8 +122,15 @@ def test_the_mobilenet_reference_uses_every_patch_and_takes_random_weights_with_
     assert scored.maps.shape == (len(test), 4, 4) and np.isfinite(scored.scores).all()
 
 
-def test_train_names_the_patch_network_of_a_method_that_trains_nothing(tmp_path, capsys):
+def test_train_and_evaluate_name_the_patch_network(tmp_path, tiny_root, capsys):
+    checkpoint = tmp_path / "r.pt"
     assert main(["train", "--method", "reference-mobilenet", "--image-size", "32", "--backbone-weights",
-                 "random", "--out", str(tmp_path / "r.pt")]) == 0
+                 "random", "--out", str(checkpoint)]) == 0
     out = capsys.readouterr().out
     assert "trains nothing" in out and "patch features: backbone: MobileNetV2, RANDOM initialisation" in out
+    report = tmp_path / "report.json"
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(tiny_root), "--categories",
+                 "round_pill", "--calibrate", "2", "--json", str(report)]) == 0
+    assert "patch features: backbone: MobileNetV2" in capsys.readouterr().out
+    saved = json.loads(report.read_text())
+    assert saved["method"] == "reference-mobilenet" and saved["patch_backbone"]["network"] == "MobileNetV2"

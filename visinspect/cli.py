@@ -276,7 +276,7 @@ def _evaluate_checkpoint(args, default_categories: Sequence[str]) -> dict:
         report["uncalibrated"] = {k: v for k, v in uncalibrated.items() if k != "per_defect_type"}
     report["method"] = detector.name
     report["backbone"] = info["backbone"]
-    if hasattr(detector, "patch_provenance"):  # the network of its nearest-good-patch score
+    if detector.patch_provenance is not None:  # the network of its nearest-good-patch score
         report["patch_backbone"] = detector.patch_provenance
     report["checkpoint"] = str(args.checkpoint)
     return report
@@ -366,7 +366,7 @@ def cmd_predict(args) -> int:
         if detector.uses_good:
             print(f"method {detector.name!r}, adapted to {len(args.reference_dir)} reference folder(s) "
                   f"of good {detector.product!r} images")
-        if getattr(detector, "patch_provenance", detector.info["backbone"]) != detector.info["backbone"]:
+        if detector.patch_provenance not in (None, detector.info["backbone"]):
             print("patch features: " + describe_backbone(detector.patch_provenance))
     summary = predict_images(
         detector,

@@ -91,6 +91,8 @@ class Detector:
         self.threshold = 0.0
         self.normalizer: HeatmapNormalizer | None = IDENTITY
         self.product: str | None = None  # the product adapted to last
+        # Where the weights of a nearest-good-patch score's network came from (None: no such score).
+        self.patch_provenance: dict | None = None
         self.progress = False  # progress bars of the feature store and the scoring
 
     def adapt(self, good: Sequence[Sample]) -> None:
