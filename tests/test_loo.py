@@ -14,7 +14,7 @@ import pytest
 import visinspect.train as train_module
 from visinspect import cli
 from visinspect.compare import ComparePreset
-from visinspect.data import build_sample_table
+from visinspect.data import build_sample_table, target_test_images
 from visinspect.errors import ConfigError
 from visinspect.features import STORE_ENV, FeatureStore
 from visinspect.loo import (
@@ -153,6 +153,19 @@ def test_models_choose_what_runs(tiny_root, tmp_path, store):
                    targets=["round_pill"])
     assert {r["model"] for r in rows} == {"simclr+defect-negatives calibrated k=2"}
     assert [p.name for p in (tmp_path / "lever" / "models").rglob("*.pt")] == ["simclr+defect-negatives.pt"]
+
+
+@pytest.mark.slow
+def test_the_frozen_pass_fills_only_the_layers_the_models_read(tiny_root, tmp_path):
+    store = FeatureStore(tmp_path / "features")
+    run_loo(tiny_root, tmp_path / "mobile", store, models=["reference-mobilenet"], targets=["round_pill"])
+    layers = {ns["layer"]: ns["entries"] for ns in store.info()["namespaces"]}
+    # No VGG16 pass at all; MobileNetV2's maps of the target's test images and K = 2 good ones only.
+    table = build_sample_table(tiny_root).samples
+    test = target_test_images([s for s in table if s.category == "round_pill"])
+    assert layers == {"mobilenet_v2": len(test) + 2}
+    budget = json.loads((tmp_path / "mobile" / "budget.json").read_text())["this_run"]["frozen_pass"]
+    assert budget["computed"] == layers["mobilenet_v2"] and budget["from_store"] == 0
 
 
 def test_bad_settings_are_refused(tiny_root, tmp_path, store):

@@ -30,7 +30,7 @@ from visinspect.data import Sample
 from visinspect.errors import DataError
 from visinspect.features import Network, file_digest, weights_digest
 from visinspect.inference import Predictions, ScoredImages, predict
-from visinspect.mobilenet import build_mobilenet
+from visinspect.mobilenet import MobileNetPatches, build_mobilenet
 from visinspect.models import VGG16CAM
 from visinspect.reference import DEFAULT_MAX_PATCHES, FusedScorer, PatchMemoryBank, fit_fusion
 from visinspect.utils import resolve_precision
@@ -74,6 +74,8 @@ class Detector:
 
     uses_good = False  # does `adapt` need K good images of the product (rows are named "k=K")
     score_name = ""
+    # The feature-store layers (features.LAYERS) it reads: what `loo`'s frozen pass fills first.
+    stored_layers: tuple[str, ...] = ("conv4_3",)
 
     def __init__(
         self,
@@ -232,14 +234,12 @@ class MobileNetReferenceDetector(TopReferenceDetector):
     224 px, so even K = 50 searches fewer multiply-adds than conv4_3's 2048-patch coreset."""
 
     score_name = "mean of the 5 % largest MobileNetV2 good-patch distances minus calibrated threshold"
-    layers = ("mobilenet_v2",)
+    layers = stored_layers = ("mobilenet_v2",)
     max_patches = None
 
     def __init__(self, model: VGG16CAM, info: dict, **kwargs) -> None:
         super().__init__(model, info, **kwargs)
-        # Random weights exactly when the classifier's backbone has them (tests, the offline demo).
-        random = (info.get("backbone") or {}).get("source") == "random"
-        self.patch_model, self.patch_provenance = build_mobilenet("random" if random else "auto")
+        self.patch_model, self.patch_provenance = mobilenet_for(info)
 
 
 class FusedDetector(Detector):
@@ -306,6 +306,14 @@ class FusedMobileNetDetector(FusedDetector):
 
     score_name = "mean z-score (classifier, MobileNetV2 top-5 % reference) minus calibrated threshold"
     reference_detector = MobileNetReferenceDetector
+    stored_layers = ("conv4_3", "mobilenet_v2")
+
+
+def mobilenet_for(info: dict) -> tuple[MobileNetPatches, dict]:
+    """The MobileNetV2 of the nearest-good-patch score beside a model with this `info`: ImageNet
+    weights ("auto"), random exactly when the model's VGG16 backbone is (tests, the offline demo)."""
+    random = (info.get("backbone") or {}).get("source") == "random"
+    return build_mobilenet("random" if random else "auto")
 
 
 def by_product(

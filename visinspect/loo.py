@@ -41,6 +41,7 @@ from visinspect.compare import (
     train_variant,
 )
 from visinspect.data import Sample, build_sample_table, single_class_categories
+from visinspect.detectors import mobilenet_for
 from visinspect.errors import ConfigError
 from visinspect.features import FeatureStore, use_store
 from visinspect.methods import METHODS, make_detector, untrained_backbone
@@ -259,31 +260,39 @@ class LeaveOneOut:
 
 
     def frozen_pass(self, todo: Sequence[Job]) -> dict:
-        """Every image the jobs need, through the frozen layers once (the store keeps them)."""
-        needed: dict[Path, Sample] = {}
+        """Every image the jobs need, through the frozen layers they read once (the store keeps
+        them): VGG16's conv4_3 for the trainings and most methods, MobileNetV2's maps for the
+        `*-mobilenet` methods (of the images they score and adapt to)."""
+        needed: dict[str, dict[Path, Sample]] = {}
         for job in todo:
             split = self.split(job.target, job.seed)
-            for s in [*split.train, *split.val, *split.test, *(g for gs in split.good.values() for g in gs)]:
-                needed.setdefault(s.path, s)
-        samples = sorted(needed.values(), key=lambda s: (s.category, str(s.path)))
-        model = untrained_backbone(self.preset.image_size, self.weights, self.seeds[0])[0].to(self.device)
-        began = time.perf_counter()
-        feats = self.store.fetch_samples(
-            model, samples, self.preset.image_size, precision=self.preset.precision, progress=True,
-            desc="frozen pass",
-        )
-        seconds = time.perf_counter() - began
-        fill = {
-            "images": len(samples),
-            "computed": feats.computed,
-            "from_store": len(samples) - feats.computed,
-            "seconds": round(seconds, 1),
-            "seconds_per_image": seconds / feats.computed if feats.computed else 0.25,
-        }
-        self.log(
-            f"frozen pass: {len(samples)} images, {feats.computed} computed and {fill['from_store']} "
-            f"from the store ({self.store.root or 'off'}), {seconds:.0f} s"
-        )
+            scored = [*split.test, *(g for gs in split.good.values() for g in gs)]
+            layers = ("conv4_3",) if job.kind == "train" else METHODS[job.name].detector.stored_layers
+            for layer in layers:
+                for s in [*split.train, *split.val, *scored] if layer == "conv4_3" else scored:
+                    needed.setdefault(layer, {}).setdefault(s.path, s)
+        vgg, info = untrained_backbone(self.preset.image_size, self.weights, self.seeds[0])
+        networks = {"conv4_3": lambda: vgg.to(self.device), "mobilenet_v2": lambda: mobilenet_for(info)[0]}
+        fill = {"images": 0, "computed": 0, "from_store": 0, "seconds": 0.0, "seconds_per_image": 0.25}
+        for layer in sorted(needed):
+            samples = sorted(needed[layer].values(), key=lambda s: (s.category, str(s.path)))
+            began = time.perf_counter()
+            feats = self.store.fetch_samples(
+                networks[layer](), samples, self.preset.image_size, precision=self.preset.precision,
+                layer=layer, progress=True, desc=f"frozen pass ({layer})",
+            )
+            seconds = time.perf_counter() - began
+            fill["images"] += len(samples)
+            fill["computed"] += feats.computed
+            fill["from_store"] += len(samples) - feats.computed
+            fill["seconds"] = round(fill["seconds"] + seconds, 1)
+            if layer == "conv4_3" and feats.computed:  # the ETA's guess: the cost of a VGG16 pass
+                fill["seconds_per_image"] = seconds / feats.computed
+            self.log(
+                f"frozen pass ({layer}): {len(samples)} images, {feats.computed} computed and "
+                f"{len(samples) - feats.computed} from the store ({self.store.root or 'off'}), "
+                f"{seconds:.0f} s"
+            )
         return fill
 
     def train(self, job: Job) -> None:
