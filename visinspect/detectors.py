@@ -275,7 +275,7 @@ class FusedDetector(Detector):
         self.calibrations[product] = fit_calibration(
             fusion.score(preds.margins, bank.good_scores), fusion.heatmap(preds.cams, bank.good_maps),
             category=product, images=[s.path for s in good], false_alarm_rate=self.false_alarm_rate,
-            model="fused",
+            model=self.name,
         )
 
     def score(self, samples: Sequence[Sample]) -> ScoredImages:
