@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import visinspect.detectors as detectors
+from visinspect.checkpoint import save_classifier
 from visinspect.cli import main
 from visinspect.data import build_sample_table
 from visinspect.detectors import reference_samples
@@ -122,13 +123,19 @@ def test_the_users_path_train_then_predict_with_good_images(recommended, tiny_ro
     assert detector.name == RECOMMENDED and detector.product == "good"
 
 
-def test_predict_refuses_a_missing_or_useless_reference(recommended, tiny_root, tmp_path, capsys):
+def test_predict_refuses_a_missing_or_useless_reference(
+    recommended, pristine_model, tiny_root, tmp_path, capsys
+):
     images = str(tiny_root / "round_pill" / "test" / "good")
     code = main(["predict", "--checkpoint", str(recommended), images, "--out", str(tmp_path / "a")])
     err = capsys.readouterr().err
     assert code == 2 and "--reference-dir" in err and err.count("\n") == 1
-    code = main(["predict", "--checkpoint", str(recommended), "--method", "baseline", "--reference-dir",
-                 images, images, "--out", str(tmp_path / "b")])
+    code = main(["predict", "--checkpoint", str(recommended), "--method", "baseline", images,
+                 "--out", str(tmp_path / "b")])  # the recommended method's checkpoint keeps no VGG16
+    assert code == 2 and "needs a VGG16 model" in capsys.readouterr().err
+    classifier = save_classifier(tmp_path / "baseline.pt", pristine_model, **backbone_info(SIZE, {}))
+    code = main(["predict", "--checkpoint", str(classifier), "--reference-dir", images, images,
+                 "--out", str(tmp_path / "c")])
     assert code == 2 and "leave --reference-dir out" in capsys.readouterr().err
     with pytest.raises(DataError, match="no good reference images"):
         reference_samples([tmp_path])

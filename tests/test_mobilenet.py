@@ -10,11 +10,12 @@ import torch
 import torchvision
 
 import visinspect.features as features
+from visinspect.checkpoint import load_checkpoint
 from visinspect.cli import main
 from visinspect.data import build_sample_table
-from visinspect.errors import VisinspectError
+from visinspect.errors import CheckpointError, VisinspectError
 from visinspect.features import FeatureStore
-from visinspect.methods import backbone_info, make_detector
+from visinspect.methods import backbone_info, load_detector, make_detector
 from visinspect.mobilenet import CHANNELS, MOBILENET_ENV, build_mobilenet
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "weights" / "mobilenet_v2_imagenet.pth"
@@ -134,3 +135,30 @@ def test_train_and_evaluate_name_the_patch_network(tmp_path, tiny_root, capsys):
     assert "patch features: backbone: MobileNetV2" in capsys.readouterr().out
     saved = json.loads(report.read_text())
     assert saved["method"] == "reference-mobilenet" and saved["patch_backbone"]["network"] == "MobileNetV2"
+
+
+def test_the_recommended_methods_checkpoint_keeps_settings_only_and_pins_its_weights(
+    mobilenet_file, tmp_path, tiny_root, monkeypatch, capsys
+):
+    monkeypatch.setenv(MOBILENET_ENV, str(mobilenet_file))
+    checkpoint = tmp_path / "r.pt"
+    assert main(["train", "--method", "reference-mobilenet", "--image-size", "32",
+                 "--out", str(checkpoint)]) == 0
+    assert "saved its settings (no weights)" in capsys.readouterr().out
+    data = load_checkpoint(checkpoint)
+    assert data["kind"] == "settings" and "state_dict" not in data
+    assert data["backbone"]["source"] == f"env:{MOBILENET_ENV}" and checkpoint.stat().st_size < 100_000
+    good = [tiny_root / "round_pill" / "train" / "good"]
+    assert load_detector(checkpoint, reference=good).patch_provenance == data["backbone"]
+    # Other MobileNetV2 weights here: scored with them, and a warning names both files.
+    other = tmp_path / "other.pth"
+    torch.save(torchvision.models.mobilenet_v2().state_dict(), other)
+    monkeypatch.setenv(MOBILENET_ENV, str(other))
+    with pytest.warns(UserWarning, match="differ from the ones recorded"):
+        assert load_detector(checkpoint, reference=good).patch_provenance["path"] == str(other)
+    # None at all here: random features would score nothing, so it refuses.
+    monkeypatch.delenv(MOBILENET_ENV)
+    monkeypatch.setenv("VISINSPECT_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-hub"))
+    with pytest.warns(UserWarning, match="RANDOM"), pytest.raises(CheckpointError, match=MOBILENET_ENV):
+        load_detector(checkpoint, reference=good)

@@ -144,11 +144,34 @@ def save_classifier(path: str | Path, model: torch.nn.Module, **info) -> Path:
     return save_checkpoint(path, payload)
 
 
+def save_settings(path: str | Path, **info) -> Path:
+    """Save the settings of a method that trains nothing and reads no VGG16 (e.g. the image size
+    and where its patch network's weights came from): no weights, a few kilobytes."""
+    return save_checkpoint(path, {"kind": "settings", **info})
+
+
+def load_method_checkpoint(path: str | Path) -> tuple[torch.nn.Module | None, dict]:
+    """What `train` wrote: (classifier in eval mode, info), or (None, info) for a settings
+    checkpoint, whose method needs no VGG16."""
+    data = load_checkpoint(path)
+    if data.get("kind") == "settings":
+        return None, data
+    if data.get("kind") != "classifier":
+        raise CheckpointError(
+            f"{path} is a {data.get('kind')!r} checkpoint; `train` writes 'classifier' or 'settings' ones"
+        )
+    return _classifier(path, data)
+
+
 def load_classifier(path: str | Path, image_size: int | None = None) -> tuple[torch.nn.Module, dict]:
     """Load a classifier checkpoint into a fresh VGG16CAM; returns (model in eval mode, info)."""
+    return _classifier(path, load_checkpoint(path, kind="classifier"), image_size)
+
+
+def _classifier(path: str | Path, data: dict, image_size: int | None = None) -> tuple[torch.nn.Module, dict]:
+    """A checkpoint's loaded dict as a VGG16CAM in eval mode and its info."""
     from visinspect.models import CLASS_NAMES, VGG16CAM
 
-    data = load_checkpoint(path, kind="classifier")
     if data.get("architecture") != "vgg16-cam" or list(data.get("class_names", [])) != list(CLASS_NAMES):
         raise CheckpointError(
             f"{path} is a {data.get('architecture')!r} model with classes {data.get('class_names')}; "

@@ -127,19 +127,34 @@ def _train_val(args, source_default: Sequence[str]):
 
 
 def cmd_train(args) -> int:
-    from visinspect.checkpoint import save_classifier
+    from visinspect.checkpoint import save_classifier, save_settings
     from visinspect.errors import ConfigError
-    from visinspect.methods import METHODS, RECOMMENDED, make_detector, method, untrained_backbone
+    from visinspect.methods import (
+        METHODS,
+        RECOMMENDED,
+        backbone_info,
+        make_detector,
+        method,
+        untrained_backbone,
+    )
     from visinspect.models import describe_backbone
     from visinspect.train import TrainConfig, train_baseline
 
     chosen = method(args.method or RECOMMENDED)
-    if chosen.trains is None:  # nothing to learn from the source: the checkpoint is the backbone
-        model, info = untrained_backbone(args.image_size, args.backbone_weights, args.seed)
-        patches = make_detector(chosen.name, model, info).patch_provenance  # fails early without weights
-        save_classifier(args.out, model, **info, method=chosen.name)
+    if chosen.trains is None:  # nothing to learn from the source products
+        if chosen.detector.uses_vgg16:
+            model, info = untrained_backbone(args.image_size, args.backbone_weights, args.seed)
+            patches = make_detector(chosen.name, model, info).patch_provenance  # fails early without weights
+            save_classifier(args.out, model, **info, method=chosen.name)
+            kept = "settings and VGG16 backbone"
+        else:  # its patch network is all it reads: record which weights, keep no VGG16
+            wanted = {"source": "random"} if args.backbone_weights == "random" else {}  # tests, demos
+            detector = make_detector(chosen.name, None, backbone_info(args.image_size, wanted))
+            patches = detector.patch_provenance
+            save_settings(args.out, **backbone_info(args.image_size, patches), method=chosen.name)
+            kept = "settings (no weights)"
         print(f"method {chosen.name!r} trains nothing (it learns from the K good images given to "
-              f"`predict`); saved its settings and backbone to {args.out}")
+              f"`predict`); saved its {kept} to {args.out}")
         print("patch features: " + describe_backbone(patches))
         return 0
     if chosen.trains not in ("baseline", "residual"):
@@ -244,11 +259,11 @@ def _evaluate_checkpoint(args, default_categories: Sequence[str]) -> dict:
     each category, which are then left out of the images evaluated; the calibration is saved next
     to the checkpoint. With --calibrate, the report keeps the uncalibrated classifier's too."""
     from visinspect.calibration import DEFAULT_K
-    from visinspect.checkpoint import load_classifier
+    from visinspect.checkpoint import load_method_checkpoint
     from visinspect.data import build_sample_table
     from visinspect.methods import make_detector
 
-    model, info = load_classifier(args.checkpoint)
+    model, info = load_method_checkpoint(args.checkpoint)
     name = args.method or info.get("method", "baseline")
     detector = make_detector(name, model, info, precision=args.precision,
                              false_alarm_rate=args.false_alarm_rate)
@@ -275,7 +290,7 @@ def _evaluate_checkpoint(args, default_categories: Sequence[str]) -> dict:
         uncalibrated = _report(plain, samples, args, loc)
         report["uncalibrated"] = {k: v for k, v in uncalibrated.items() if k != "per_defect_type"}
     report["method"] = detector.name
-    report["backbone"] = info["backbone"]
+    report["backbone"] = info["backbone"] if model is not None else None  # the VGG16's, if any
     if detector.patch_provenance is not None:  # the network of its nearest-good-patch score
         report["patch_backbone"] = detector.patch_provenance
     report["checkpoint"] = str(args.checkpoint)
@@ -333,8 +348,9 @@ def cmd_evaluate(args) -> int:
         print(markdown_table(report, title="After calibration on good images of each product: "))
     else:
         print(markdown_table(report))
-    print(describe_backbone(report["backbone"]))
-    if report.get("patch_backbone", report["backbone"]) != report["backbone"]:
+    if report["backbone"] is not None:
+        print(describe_backbone(report["backbone"]))
+    if report.get("patch_backbone") not in (None, report["backbone"]):
         print("patch features: " + describe_backbone(report["patch_backbone"]))
     if args.json:
         out = Path(args.json)
@@ -366,7 +382,7 @@ def cmd_predict(args) -> int:
         if detector.uses_good:
             print(f"method {detector.name!r}, adapted to {len(args.reference_dir)} reference folder(s) "
                   f"of good {detector.product!r} images")
-        if detector.patch_provenance not in (None, detector.info["backbone"]):
+        if (detector.patch_provenance or {}).get("network"):  # a patch network other than VGG16
             print("patch features: " + describe_backbone(detector.patch_provenance))
     summary = predict_images(
         detector,

@@ -18,6 +18,7 @@ in `methods.METHODS`.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -27,10 +28,10 @@ import torch
 from visinspect.calibration import Calibration, fit_calibration
 from visinspect.cam import HeatmapNormalizer
 from visinspect.data import Sample
-from visinspect.errors import DataError
+from visinspect.errors import CheckpointError, DataError
 from visinspect.features import Network, file_digest, weights_digest
 from visinspect.inference import Predictions, ScoredImages, predict
-from visinspect.mobilenet import MobileNetPatches, build_mobilenet
+from visinspect.mobilenet import MOBILENET_ENV, MobileNetPatches, build_mobilenet
 from visinspect.models import VGG16CAM
 from visinspect.reference import DEFAULT_MAX_PATCHES, FusedScorer, PatchMemoryBank, fit_fusion
 from visinspect.utils import resolve_precision
@@ -76,10 +77,13 @@ class Detector:
     score_name = ""
     # The feature-store layers (features.LAYERS) it reads: what `loo`'s frozen pass fills first.
     stored_layers: tuple[str, ...] = ("conv4_3",)
+    # Whether it reads the VGG16 model it is given; if not, `train` saves its settings only and it
+    # runs with model None.
+    uses_vgg16 = True
 
     def __init__(
         self,
-        model: VGG16CAM,
+        model: VGG16CAM | None,
         info: dict,
         *,
         name: str,
@@ -236,8 +240,9 @@ class MobileNetReferenceDetector(TopReferenceDetector):
     score_name = "mean of the 5 % largest MobileNetV2 good-patch distances minus calibrated threshold"
     layers = stored_layers = ("mobilenet_v2",)
     max_patches = None
+    uses_vgg16 = False
 
-    def __init__(self, model: VGG16CAM, info: dict, **kwargs) -> None:
+    def __init__(self, model: VGG16CAM | None, info: dict, **kwargs) -> None:
         super().__init__(model, info, **kwargs)
         self.patch_model, self.patch_provenance = mobilenet_for(info)
 
@@ -310,10 +315,27 @@ class FusedMobileNetDetector(FusedDetector):
 
 
 def mobilenet_for(info: dict) -> tuple[MobileNetPatches, dict]:
-    """The MobileNetV2 of the nearest-good-patch score beside a model with this `info`: ImageNet
-    weights ("auto"), random exactly when the model's VGG16 backbone is (tests, the offline demo)."""
-    random = (info.get("backbone") or {}).get("source") == "random"
-    return build_mobilenet("random" if random else "auto")
+    """The MobileNetV2 of the nearest-good-patch score for a model or checkpoint with this `info`:
+    ImageNet weights ("auto"), random exactly when its backbone is (tests, the offline demo).
+
+    When `info` records MobileNetV2's own weights (a settings checkpoint of `train`), the weights
+    found here must be ImageNet's too: scoring with random features would mean nothing."""
+    recorded = info.get("backbone") or {}
+    model, found = build_mobilenet("random" if recorded.get("source") == "random" else "auto")
+    if recorded.get("network") == "MobileNetV2" and recorded.get("sha256") != found["sha256"]:
+        if found["source"] == "random":
+            raise CheckpointError(
+                f"this method was set up with ImageNet MobileNetV2 weights ({recorded.get('path')}, "
+                f"sha256 {str(recorded.get('sha256'))[:12]}...) and none are found here: set "
+                f"{MOBILENET_ENV}=FILE to that file (or let torchvision download its own)"
+            )
+        warnings.warn(
+            f"MobileNetV2 weights differ from the ones recorded at training ({recorded.get('path')}, "
+            f"sha256 {str(recorded.get('sha256'))[:12]}...): using {found['path']} "
+            f"(sha256 {str(found['sha256'])[:12]}...)",
+            stacklevel=2,
+        )
+    return model, found
 
 
 def by_product(

@@ -124,14 +124,20 @@ def untrained_backbone(
 
 def make_detector(
     name: str,
-    model: VGG16CAM,
+    model: VGG16CAM | None,
     info: dict,
     *,
     precision: str = "auto",
     false_alarm_rate: float = 0.01,
     seed: int = 0,
 ) -> Detector:
-    """The detector of method `name` over a model (its training's, or a plain backbone)."""
+    """The detector of method `name` over a model (its training's, or a plain backbone; None for a
+    settings checkpoint, which serves only the methods that read no VGG16)."""
+    if model is None and method(name).detector.uses_vgg16:
+        raise ConfigError(
+            f"method {name!r} needs a VGG16 model, and this checkpoint holds none (`train --method "
+            f"{info.get('method')}` keeps only settings): train one with `train --method {name}`"
+        )
     return method(name).detector(
         model, info, name=name, precision=precision, false_alarm_rate=false_alarm_rate, seed=seed
     )
@@ -148,9 +154,9 @@ def load_detector(
 ) -> Detector:
     """A checkpoint (written by `train`) as the detector of its method (or `method`), adapted to
     the good images in `reference` (files or folders) when the method uses them."""
-    from visinspect.checkpoint import load_classifier
+    from visinspect.checkpoint import load_method_checkpoint
 
-    model, info = load_classifier(checkpoint)
+    model, info = load_method_checkpoint(checkpoint)
     name = method or info.get("method", "baseline")
     detector = make_detector(name, model, info, precision=precision, false_alarm_rate=false_alarm_rate)
     if detector.uses_good:
