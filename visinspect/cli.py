@@ -129,30 +129,20 @@ def _train_val(args, source_default: Sequence[str]):
 def cmd_train(args) -> int:
     from visinspect.checkpoint import save_classifier, save_settings
     from visinspect.errors import ConfigError
-    from visinspect.methods import (
-        METHODS,
-        RECOMMENDED,
-        backbone_info,
-        make_detector,
-        method,
-        untrained_backbone,
-    )
+    from visinspect.methods import METHODS, RECOMMENDED, backbone_info, make_detector, method, untrained
     from visinspect.models import describe_backbone
     from visinspect.train import TrainConfig, train_baseline
 
     chosen = method(args.method or RECOMMENDED)
     if chosen.trains is None:  # nothing to learn from the source products
-        if chosen.detector.uses_vgg16:
-            model, info = untrained_backbone(args.image_size, args.backbone_weights, args.seed)
-            patches = make_detector(chosen.name, model, info).patch_provenance  # fails early without weights
-            save_classifier(args.out, model, **info, method=chosen.name)
-            kept = "settings and VGG16 backbone"
-        else:  # its patch network is all it reads: record which weights, keep no VGG16
-            wanted = {"source": "random"} if args.backbone_weights == "random" else {}  # tests, demos
-            detector = make_detector(chosen.name, None, backbone_info(args.image_size, wanted))
-            patches = detector.patch_provenance
+        model, info = untrained(chosen.name, args.image_size, args.backbone_weights, args.seed)
+        patches = make_detector(chosen.name, model, info).patch_provenance  # fails early without weights
+        if model is None:  # its patch network is all it reads: record which weights, keep none
             save_settings(args.out, **backbone_info(args.image_size, patches), method=chosen.name)
             kept = "settings (no weights)"
+        else:
+            save_classifier(args.out, model, **info, method=chosen.name)
+            kept = "settings and VGG16 backbone"
         print(f"method {chosen.name!r} trains nothing (it learns from the K good images given to "
               f"`predict`); saved its {kept} to {args.out}")
         print("patch features: " + describe_backbone(patches))

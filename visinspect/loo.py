@@ -44,7 +44,7 @@ from visinspect.data import Sample, build_sample_table, single_class_categories
 from visinspect.detectors import mobilenet_for
 from visinspect.errors import ConfigError
 from visinspect.features import FeatureStore, use_store
-from visinspect.methods import METHODS, make_detector, untrained_backbone
+from visinspect.methods import METHODS, make_detector, untrained, untrained_backbone, without_vgg16_info
 from visinspect.utils import atomic_path, describe_machine, resolve_device, resolve_precision
 
 MODELS = tuple(METHODS)
@@ -271,8 +271,11 @@ class LeaveOneOut:
             for layer in layers:
                 for s in [*split.train, *split.val, *scored] if layer == "conv4_3" else scored:
                     needed.setdefault(layer, {}).setdefault(s.path, s)
-        vgg, info = untrained_backbone(self.preset.image_size, self.weights, self.seeds[0])
-        networks = {"conv4_3": lambda: vgg.to(self.device), "mobilenet_v2": lambda: mobilenet_for(info)[0]}
+        size = self.preset.image_size
+        networks = {  # built only for the layers some job reads
+            "conv4_3": lambda: untrained_backbone(size, self.weights, self.seeds[0])[0].to(self.device),
+            "mobilenet_v2": lambda: mobilenet_for(without_vgg16_info(size, self.weights))[0],
+        }
         fill = {"images": 0, "computed": 0, "from_store": 0, "seconds": 0.0, "seconds_per_image": 0.25}
         for layer in sorted(needed):
             samples = sorted(needed[layer].values(), key=lambda s: (s.category, str(s.path)))
@@ -311,12 +314,12 @@ class LeaveOneOut:
         split = self.split(job.target, job.seed)
         began = time.perf_counter()
         trains = METHODS[job.name].trains
-        if trains is None:  # the method trains nothing: a fresh backbone
-            model, info = untrained_backbone(self.preset.image_size, self.weights, job.seed)
+        if trains is None:  # the method trains nothing: a fresh backbone, or none if it reads none
+            model, info = untrained(job.name, self.preset.image_size, self.weights, job.seed)
         else:
             model, info = load_classifier(Job("train", job.target, job.seed, trains).path(self.out))
-        detector = make_detector(job.name, model.to(self.device), info, precision=self.preset.precision,
-                                 seed=job.seed)
+        detector = make_detector(job.name, None if model is None else model.to(self.device), info,
+                                 precision=self.preset.precision, seed=job.seed)
         learnt = detector.fit_sources(split.train, split.val)
         result = SeedResult()
         add_detector_rows(result, detector, split)

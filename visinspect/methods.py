@@ -122,6 +122,23 @@ def untrained_backbone(
     return model, backbone_info(image_size, provenance)
 
 
+def untrained(
+    name: str, image_size: int, weights: str | Path | None = "auto", seed: int = 0
+) -> tuple[VGG16CAM | None, dict]:
+    """What method `name`, which trains nothing, starts from: a fresh ImageNet VGG16 and its info,
+    or, for a method that reads no VGG16, no model and an info that says only whether its network
+    is to be random (`weights` "random", as in the tests)."""
+    if method(name).detector.uses_vgg16:
+        return untrained_backbone(image_size, weights, seed)
+    return None, without_vgg16_info(image_size, weights)
+
+
+def without_vgg16_info(image_size: int, weights: str | Path | None = "auto") -> dict:
+    """The `info` of a method that reads no VGG16: its image size, and whether its own network is
+    to be random (when the VGG16 `weights` asked for are)."""
+    return backbone_info(image_size, {"source": "random"} if weights in (None, "random") else {})
+
+
 def make_detector(
     name: str,
     model: VGG16CAM | None,
