@@ -340,7 +340,7 @@ def cmd_evaluate(args) -> int:
         print(markdown_table(report))
     if report["backbone"] is not None:
         print(describe_backbone(report["backbone"]))
-    if report.get("patch_backbone") not in (None, report["backbone"]):
+    if (report.get("patch_backbone") or {}).get("network"):  # a patch network other than VGG16
         print("patch features: " + describe_backbone(report["patch_backbone"]))
     if args.json:
         out = Path(args.json)
