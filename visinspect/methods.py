@@ -160,7 +160,6 @@ def make_detector(
     )
 
 
-
 def load_detector(
     checkpoint: str | Path,
     *,
