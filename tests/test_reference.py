@@ -144,7 +144,7 @@ def test_fit_refuses_bad_input(model, data):
     good, defects = data
     with pytest.raises(DataError, match="never test images"):
         PatchMemoryBank.fit(model, [good[0], defects["crack"][0]], image_size=SIZE)
-    with pytest.raises(DataError, match="at least 2"):
+    with pytest.raises(DataError, match=r"at least 2 good images of 'bottle_top' \(got 1\)"):
         PatchMemoryBank.fit(model, good[:1], image_size=SIZE)
     with pytest.raises(VisinspectError, match="layers"):
         PatchMemoryBank.fit(model, good, image_size=SIZE, layers=("conv3_3",))

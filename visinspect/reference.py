@@ -240,8 +240,8 @@ class PatchMemoryBank:
         layers = _check_layers(layers)
         if len(good_samples) < 2:
             raise DataError(
-                "need at least 2 good images: each one's reference score is measured against "
-                "the others (leave-one-out)"
+                f"need at least 2 good images of {category!r} (got {len(good_samples)}): each one's "
+                "reference score is measured against the others (leave-one-out); 20 is a good number"
             )
         if max_patches is not None and max_patches < 1:
             raise VisinspectError(f"max_patches must be at least 1 (or None); got {max_patches}")
