@@ -54,12 +54,12 @@ def test_random_weights_are_the_same_every_time_and_leave_the_global_seed_alone(
 def test_a_file_and_the_environment_variable_load_the_weights(mobilenet_file, monkeypatch):
     expected = torch.load(mobilenet_file, weights_only=True)["features.0.0.weight"]
     model, provenance = build_mobilenet(mobilenet_file)
-    assert torch.equal(model.features[0][0].weight, expected)
+    assert torch.equal(model.blocks[0][0].weight, expected)
     assert provenance["source"] == "file" and len(provenance["sha256"]) == 64
     monkeypatch.setenv(MOBILENET_ENV, str(mobilenet_file))
     model, provenance = build_mobilenet("auto")
     assert provenance["source"] == f"env:{MOBILENET_ENV}"
-    assert torch.equal(model.features[0][0].weight, expected)
+    assert torch.equal(model.blocks[0][0].weight, expected)
 
 
 def test_a_wrong_or_missing_file_is_a_clear_error(tmp_path):
