@@ -16,7 +16,7 @@ from visinspect.data import build_sample_table
 from visinspect.errors import CheckpointError, VisinspectError
 from visinspect.features import FeatureStore
 from visinspect.methods import backbone_info, load_detector, make_detector
-from visinspect.mobilenet import CHANNELS, MOBILENET_ENV, build_mobilenet
+from visinspect.mobilenet import CHANNELS, MOBILENET_ENV, ImageStandardisation, build_mobilenet
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "weights" / "mobilenet_v2_imagenet.pth"
 
@@ -38,6 +38,24 @@ def test_maps_have_96_channels_at_a_sixteenth_of_the_size_rounded_up(size):
     assert maps.shape == (2, CHANNELS, -(-size // 16), -(-size // 16))
     assert provenance["source"] == "random" and not model.training
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_each_image_is_standardised_first_so_lighting_does_not_move_the_maps():
+    """A part under other lighting (each channel scaled and shifted) reaches the network as the
+    same input; a local change does not; a flat image stays finite."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    gain = torch.tensor([1.7, 0.6, 2.5]).view(1, 3, 1, 1)
+    offset = torch.tensor([0.4, -1.0, 2.0]).view(1, 3, 1, 1)
+    standardise = ImageStandardisation()
+    assert torch.allclose(standardise(x * gain + offset), standardise(x), atol=1e-5)
+    marked = x.clone()
+    marked[:, :, 10:20, 10:20] += 3.0
+    assert (standardise(marked) - standardise(x)).abs().max() > 0.5
+    assert standardise(torch.full((1, 3, 8, 8), 0.3)).abs().max() < 1e-3
+    model, _ = build_mobilenet("random")
+    with torch.no_grad():
+        assert torch.equal(model(x), model.blocks(standardise(x)))
 
 
 def test_random_weights_are_the_same_every_time_and_leave_the_global_seed_alone():
