@@ -77,9 +77,6 @@ class Detector:
     score_name = ""
     # The feature-store layers (features.LAYERS) it reads: what `loo`'s frozen pass fills first.
     stored_layers: tuple[str, ...] = ("conv4_3",)
-    # Whether it reads the VGG16 model it is given; if not, `train` saves its settings only and it
-    # runs with model None.
-    uses_vgg16 = True
 
     def __init__(
         self,
@@ -240,7 +237,6 @@ class MobileNetReferenceDetector(TopReferenceDetector):
     score_name = "mean of the 5 % largest MobileNetV2 good-patch distances minus calibrated threshold"
     layers = stored_layers = ("mobilenet_v2",)
     max_patches = None
-    uses_vgg16 = False
 
     def __init__(self, model: VGG16CAM | None, info: dict, **kwargs) -> None:
         super().__init__(model, info, **kwargs)

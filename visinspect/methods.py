@@ -122,13 +122,20 @@ def untrained_backbone(
     return model, backbone_info(image_size, provenance)
 
 
+def reads_vgg16(name: str) -> bool:
+    """Whether method `name` reads the VGG16 model it is given: every one that does reads its
+    frozen conv4_3 first (the store's "conv4_3" layer); one that does not (reference-mobilenet) is
+    saved by `train` as settings only and runs with model None."""
+    return "conv4_3" in method(name).detector.stored_layers
+
+
 def untrained(
     name: str, image_size: int, weights: str | Path | None = "auto", seed: int = 0
 ) -> tuple[VGG16CAM | None, dict]:
     """What method `name`, which trains nothing, starts from: a fresh ImageNet VGG16 and its info,
     or, for a method that reads no VGG16, no model and an info that says only whether its network
     is to be random (`weights` "random", as in the tests)."""
-    if method(name).detector.uses_vgg16:
+    if reads_vgg16(name):
         return untrained_backbone(image_size, weights, seed)
     return None, without_vgg16_info(image_size, weights)
 
@@ -150,7 +157,7 @@ def make_detector(
 ) -> Detector:
     """The detector of method `name` over a model (its training's, or a plain backbone; None for a
     settings checkpoint, which serves only the methods that read no VGG16)."""
-    if model is None and method(name).detector.uses_vgg16:
+    if model is None and reads_vgg16(name):
         raise ConfigError(
             f"method {name!r} needs a VGG16 model, and this checkpoint holds none (`train --method "
             f"{info.get('method')}` keeps only settings): train one with `train --method {name}`"
