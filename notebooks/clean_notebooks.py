@@ -19,6 +19,7 @@ metadata (`"nbval-ignore-output-reason": "..."`); tests/test_notebooks_stored.py
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -87,6 +88,11 @@ def execute(path: Path) -> None:
     """Run a notebook top to bottom in a fresh kernel, in its own folder, and store its outputs."""
     from nbclient import NotebookClient  # installed with jupyterlab (the dev extra)
 
+    # The kernel runs in the notebook's folder: a file named relative to where this script was
+    # started (VISINSPECT_BACKBONE_WEIGHTS=../shared/..., as the README writes it) is made absolute.
+    for name, value in os.environ.items():
+        if name.startswith("VISINSPECT_") and value and Path(value).exists():
+            os.environ[name] = str(Path(value).resolve())
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=None, kernel_name="python3",
                    resources={"metadata": {"path": str(path.parent)}}).execute()

@@ -72,8 +72,9 @@ def test_plan_trains_before_scoring_and_orders_by_seed():
 def test_rows_cover_every_target_model_and_k(uninterrupted, tiny_root):
     out, rows = uninterrupted
     assert {r["target"] for r in rows} == {"grain_wood", "round_pill"}  # each is the unknown once
-    assert {r["model"] for r in rows} == {"baseline", "baseline calibrated k=2", "reference k=2", "fused k=2",
-                                          "fused-top5 k=2", "reference-mobilenet k=2", "fused-mobilenet k=2"}
+    assert {r["model"] for r in rows} == {
+        "baseline", "baseline calibrated k=2", "reference k=2", "fused k=2", "fused-top5 k=2",
+        "reference-mobilenet k=2", "reference-mobilenet+patterns k=2", "fused-mobilenet k=2"}
     assert all(r["positive_class"] == "anomaly" for r in rows)
     saved = json.loads((out / "rows.json").read_text())
     assert saved["rows"] == rows and saved["settings"]["image_size"] == 32

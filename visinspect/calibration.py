@@ -78,6 +78,18 @@ def require_good_train_samples(samples: Sequence[Sample]) -> str:
     return categories[0]
 
 
+def require_leave_one_out_samples(samples: Sequence[Sample]) -> str:
+    """require_good_train_samples, and at least 2 of them: a good-reference score measures each
+    good image against the others (leave-one-out) to calibrate."""
+    category = require_good_train_samples(samples)
+    if len(samples) < 2:
+        raise DataError(
+            f"need at least 2 good images of {category!r} (got {len(samples)}): each one's "
+            "reference score is measured against the others (leave-one-out); 20 is a good number"
+        )
+    return category
+
+
 def fit_good_normalizer(
     good_cams: torch.Tensor,
     percentiles: tuple[float, float] = GOOD_PERCENTILES,

@@ -758,7 +758,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--models",
         help="comma-separated row names without ' k=K' (default: baseline,baseline calibrated,"
-        "reference,fused,fused-top5,reference-mobilenet,fused-mobilenet; also simclr-source[ calibrated], "
+        "reference,fused,fused-top5,reference-mobilenet,reference-mobilenet+patterns,fused-mobilenet; "
+        "also simclr-source[ calibrated], "
         "simclr-source+target-good[ calibrated], "
         f"simclr+LEVER[ calibrated] with LEVER one of {', '.join(PRETRAIN_LEVER_SETS)}, and the "
         "other methods of the README's table)",

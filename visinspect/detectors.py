@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from visinspect.calibration import Calibration, fit_calibration
-from visinspect.cam import HeatmapNormalizer
+from visinspect.cam import HeatmapNormalizer, upsample
 from visinspect.data import Sample
 from visinspect.errors import CheckpointError, DataError
 from visinspect.features import Network, file_digest, weights_digest
@@ -338,9 +338,10 @@ def by_product(
     samples: Sequence[Sample], image_size: int, per_product: dict, score: Callable
 ) -> ScoredImages:
     """Score each product's samples with its own adapted state (`score(state, samples)` ->
-    scores, maps); one ScoredImages in input order."""
+    scores, maps); one ScoredImages in input order. Products whose maps differ in size (one
+    method's scores on different products) are upsampled to the largest."""
     scores = np.zeros(len(samples))
-    maps: torch.Tensor | None = None
+    parts: list[tuple[list[int], torch.Tensor]] = []
     for product in sorted({s.category for s in samples}):
         if product not in per_product:
             raise DataError(
@@ -348,11 +349,15 @@ def by_product(
                 f"images of {product!r} first"
             )
         idx = [i for i, s in enumerate(samples) if s.category == product]
-        s, m = score(per_product[product], [samples[i] for i in idx])
-        if maps is None:
-            maps = torch.zeros(len(samples), *m.shape[1:])
-        scores[idx], maps[idx] = s, m
-    return ScoredImages(list(samples), scores, maps if maps is not None else torch.zeros(0, 1, 1), image_size)
+        scores[idx], m = score(per_product[product], [samples[i] for i in idx])
+        parts.append((idx, m))
+    if not parts:
+        return ScoredImages(list(samples), scores, torch.zeros(0, 1, 1), image_size)
+    size = max((tuple(m.shape[1:]) for _, m in parts), key=lambda hw: hw[0] * hw[1])
+    maps = torch.zeros(len(samples), *size)
+    for idx, m in parts:
+        maps[idx] = m if tuple(m.shape[1:]) == size else upsample(m, size)
+    return ScoredImages(list(samples), scores, maps, image_size)
 
 
 # ----------------------------------------------------------------------------- a user's files

@@ -49,7 +49,7 @@ from visinspect.utils import atomic_path, describe_machine, resolve_device, reso
 
 MODELS = tuple(METHODS)
 DEFAULT_MODELS = ("baseline", "baseline calibrated", "reference", "fused", "fused-top5",
-                  "reference-mobilenet", "fused-mobilenet")
+                  "reference-mobilenet", "reference-mobilenet+patterns", "fused-mobilenet")
 FIXED = ("preset", "image_size", "epochs", "precision", "max_source_per_category", "max_test_per_category")
 NO_FILL = {"images": 0, "computed": 0, "from_store": 0, "seconds": 0.0, "seconds_per_image": 0.25}
 FEW_KEYS = ("image_auroc", "balanced_accuracy", "precision", "recall", "pixel_auroc", "box_hit_rate")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from visinspect.calibration import Calibration, fit_calibration, require_good_train_samples
+from visinspect.calibration import Calibration, fit_calibration, require_leave_one_out_samples
 from visinspect.cam import upsample
 from visinspect.data import Sample
 from visinspect.errors import ConfigError, DataError, VisinspectError
@@ -236,13 +236,8 @@ class PatchMemoryBank:
         """
         if not 0.0 <= top < 1.0:
             raise VisinspectError(f"top is a fraction of the patches in [0, 1); got {top}")
-        category = require_good_train_samples(good_samples)
+        category = require_leave_one_out_samples(good_samples)
         layers = _check_layers(layers)
-        if len(good_samples) < 2:
-            raise DataError(
-                f"need at least 2 good images of {category!r} (got {len(good_samples)}): each one's "
-                "reference score is measured against the others (leave-one-out); 20 is a good number"
-            )
         if max_patches is not None and max_patches < 1:
             raise VisinspectError(f"max_patches must be at least 1 (or None); got {max_patches}")
         stored = _stored(model, good_samples, image_size, precision, layers, progress, store)
