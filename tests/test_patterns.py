@@ -16,6 +16,7 @@ from visinspect.patterns import (
     PATTERN_SIZE,
     STRIDE,
     PatternBank,
+    _image_scores,
     binary_share,
     grey,
     is_binary_drawing,
@@ -90,6 +91,17 @@ def test_the_bank_counts_unseen_patterns_and_scores_good_images_leave_one_out(dr
     loo = PatternBank.fit([*good, odd])
     assert loo.good_scores[-1] > 0 and (loo.good_scores[:-1] == 0).all()
     assert loo.calibrate(0.01).threshold == loo.good_scores.max()
+
+
+def test_the_image_score_is_the_densest_cluster_ties_broken_by_the_total():
+    scattered = torch.zeros(3, 32, 32, dtype=torch.bool)
+    scattered[0, ::6, ::6] = True  # 36 lone unseen pixels
+    scattered[1, 10:13, 10:13] = True  # 9 in one 3 x 3 block
+    scattered[2, 10:12, 10:12] = True  # 4 in a 2 x 2 block...
+    scattered[2, 20, 20] = True  # ... and one more apart
+    scores = _image_scores(scattered)
+    np.testing.assert_allclose(scores, [1 + 36 / 1024, 9 + 9 / 1024, 4 + 5 / 1024])
+    assert scores[1] > scores[2] > scores[0]  # the cluster wins over many scattered pixels
 
 
 def test_the_bank_refuses_too_few_or_test_images(drawings):

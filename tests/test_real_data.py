@@ -93,8 +93,9 @@ def test_the_recommended_method_finds_transistor_defects_with_20_good_parts(tabl
 
 def test_only_deeppcb_is_a_binary_drawing_and_its_pattern_score_finds_its_defects(table):
     """The drawing rule (patterns.is_binary_drawing) on each product's first 20 good images picks
-    DeepPCB alone; its pattern score with them ranks DeepPCB's 750 test images at 0.849 image AUROC
-    (docs/results.md: 0.81 over 3 seeds; its MobileNetV2 score ~0.51). No network is involved."""
+    DeepPCB alone; its pattern score with them ranks DeepPCB's 750 test images at 0.870 image AUROC
+    (the count of all unseen pixels instead of the densest window's: 0.849; its MobileNetV2 score
+    ~0.51). No network is involved."""
     from sklearn.metrics import roc_auc_score
 
     from visinspect.patterns import PatternBank, grey, is_binary_drawing
@@ -110,4 +111,4 @@ def test_only_deeppcb_is_a_binary_drawing_and_its_pattern_score_finds_its_defect
     test = [s for s in rows if s.split == "test"]
     scores, maps = PatternBank.fit(good).score(test)
     assert len(test) == 750 and maps.shape == (750, 32, 32)
-    assert roc_auc_score([s.label for s in test], scores) >= 0.8
+    assert roc_auc_score([s.label for s in test], scores) >= 0.85

@@ -101,7 +101,7 @@ METHODS: dict[str, Method] = {
 # pairs each way) and 0.752 for fused-top5, the recommended method before 2026-12-02. With each
 # image standardised first (mobilenet.ImageStandardisation) 0.829, against 0.814 for fused-mobilenet.
 # With the pixel-pattern score on binary drawings (visinspect.patterns; it switches on DeepPCB
-# alone, 0.511 -> 0.812) 0.905: the same numbers as reference-mobilenet on the other three.
+# alone, 0.511 -> 0.878) 0.921: the same numbers as reference-mobilenet on the other three.
 RECOMMENDED = "reference-mobilenet+patterns"
 
 
