@@ -13,7 +13,9 @@ from visinspect.calibration import (
     default_calibration_path,
     fit_calibration,
     fit_good_normalizer,
+    good_outliers,
     load_calibration,
+    outlier_note,
     save_calibration,
     select_good_images,
 )
@@ -116,6 +118,27 @@ def test_max_margin_rule_and_bad_rule():
         _calibration(rule="median")
     with pytest.raises(DataError, match="one score, one map and one image path"):
         _calibration(images=["only_one.png"])
+
+
+def test_the_fenced_rule_sets_aside_good_scores_far_above_the_others():
+    cams = torch.zeros(20, 2, 2)
+    images = [f"{i}.png" for i in range(20)]
+    scores = np.r_[np.linspace(10.0, 13.0, 19), 17.6]  # one "good" part scores like a defect
+    fenced = fit_calibration(scores, cams, category="c", images=images)
+    assert fenced.rule == "fenced" and fenced.threshold == 13.0 and fenced.outliers == ["19.png"]
+    plain = fit_calibration(scores, cams, category="c", images=images, rule="quantile")
+    assert plain.threshold == 17.6 and plain.outliers == []
+    assert "check that it is good: 19.png" in outlier_note(fenced) and outlier_note(plain) is None
+    # Stored and read back; a file written before the rule existed reads as no outliers.
+    assert Calibration.from_dict(fenced.to_dict()) == fenced
+    older = {k: v for k, v in fenced.to_dict().items() if k != "outliers"}
+    assert Calibration.from_dict(older).outliers == []
+    # Fewer than 10 good images: their quartiles say little, nothing is set aside.
+    assert not good_outliers(np.r_[np.ones(8), 100.0]).any()
+    assert good_outliers(np.r_[np.ones(9), 100.0]).tolist() == [False] * 9 + [True]
+    # Tied scores (interquartile range 0): at most a tenth of the images, the largest.
+    tied = np.r_[np.zeros(16), 1.0, 2.0, 3.0, 4.0]
+    assert np.flatnonzero(good_outliers(tied)).tolist() == [18, 19]
 
 
 def test_good_normalizer_keeps_good_parts_below_the_box_threshold():

@@ -19,6 +19,7 @@ from visinspect.patterns import (
     _image_scores,
     binary_share,
     grey,
+    ink_shares,
     is_binary_drawing,
     pattern_codes,
 )
@@ -73,6 +74,11 @@ def test_the_drawing_rule_takes_black_and_white_images_only():
     assert binary_share(ramp) == pytest.approx(0.2, abs=0.01)  # the 10 % at each end
     assert is_binary_drawing([board(i) / 255.0 for i in range(3)])
     assert not is_binary_drawing([ramp, ramp, board(0) / 255.0])  # the median decides
+    # A grey part on a black backdrop: 90 % of its pixels are black, none white: a photo, no drawing.
+    backdrop = np.zeros((PATTERN_SIZE, PATTERN_SIZE), np.float32)
+    backdrop[: PATTERN_SIZE // 10] = 0.5
+    assert binary_share(backdrop) >= 0.85 and ink_shares(backdrop)[1] == 0.0
+    assert not is_binary_drawing([backdrop] * 3)
 
 
 def test_the_bank_counts_unseen_patterns_and_scores_good_images_leave_one_out(drawings):
@@ -90,7 +96,10 @@ def test_the_bank_counts_unseen_patterns_and_scores_good_images_leave_one_out(dr
     odd = Sample(odd_path, "pcb", "train", 0, "good", None)
     loo = PatternBank.fit([*good, odd])
     assert loo.good_scores[-1] > 0 and (loo.good_scores[:-1] == 0).all()
-    assert loo.calibrate(0.01).threshold == loo.good_scores.max()
+    # With 6 good images none is set aside as an outlier (calibration.good_outliers): the
+    # threshold is the largest leave-one-out score, the odd board's.
+    calibration = loo.calibrate(0.01)
+    assert calibration.threshold == loo.good_scores.max() and calibration.outliers == []
 
 
 def test_the_image_score_is_the_densest_cluster_ties_broken_by_the_total():

@@ -311,6 +311,7 @@ def _adapt(detector, samples, k: int, args) -> tuple[dict, list]:
     by_category = detector.calibrations
     path = save_calibration(default_calibration_path(args.checkpoint, k), by_category)
     print(f"{detector.name}: adapted to {k} good images per category; calibration saved to {path}")
+    _print_outliers(by_category.values())
     used = {p for c in by_category.values() for p in c.images}
     calibration = {
         "k": k,
@@ -320,6 +321,13 @@ def _adapt(detector, samples, k: int, args) -> tuple[dict, list]:
         "file": str(path),
     }
     return calibration, [s for s in samples if str(s.path) not in used]
+
+
+def _print_outliers(calibrations) -> None:
+    from visinspect.calibration import outlier_note
+
+    for note in filter(None, map(outlier_note, calibrations)):
+        print(note)
 
 
 def cmd_evaluate(args) -> int:
@@ -372,6 +380,7 @@ def cmd_predict(args) -> int:
         if detector.uses_good:
             print(f"method {detector.name!r}, adapted to {len(args.reference_dir)} reference folder(s) "
                   f"of good {detector.product!r} images")
+            _print_outliers(detector.calibrations.values())
         if (detector.patch_provenance or {}).get("network"):  # a patch network other than VGG16
             print("patch features: " + describe_backbone(detector.patch_provenance))
     summary = predict_images(

@@ -273,7 +273,7 @@ class PatchMemoryBank:
         return bank
 
     def calibrate(
-        self, false_alarm_rate: float = 0.01, rule: str = "quantile", margin: float = 0.0
+        self, false_alarm_rate: float = 0.01, rule: str = "fenced", margin: float = 0.0
     ) -> Calibration:
         """Threshold and map scaling for this score, from the good images' leave-one-out scores."""
         return fit_calibration(
