@@ -123,6 +123,25 @@ def test_the_users_path_train_then_predict_with_good_images(recommended, tiny_ro
     assert detector.name == RECOMMENDED and detector.product == "good"
 
 
+def test_predict_names_a_reference_image_unlike_the_others(recommended, tiny_root, tmp_path, capsys):
+    """Ten copies of one good part and a black image as the reference: the black one scores far
+    above the others' leave-one-out scores (calibration's fenced rule) and predict names it."""
+    from PIL import Image
+
+    good = sorted((tiny_root / "round_pill" / "train" / "good").iterdir())[0]
+    reference = tmp_path / "good"
+    reference.mkdir()
+    for i in range(10):
+        (reference / f"copy_{i}.png").write_bytes(good.read_bytes())
+    Image.new("RGB", (SIZE, SIZE)).save(reference / "odd.png")
+    code = main(["predict", "--checkpoint", str(recommended), "--reference-dir", str(reference), str(good),
+                 "--out", str(tmp_path / "pred"), "--no-overlays"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "1 of the 11 good images scores far above the others" in out
+    assert out.rstrip().count("odd.png") == 1 and "copy_" not in out
+
+
 def test_predict_refuses_a_missing_or_useless_reference(
     recommended, pristine_model, tiny_root, tmp_path, capsys
 ):
