@@ -127,6 +127,7 @@ def test_evaluate_calibrate_uses_only_good_train_images(tiny_root, tmp_path, cap
     assert cal["k"] == 3 and cal["false_alarm_rate"] == 0.01
     images = cal["images"]["round_pill"]
     assert len(images) == 3 and all("/train/good/" in p for p in images)
+    assert cal["outliers"] == {"round_pill": []}  # none with fewer than 10 good images
     assert report["n_images"] == 12 - 3 and report["uncalibrated"]["n_images"] == 12 - 3
     assert {"threshold", "f1", "balanced_accuracy"} <= set(report["uncalibrated"])
     saved = load_calibration(cal["file"])

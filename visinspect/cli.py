@@ -318,6 +318,7 @@ def _adapt(detector, samples, k: int, args) -> tuple[dict, list]:
         "false_alarm_rate": args.false_alarm_rate,
         "threshold": {c: cal.threshold for c, cal in by_category.items()},
         "images": {c: cal.images for c, cal in by_category.items()},
+        "outliers": {c: cal.outliers for c, cal in by_category.items()},  # left out of the threshold
         "file": str(path),
     }
     return calibration, [s for s in samples if str(s.path) not in used]
