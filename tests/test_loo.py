@@ -217,6 +217,12 @@ def test_new_methods_join_the_earlier_rows_of_the_same_settings(uninterrupted, t
     other = dataclasses.replace(TINY, image_size=64)
     with pytest.raises(ConfigError, match="other settings"):
         run_loo(tiny_root, work, store, models=["reference"], preset=other)
+    # A folder of runs made before the threshold rule was recorded (its thresholds differ).
+    settings = json.loads((work / "settings.json").read_text())
+    del settings["threshold_rule"]
+    (work / "settings.json").write_text(json.dumps(settings))
+    with pytest.raises(ConfigError, match=r"other settings \(threshold_rule\)"):
+        run_loo(tiny_root, work, store, models=["reference"])
 
 
 @pytest.mark.slow

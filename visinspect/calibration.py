@@ -31,6 +31,7 @@ FORMAT = "visinspect-calibration"
 FORMAT_VERSION = 1
 DEFAULT_K = 20
 RULES = ("fenced", "quantile", "max_margin")
+DEFAULT_RULE = RULES[0]
 # The "fenced" rule's outliers: good scores above Tukey's upper fence, Q3 + FENCE x IQR (his
 # textbook constant), at most OUTLIER_SHARE of the K images, so none with fewer than 10: quartiles
 # of a handful of scores say little, and on K = 5 the fence set aside ordinary good parts (bottle's
@@ -183,7 +184,7 @@ def fit_calibration(
     category: str,
     images: Sequence[str | Path],
     false_alarm_rate: float = 0.01,
-    rule: str = "fenced",
+    rule: str = DEFAULT_RULE,
     margin: float = 0.0,
     percentiles: tuple[float, float] = GOOD_PERCENTILES,
     model: str = "classifier",
@@ -233,7 +234,7 @@ def calibrate_classifier(
     batch_size: int = 16,
     precision: str = "auto",
     *,
-    rule: str = "fenced",
+    rule: str = DEFAULT_RULE,
     margin: float = 0.0,
     model_label: str = "classifier",
 ) -> Calibration:

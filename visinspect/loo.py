@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from visinspect.calibration import DEFAULT_RULE
 from visinspect.checkpoint import load_checkpoint, load_classifier, save_classifier
 from visinspect.compare import (
     ComparePreset,
@@ -50,7 +51,10 @@ from visinspect.utils import atomic_path, describe_machine, resolve_device, reso
 MODELS = tuple(METHODS)
 DEFAULT_MODELS = ("baseline", "baseline calibrated", "reference", "fused", "fused-top5",
                   "reference-mobilenet", "reference-mobilenet+patterns", "fused-mobilenet")
-FIXED = ("preset", "image_size", "epochs", "precision", "max_source_per_category", "max_test_per_category")
+# A run's folder holds jobs of one setting: these must not change when a run is resumed or extended
+# (the threshold rule: runs before the "fenced" rule lack it, and their thresholds differ).
+FIXED = ("preset", "image_size", "epochs", "precision", "max_source_per_category", "max_test_per_category",
+         "threshold_rule")
 NO_FILL = {"images": 0, "computed": 0, "from_store": 0, "seconds": 0.0, "seconds_per_image": 0.25}
 FEW_KEYS = ("image_auroc", "balanced_accuracy", "precision", "recall", "pixel_auroc", "box_hit_rate")
 
@@ -197,6 +201,7 @@ class LeaveOneOut:
             "image_size": p.image_size,
             "epochs": p.epochs,
             "precision": resolve_precision(p.precision),
+            "threshold_rule": DEFAULT_RULE,
             "max_source_per_category": p.max_source_per_category,
             "max_test_per_category": p.max_test_per_category,
             "seeds": self.seeds,

@@ -18,7 +18,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from visinspect.calibration import Calibration, fit_calibration, require_leave_one_out_samples
+from visinspect.calibration import (
+    DEFAULT_RULE,
+    Calibration,
+    fit_calibration,
+    require_leave_one_out_samples,
+)
 from visinspect.cam import upsample
 from visinspect.data import Sample
 from visinspect.errors import ConfigError, DataError, VisinspectError
@@ -273,7 +278,7 @@ class PatchMemoryBank:
         return bank
 
     def calibrate(
-        self, false_alarm_rate: float = 0.01, rule: str = "fenced", margin: float = 0.0
+        self, false_alarm_rate: float = 0.01, rule: str = DEFAULT_RULE, margin: float = 0.0
     ) -> Calibration:
         """Threshold and map scaling for this score, from the good images' leave-one-out scores."""
         return fit_calibration(
