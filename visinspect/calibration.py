@@ -162,8 +162,9 @@ def good_outliers(scores) -> np.ndarray:
     s = np.asarray(scores, dtype=np.float64).ravel()
     q1, q3 = np.percentile(s, [25, 75])
     above = np.flatnonzero(s > q3 + FENCE * (q3 - q1))
-    keep = above[np.argsort(-s[above], kind="stable")[: int(OUTLIER_SHARE * s.size)]]
-    return np.isin(np.arange(s.size), keep)
+    outliers = np.zeros(s.size, dtype=bool)
+    outliers[above[np.argsort(-s[above], kind="stable")[: int(OUTLIER_SHARE * s.size)]]] = True
+    return outliers
 
 
 def outlier_note(calibration: Calibration) -> str | None:
