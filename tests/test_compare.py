@@ -1,5 +1,6 @@
 """The comparison end to end on tiny synthetic data, and the calibration CLI."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from visinspect import cli, compare
-from visinspect.calibration import Calibration, load_calibration
+from visinspect.calibration import Calibration, load_calibration, save_calibration
 from visinspect.cam import HeatmapNormalizer
 from visinspect.compare import ComparePreset, pivot_table, run_comparison, summary_table
 from visinspect.data import build_sample_table
@@ -128,6 +129,7 @@ def test_evaluate_calibrate_uses_only_good_train_images(tiny_root, tmp_path, cap
     images = cal["images"]["round_pill"]
     assert len(images) == 3 and all("/train/good/" in p for p in images)
     assert cal["outliers"] == {"round_pill": []}  # none with fewer than 10 good images
+    assert cal["rule"] == "fenced" and "rule 'fenced'" in report["threshold_rule"]
     assert report["n_images"] == 12 - 3 and report["uncalibrated"]["n_images"] == 12 - 3
     assert {"threshold", "f1", "balanced_accuracy"} <= set(report["uncalibrated"])
     saved = load_calibration(cal["file"])
@@ -148,6 +150,13 @@ def test_evaluate_calibrate_uses_only_good_train_images(tiny_root, tmp_path, cap
         assert cal_row["method"] == "baseline calibrated" and cal_row["threshold"] == 0.0
         assert cal_row["score"] == pytest.approx(plain["score"] - threshold, abs=2e-4)
         assert cal_row["label"] == int(cal_row["score"] > 0)
+    # a calibration file that set a good image aside names it again when predict reads it
+    odd = tmp_path / "odd.json"
+    save_calibration(odd, [dataclasses.replace(saved["round_pill"], outliers=[images[0]])])
+    capsys.readouterr()
+    assert cli.main(["predict", "--checkpoint", str(ckpt), str(images_dir), "--out", str(tmp_path / "odd"),
+                     "--no-overlays", "--calibration", str(odd)]) == 0
+    assert f"check that it is good: {images[0]}" in capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")

@@ -272,8 +272,8 @@ def _evaluate_checkpoint(args, default_categories: Sequence[str]) -> dict:
     report = _report(detector, samples, args, loc)
     if calibration is not None:
         report["threshold_rule"] = (
-            f"calibrated on {calibration['k']} good train/ images per category "
-            f"(false-alarm rate {args.false_alarm_rate})"
+            f"calibrated on {calibration['k']} good train/ images per category, rule "
+            f"{calibration['rule']!r} (false-alarm rate {args.false_alarm_rate})"
         )
         report["calibration"] = calibration
     if plain is not None:  # on the same images
@@ -316,6 +316,7 @@ def _adapt(detector, samples, k: int, args) -> tuple[dict, list]:
     calibration = {
         "k": k,
         "false_alarm_rate": args.false_alarm_rate,
+        "rule": next(iter(by_category.values())).rule,  # every category: the library's default
         "threshold": {c: cal.threshold for c, cal in by_category.items()},
         "images": {c: cal.images for c, cal in by_category.items()},
         "outliers": {c: cal.outliers for c, cal in by_category.items()},  # left out of the threshold
@@ -375,6 +376,7 @@ def cmd_predict(args) -> int:
         detector.calibrations[cal.category], detector.product = cal, cal.category
         print(f"calibration for {cal.category!r}: threshold (logit margin) {cal.threshold:.3f}, "
               f"from {cal.k} good images")
+        _print_outliers([cal])  # evaluate --calibrate named them when it wrote the file; again here
     else:
         detector = load_detector(args.checkpoint, method=args.method, reference=args.reference_dir,
                                  precision=args.precision)
