@@ -22,15 +22,15 @@ from pathlib import Path
 
 import torch
 
+from visinspect.backbones.cam import anomaly_cam, upsample
+from visinspect.backbones.store import FeatureStore
+from visinspect.backbones.vgg16 import CONV4_3_END, build_model, describe_backbone
 from visinspect.calibration import select_good_images
-from visinspect.cam import anomaly_cam, upsample
-from visinspect.data import DefectDataset, build_sample_table
-from visinspect.features import FeatureStore
-from visinspect.inference import forward_features
-from visinspect.models import CONV4_3_END, build_model, describe_backbone
-from visinspect.reference import PatchMemoryBank, backbone_maps, patch_features
-from visinspect.synthetic import CATEGORIES, generate_synthetic_dataset
-from visinspect.train import TrainConfig, train_classifier
+from visinspect.data.samples import DefectDataset, build_sample_table
+from visinspect.data.synthetic import CATEGORIES, generate_synthetic_dataset
+from visinspect.methods.memory_bank import PatchMemoryBank, backbone_maps, patch_features
+from visinspect.scoring import forward_features
+from visinspect.training import TrainConfig, train_classifier
 from visinspect.utils import autocast, describe_machine, resolve_precision, set_seed
 
 

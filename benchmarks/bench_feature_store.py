@@ -29,12 +29,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from visinspect.compare import ComparePreset
-from visinspect.data import default_synthetic_root
-from visinspect.features import FILL_BATCH, FeatureStore
-from visinspect.loo import LeaveOneOut
-from visinspect.models import CONV4_3_END, build_model, describe_backbone
-from visinspect.synthetic import ensure_synthetic_dataset
+from visinspect.backbones.store import FILL_BATCH, FeatureStore
+from visinspect.backbones.vgg16 import CONV4_3_END, build_model, describe_backbone
+from visinspect.data.samples import default_synthetic_root
+from visinspect.data.synthetic import ensure_synthetic_dataset
+from visinspect.experiments.compare import ComparePreset
+from visinspect.experiments.loo import LeaveOneOut
 from visinspect.utils import autocast, describe_machine, resolve_precision, set_seed
 
 MODELS = ("baseline", "baseline calibrated", "reference", "fused")

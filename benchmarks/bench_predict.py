@@ -50,8 +50,8 @@ def write_images(root: Path, n: int, seed: int = 0) -> None:
 
 
 def write_checkpoint(path: Path, image_size: int) -> None:
+    from visinspect.backbones.vgg16 import build_model
     from visinspect.checkpoint import save_classifier
-    from visinspect.models import build_model
 
     torch.manual_seed(0)
     model, backbone = build_model("random")
@@ -98,10 +98,9 @@ def peak_rss_mb() -> float:
 
 def naive_predict(model, info: dict, inputs: list[Path], out: Path, batch_size: int) -> None:
     """The notebook way: every image into one list, predict, keep every result, write at the end."""
-    from visinspect.cam import anomaly_cam, normalize, upsample
-    from visinspect.data import load_rgb, to_tensor
-    from visinspect.models import logit_margin
-    from visinspect.predict import list_images
+    from visinspect.backbones.cam import anomaly_cam, normalize, upsample
+    from visinspect.backbones.vgg16 import logit_margin
+    from visinspect.data.samples import list_images, load_rgb, to_tensor
 
     size = int(info["image_size"])
     paths = list_images(inputs)
@@ -124,8 +123,9 @@ def naive_predict(model, info: dict, inputs: list[Path], out: Path, batch_size: 
 def worker(args) -> None:
     """One measured run, in this (fresh) process; prints one JSON line."""
     from visinspect.checkpoint import load_classifier
-    from visinspect.methods import load_detector
-    from visinspect.predict import list_images, predict_images
+    from visinspect.data.samples import list_images
+    from visinspect.methods.registry import load_detector
+    from visinspect.predict import predict_images
 
     naive = args.worker == "naive"
     loaded = load_classifier(args.checkpoint) if naive else load_detector(args.checkpoint)

@@ -10,7 +10,7 @@ test images (positive class anomaly; threshold from the source validation split)
 
 `--set levers` varies the anomaly-detection levers of PretrainConfig (issue 14) instead of the
 plain settings; without --data it runs on the synthetic dataset's course split
-(visinspect.demo.SOURCE / TARGET):
+(visinspect.experiments.demo.SOURCE / TARGET):
 
     python benchmarks/simclr_ablation.py --set levers --preset demo --seeds 2 --device cpu
 
@@ -28,12 +28,12 @@ import sys
 import time
 from pathlib import Path
 
-from visinspect.compare import ComparePreset, pivot_table, run_seed, summary_table
-from visinspect.data import build_sample_table, default_synthetic_root
-from visinspect.demo import SOURCE, TARGET
+from visinspect.data.samples import build_sample_table, default_synthetic_root
+from visinspect.data.synthetic import ensure_synthetic_dataset
 from visinspect.evaluate import round_floats
-from visinspect.simclr import LEVER_SETS, PretrainConfig
-from visinspect.synthetic import ensure_synthetic_dataset
+from visinspect.experiments.compare import ComparePreset, pivot_table, run_seed, summary_table
+from visinspect.experiments.demo import SOURCE, TARGET
+from visinspect.methods.simclr.pretrain import LEVER_SETS, PretrainConfig
 
 SMALL = ComparePreset("small", 96, 6, PretrainConfig(image_size=64, epochs=4, max_images=200),
                       max_source_per_category=100, max_test_per_category=100)
@@ -47,7 +47,7 @@ ABLATIONS = {
     "blocks 4-5 trained": {"trainable_from": 17},
 }
 # The levers against what SimCLR erases, one at a time at the settings `loo` runs as the rows
-# "simclr+NAME" (visinspect.simclr.LEVER_SETS), and L2-SP also 100 times weaker.
+# "simclr+NAME" (visinspect.methods.simclr.pretrain.LEVER_SETS), and L2-SP also 100 times weaker.
 LEVERS = {"plain SimCLR": {}, **LEVER_SETS, "l2sp 1": {"l2sp_weight": 1.0}}
 SETS = {"ablation": ABLATIONS, "levers": LEVERS}
 

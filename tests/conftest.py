@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from visinspect.features import STORE_ENV
-from visinspect.models import VGG16CAM, build_model
-from visinspect.synthetic import CATEGORIES, generate_synthetic_dataset
+from visinspect.backbones.store import STORE_ENV
+from visinspect.backbones.vgg16 import VGG16CAM, build_model
+from visinspect.data.synthetic import CATEGORIES, generate_synthetic_dataset
 
 # Two products (one texture, one object), 4 train good + 2 test good + 2 per defect type each.
 TINY_CATEGORIES = ("grain_wood", "round_pill")

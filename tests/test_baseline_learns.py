@@ -3,10 +3,10 @@
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from visinspect.demo import DemoSettings, demo_split
-from visinspect.inference import predict
-from visinspect.models import pretrained_available
-from visinspect.train import train_baseline
+from visinspect.backbones.vgg16 import pretrained_available
+from visinspect.experiments.demo import DemoSettings, demo_split
+from visinspect.scoring import predict
+from visinspect.training import train_baseline
 
 
 # Trains in the precision "auto" resolves to. It also passes with VISINSPECT_PRECISION=bf16, but

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from visinspect.backbones.cam import HeatmapNormalizer
+from visinspect.backbones.vgg16 import VGG16CAM
 from visinspect.calibration import (
     BOX_THRESHOLD,
     Calibration,
@@ -19,11 +21,9 @@ from visinspect.calibration import (
     save_calibration,
     select_good_images,
 )
-from visinspect.cam import HeatmapNormalizer
-from visinspect.data import build_sample_table
+from visinspect.data.samples import build_sample_table
+from visinspect.data.synthetic import generate_synthetic_dataset
 from visinspect.errors import CheckpointError, DataError
-from visinspect.models import VGG16CAM
-from visinspect.synthetic import generate_synthetic_dataset
 
 SIZE = 64
 CATEGORIES = ["bottle_top", "grain_wood"]

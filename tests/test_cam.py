@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from visinspect.cam import (
+from visinspect.backbones.cam import (
     HeatmapNormalizer,
     anomaly_cam,
     class_activation_map,
@@ -12,7 +12,7 @@ from visinspect.cam import (
     normalize,
     upsample,
 )
-from visinspect.models import ANOMALY
+from visinspect.backbones.vgg16 import ANOMALY
 
 
 def test_cam_is_the_weighted_sum_of_feature_maps():

@@ -13,9 +13,9 @@ from conftest import TINY_CATEGORIES, TINY_PER_CATEGORY
 
 from visinspect.checkpoint import load_classifier
 from visinspect.cli import main
-from visinspect.detectors import ClassifierDetector
-from visinspect.methods import METHODS, Method
-from visinspect.synthetic import CATEGORIES
+from visinspect.data.synthetic import CATEGORIES
+from visinspect.methods.base import ClassifierDetector
+from visinspect.methods.registry import METHODS, Method
 
 REQUIRED = {"n_images", "n_anomalous", "positive_class", "threshold", "accuracy", "balanced_accuracy",
             "precision", "recall", "f1", "image_auroc", "average_precision", "confusion_matrix",
@@ -227,7 +227,7 @@ def test_predict_writes_a_line_per_image_and_fails_on_a_corrupt_one(capsys, tiny
 
 
 def test_loo_help_names_the_default_models(capsys):
-    from visinspect.loo import DEFAULT_MODELS
+    from visinspect.experiments.loo import DEFAULT_MODELS
 
     with pytest.raises(SystemExit) as done:
         main(["loo", "--help"])

@@ -7,15 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from visinspect import cli, compare
+from visinspect import cli
+from visinspect.backbones.cam import HeatmapNormalizer
 from visinspect.calibration import Calibration, load_calibration, save_calibration
-from visinspect.cam import HeatmapNormalizer
-from visinspect.compare import ComparePreset, pivot_table, run_comparison, summary_table
-from visinspect.data import build_sample_table
-from visinspect.detectors import calibrated_view
+from visinspect.data.samples import build_sample_table
 from visinspect.errors import ConfigError
-from visinspect.inference import ScoredImages
-from visinspect.simclr import LEVER_SETS, LEVERS, PretrainConfig
+from visinspect.experiments import compare
+from visinspect.experiments.compare import ComparePreset, pivot_table, run_comparison, summary_table
+from visinspect.methods.base import calibrated_view
+from visinspect.methods.simclr.pretrain import LEVER_SETS, LEVERS, PretrainConfig
+from visinspect.scoring import ScoredImages
 
 TINY_PRESET = ComparePreset(
     "tiny", image_size=32, epochs=1,
@@ -75,7 +76,7 @@ def test_tables_say_when_a_cell_has_fewer_seeds():
 
 
 def test_calibrated_view_shifts_scores_and_scales_maps(tiny_root):
-    from visinspect.data import build_sample_table
+    from visinspect.data.samples import build_sample_table
 
     samples = build_sample_table(tiny_root).samples[:4]
     scored = ScoredImages(samples, np.array([1.0, 2.0, 3.0, 4.0]), torch.ones(4, 2, 2) * 3.0, 64)

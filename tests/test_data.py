@@ -11,8 +11,8 @@ import torch
 from conftest import TINY, TINY_CATEGORIES, TINY_PER_CATEGORY
 from PIL import Image
 
-from visinspect import data
-from visinspect.data import (
+from visinspect.data import samples as data  # the module itself: tests patch its constants
+from visinspect.data.samples import (
     DefectDataset,
     Sample,
     build_sample_table,
@@ -26,8 +26,8 @@ from visinspect.data import (
     to_tensor,
     unknown_context_split,
 )
+from visinspect.data.synthetic import CATEGORIES
 from visinspect.errors import DataError
-from visinspect.synthetic import CATEGORIES
 
 
 def write_png(path: Path, array: np.ndarray) -> Path:

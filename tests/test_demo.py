@@ -1,11 +1,11 @@
-"""Tests for visinspect.demo: the one setup call every course notebook starts with."""
+"""Tests for visinspect.experiments.demo: the one setup call every course notebook starts with."""
 
 from dataclasses import dataclass
 
 import pytest
 
-from visinspect import demo
-from visinspect.data import build_sample_table
+from visinspect.data.samples import build_sample_table
+from visinspect.experiments import demo
 
 
 def test_course_setup_gives_the_course_split(tiny_root, monkeypatch):

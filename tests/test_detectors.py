@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-import visinspect.detectors as detectors
+import visinspect.methods.base as detectors
 from visinspect.checkpoint import save_classifier
 from visinspect.cli import main
-from visinspect.data import build_sample_table
-from visinspect.detectors import reference_samples
+from visinspect.data.samples import build_sample_table
 from visinspect.errors import ConfigError, DataError
-from visinspect.methods import METHODS, RECOMMENDED, backbone_info, load_detector, make_detector
+from visinspect.methods.base import reference_samples
+from visinspect.methods.registry import METHODS, RECOMMENDED, backbone_info, load_detector, make_detector
 
 SIZE = 32
 

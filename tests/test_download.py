@@ -1,4 +1,4 @@
-"""Tests for visinspect.download: safe unpacking, sha256 checks, offline failure. No network."""
+"""Tests for visinspect.data.download: safe unpacking, sha256 checks, offline failure. No network."""
 
 import hashlib
 import io
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from visinspect import download
-from visinspect.download import (
+from visinspect.data import download
+from visinspect.data.download import (
     ARCHIVE_URLS,
     MVTEC_CATEGORIES,
     MVTEC_PAGE,

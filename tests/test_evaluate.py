@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from visinspect.cam import HeatmapNormalizer
-from visinspect.data import Sample
+from visinspect.backbones.cam import HeatmapNormalizer
+from visinspect.data.samples import Sample
 from visinspect.errors import ConfigError
 from visinspect.evaluate import (
     evaluate_predictions,
@@ -20,8 +20,8 @@ from visinspect.evaluate import (
     round_floats,
     validation_threshold,
 )
-from visinspect.inference import Predictions
 from visinspect.metrics import best_f1_threshold
+from visinspect.scoring import Predictions
 
 SIZE = 32
 REQUIRED = {"n_images", "n_anomalous", "positive_class", "threshold", "accuracy", "balanced_accuracy",

@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-import visinspect.features as features
-from visinspect.data import build_sample_table
+import visinspect.backbones.store as features
+from visinspect.backbones.store import MARKER, STORE_ENV, FeatureStore, default_store_root
+from visinspect.data.samples import build_sample_table
 from visinspect.errors import ConfigError
-from visinspect.features import MARKER, STORE_ENV, FeatureStore, default_store_root
-from visinspect.inference import predict
+from visinspect.scoring import predict
 
 SIZE = 32
 
@@ -81,7 +81,7 @@ def test_every_other_key_part_misses(change, tmp_path, pristine_model, fresh_mod
         store = FeatureStore(tmp_path / "store", dtype="float16")
     again = store.fetch_samples(model, samples[:2], size, precision=precision)
     assert again.computed == 2
-    # The in-memory banks and distances (visinspect.reference) are keyed by the identity: it
+    # The in-memory banks and distances (visinspect.methods.memory_bank) are keyed by the identity: it
     # must change with every part of the key, not only with the images.
     assert again.identity != first.identity
     assert len(list((tmp_path / "store").glob("*/meta.json"))) == 2
@@ -150,9 +150,9 @@ def test_entries_are_written_atomically(tmp_path, pristine_model, samples, monke
 FILL = textwrap.dedent(
     """
     import sys, torch
-    from visinspect.data import build_sample_table
-    from visinspect.features import FeatureStore
-    from visinspect.models import build_model
+    from visinspect.data.samples import build_sample_table
+    from visinspect.backbones.store import FeatureStore
+    from visinspect.backbones.vgg16 import build_model
     torch.manual_seed(0)
     model, _ = build_model("random")
     samples = build_sample_table(sys.argv[1]).samples

@@ -1,7 +1,9 @@
 """The figures command draws every documented figure, and the docs' image links resolve."""
 
 import argparse
+import importlib.util
 import re
+import sys
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -9,10 +11,23 @@ import pytest
 import torch
 from PIL import Image
 
-from visinspect.cam import anomaly_cam
-from visinspect.figures import FIGURE_NAMES, add_arguments, cam_pieces, run
+from visinspect.backbones.cam import anomaly_cam
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_script(path: Path):
+    """docs/figures.py is a script beside the pages it draws, not a library module."""
+    spec = importlib.util.spec_from_file_location("docs_figures", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+_figures = _load_script(REPO / "docs" / "figures.py")
+FIGURE_NAMES, add_arguments, cam_pieces, run = (
+    _figures.FIGURE_NAMES, _figures.add_arguments, _figures.cam_pieces, _figures.run)
 # Every figure is at least 6 x 4.4 inches at plots.DPI = 120 (save_figure crops only margins).
 MIN_WIDTH, MIN_HEIGHT = 600, 400
 # ![alt](path), ![alt](<path with spaces>) and ![alt](path "title")

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
-from visinspect.data import MAX_PIXELS, load_rgb
+from visinspect.data.samples import MAX_PIXELS, load_rgb
 from visinspect.errors import DataError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -11,13 +11,13 @@ import time
 
 import pytest
 
-import visinspect.train as train_module
+import visinspect.training as train_module
 from visinspect import cli
-from visinspect.compare import ComparePreset
-from visinspect.data import build_sample_table, target_test_images
+from visinspect.backbones.store import STORE_ENV, FeatureStore
+from visinspect.data.samples import build_sample_table, target_test_images
 from visinspect.errors import ConfigError
-from visinspect.features import STORE_ENV, FeatureStore
-from visinspect.loo import (
+from visinspect.experiments.compare import ComparePreset
+from visinspect.experiments.loo import (
     DEFAULT_MODELS,
     LeaveOneOut,
     chosen_on_other_targets,
@@ -26,8 +26,8 @@ from visinspect.loo import (
     plan_jobs,
     tables_markdown,
 )
-from visinspect.methods import METHODS
-from visinspect.simclr import PretrainConfig
+from visinspect.methods.registry import METHODS
+from visinspect.methods.simclr.pretrain import PretrainConfig
 
 TINY = ComparePreset(
     "tiny", image_size=32, epochs=2, precision="fp32",

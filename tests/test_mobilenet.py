@@ -9,14 +9,14 @@ import pytest
 import torch
 import torchvision
 
-import visinspect.features as features
+import visinspect.backbones.store as features
+from visinspect.backbones.mobilenet import CHANNELS, MOBILENET_ENV, ImageStandardisation, build_mobilenet
+from visinspect.backbones.store import FeatureStore
 from visinspect.checkpoint import load_checkpoint
 from visinspect.cli import main
-from visinspect.data import build_sample_table
+from visinspect.data.samples import build_sample_table
 from visinspect.errors import CheckpointError, VisinspectError
-from visinspect.features import FeatureStore
-from visinspect.methods import backbone_info, load_detector, make_detector
-from visinspect.mobilenet import CHANNELS, MOBILENET_ENV, ImageStandardisation, build_mobilenet
+from visinspect.methods.registry import backbone_info, load_detector, make_detector
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "weights" / "mobilenet_v2_imagenet.pth"
 

@@ -10,7 +10,16 @@ import pytest
 import torch
 from torch import nn
 
-from visinspect import models
+from visinspect.backbones import vgg16
+from visinspect.backbones.vgg16 import (
+    CLASS_NAMES,
+    OFFLINE_ENV,
+    TORCHVISION_URL,
+    VGG16CAM,
+    WEIGHTS_ENV,
+    load_backbone_weights,
+    logit_margin,
+)
 from visinspect.checkpoint import (
     FORMAT,
     FORMAT_VERSION,
@@ -20,15 +29,6 @@ from visinspect.checkpoint import (
     save_classifier,
 )
 from visinspect.errors import CheckpointError, VisinspectError
-from visinspect.models import (
-    CLASS_NAMES,
-    OFFLINE_ENV,
-    TORCHVISION_URL,
-    VGG16CAM,
-    WEIGHTS_ENV,
-    load_backbone_weights,
-    logit_margin,
-)
 
 # Parameters of conv1_1 .. conv4_3 (frozen) and of conv5_1 .. conv5_3 + the dense layer (trained).
 N_FROZEN = 7_635_264
@@ -59,7 +59,7 @@ def test_frozen_and_trainable_parameters(pristine_model):
     params = list(pristine_model.parameters())
     assert sum(p.numel() for p in params if not p.requires_grad) == N_FROZEN
     assert sum(p.numel() for p in params if p.requires_grad) == N_TRAINABLE
-    assert len(pristine_model.frozen) == models.FROZEN_END
+    assert len(pristine_model.frozen) == vgg16.FROZEN_END
     assert isinstance(pristine_model.trainable[0], nn.Conv2d)  # conv5_1 starts the trainable part
 
 

@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from visinspect.data import build_sample_table, stratified_split
+from visinspect.data.samples import build_sample_table, stratified_split
+from visinspect.data.synthetic import draw_defect
 from visinspect.errors import ConfigError, DataError, VisinspectError
-from visinspect.learnt_fusion import WEIGHTS, choose_weight
-from visinspect.methods import backbone_info, make_detector
-from visinspect.pseudo_defects import KINDS, cut_paste, pseudo_defect
-from visinspect.reference import PatchMemoryBank
-from visinspect.residual import residual_maps
-from visinspect.synthetic import draw_defect
+from visinspect.methods.learnt_fusion import WEIGHTS, choose_weight
+from visinspect.methods.memory_bank import PatchMemoryBank
+from visinspect.methods.pseudo_defects import KINDS, cut_paste, pseudo_defect
+from visinspect.methods.registry import backbone_info, make_detector
+from visinspect.methods.residual import residual_maps
 
 SIZE = 32
 

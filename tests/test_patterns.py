@@ -8,11 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from visinspect.data import Sample, build_sample_table
-from visinspect.detectors import by_product
+from visinspect.data.samples import Sample, build_sample_table
 from visinspect.errors import DataError
-from visinspect.methods import backbone_info, make_detector
-from visinspect.patterns import (
+from visinspect.methods.base import by_product
+from visinspect.methods.binary_patterns import (
     PATTERN_SIZE,
     STRIDE,
     PatternBank,
@@ -23,6 +22,7 @@ from visinspect.patterns import (
     is_binary_drawing,
     pattern_codes,
 )
+from visinspect.methods.registry import backbone_info, make_detector
 
 
 def board(seed: int, speck: tuple[int, int] | None = None) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Tests for visinspect.plots and visinspect.widgets: what each figure draws for a fake model."""
+"""Tests for visinspect.viz.plots and visinspect.viz.widgets: what each figure draws for a fake model."""
 
 import matplotlib
 
@@ -13,14 +13,14 @@ from matplotlib.patches import Rectangle
 from PIL import Image
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from visinspect import plots, widgets
+from visinspect.backbones.cam import HeatmapNormalizer
 from visinspect.boxes import Box, heatmap_to_boxes
-from visinspect.cam import HeatmapNormalizer
-from visinspect.data import build_sample_table, summarize
+from visinspect.data.samples import build_sample_table, summarize
+from visinspect.data.synthetic import generate_synthetic_dataset
 from visinspect.errors import ConfigError, DataError, VisinspectError
-from visinspect.inference import Predictions
 from visinspect.metrics import classification_metrics
-from visinspect.synthetic import generate_synthetic_dataset
+from visinspect.scoring import Predictions
+from visinspect.viz import plots, widgets
 
 
 @pytest.fixture(scope="module")
@@ -376,7 +376,7 @@ def test_threshold_positions_of_many_scores_move_past_equal_shares_of_images():
 
 
 def test_metric_vs_k_draws_one_line_per_few_good_parts_model():
-    from visinspect.plots import plot_metric_vs_k
+    from visinspect.viz.plots import plot_metric_vs_k
 
     rows = [
         {"model": "baseline", "target": "all", "image_auroc": 0.7},

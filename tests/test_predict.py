@@ -11,12 +11,11 @@ from PIL import Image
 from test_fuzz import png_with_header
 
 from visinspect.checkpoint import save_classifier
+from visinspect.data.samples import find_images, list_images
 from visinspect.errors import ConfigError, DataError
-from visinspect.methods import load_detector
+from visinspect.methods.registry import load_detector
 from visinspect.predict import (
     RESULTS_NAME,
-    find_images,
-    list_images,
     overlay_names,
     predict_folder,
     predict_images,

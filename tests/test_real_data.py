@@ -11,8 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from visinspect.data import build_sample_table, load_mask, load_rgb, summarize, unknown_context_split
-from visinspect.predict import list_images
+from visinspect.data.samples import (
+    build_sample_table,
+    list_images,
+    load_mask,
+    load_rgb,
+    summarize,
+    unknown_context_split,
+)
 
 SHARED = os.environ.get("VISINSPECT_SHARED_DATA", "")
 ROOTS = [Path(SHARED) / "mvtec_ad", Path(SHARED) / "industrial"]
@@ -81,7 +87,7 @@ def test_the_recommended_method_finds_defects_with_a_few_good_parts(table, categ
     Leather, never used to choose the method: 1.000 with its 4 good train images (random 0.575)."""
     from sklearn.metrics import roc_auc_score
 
-    from visinspect.methods import RECOMMENDED, make_detector, without_vgg16_info
+    from visinspect.methods.registry import RECOMMENDED, make_detector, without_vgg16_info
 
     rows = [s for s in table.samples if s.category == category]
     good = [s for s in rows if s.split == "train" and s.label == 0][:k]
@@ -100,7 +106,7 @@ def test_only_deeppcb_is_a_binary_drawing_and_its_pattern_score_finds_its_defect
     ~0.51). No network is involved."""
     from sklearn.metrics import roc_auc_score
 
-    from visinspect.patterns import PatternBank, grey, is_binary_drawing
+    from visinspect.methods.binary_patterns import PatternBank, grey, is_binary_drawing
 
     drawings = []
     for c in sorted({s.category for s in table.samples}):

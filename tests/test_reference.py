@@ -1,4 +1,4 @@
-"""Tests for visinspect.reference: the patch memory bank's nearest-neighbour score and fusion."""
+"""Tests for visinspect.methods.memory_bank: the patch memory bank's nearest-neighbour score and fusion."""
 
 import dataclasses
 import json
@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from visinspect.cam import anomaly_cam, upsample
-from visinspect.data import Sample, to_tensor
+from visinspect.backbones.cam import anomaly_cam, upsample
+from visinspect.backbones.store import FeatureStore
+from visinspect.backbones.vgg16 import VGG16CAM
+from visinspect.data.samples import Sample, to_tensor
+from visinspect.data.synthetic import render_sample
 from visinspect.errors import ConfigError, DataError, VisinspectError
-from visinspect.features import FeatureStore
-from visinspect.models import VGG16CAM
-from visinspect.reference import (
+from visinspect.methods.memory_bank import (
     FusedScorer,
     PatchMemoryBank,
     Standardizer,
@@ -22,7 +23,6 @@ from visinspect.reference import (
     greedy_coreset,
     patch_features,
 )
-from visinspect.synthetic import render_sample
 
 SIZE = 64  # conv4_3 maps are 8 x 8
 FP32 = {"precision": "fp32"}  # bf16 autocast (on CPUs that have it) would blur the ~0 distances

@@ -10,37 +10,34 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from visinspect.backbones.vgg16 import FROZEN_END, VGG16CAM, sha256_file
 from visinspect.checkpoint import save_checkpoint
-from visinspect.data import DefectDataset, build_sample_table, denormalize, to_tensor
+from visinspect.data.samples import DefectDataset, build_sample_table, denormalize, to_tensor
+from visinspect.data.synthetic import generate_synthetic_dataset
 from visinspect.errors import CheckpointError, DataError, VisinspectError
-from visinspect.models import FROZEN_END, VGG16CAM, sha256_file
-from visinspect.simclr import (
-    LEVERS,
-    DenseProjectionHead,
-    PretrainConfig,
-    ProjectionHead,
-    SimCLRModel,
-    SimCLRTransform,
-    TwoViewDataset,
-    _anchors,
-    _views_on,
-    aligned_views,
-    build_simclr_model,
-    defect_left,
+from visinspect.methods.simclr.augment import SimCLRTransform, TwoViewDataset, aligned_views, defect_left
+from visinspect.methods.simclr.loss import (
     defect_views,
     dense_nt_xent_loss,
-    knn_monitor,
     l2sp_penalty,
-    load_pretrained_encoder,
     mean_shift,
     nt_xent_loss,
+    rotated_views,
+)
+from visinspect.methods.simclr.model import DenseProjectionHead, ProjectionHead, SimCLRModel
+from visinspect.methods.simclr.pretrain import (
+    LEVERS,
+    PretrainConfig,
+    _anchors,
+    _views_on,
+    build_simclr_model,
+    knn_monitor,
+    load_pretrained_encoder,
     pretrain,
     pretrain_samples,
-    rotated_views,
     save_pretrained,
     warmup_cosine,
 )
-from visinspect.synthetic import generate_synthetic_dataset
 from visinspect.utils import autocast, resolve_precision
 
 SOURCE, TARGET = ("grain_wood", "round_pill"), ("hex_nut",)
@@ -413,10 +410,10 @@ def test_transform_rejects_bad_arguments(kwargs):
 
 
 def test_two_view_dataset_decodes_each_image_once_and_shrinks_it(samples, monkeypatch):
-    from visinspect import simclr
+    from visinspect.methods.simclr import pretrain
 
     calls = []
-    monkeypatch.setattr(simclr, "load_rgb", lambda path: calls.append(path) or tiny_image(64))
+    monkeypatch.setattr(pretrain, "load_rgb", lambda path: calls.append(path) or tiny_image(64))
     dataset = TwoViewDataset(samples[:3], SimCLRTransform(32), cache_side=40)
     v1, v2 = dataset[1]
     dataset[1]

@@ -9,9 +9,8 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from visinspect import synthetic
-from visinspect.errors import DataError, VisinspectError
-from visinspect.synthetic import (
+from visinspect.data import synthetic
+from visinspect.data.synthetic import (
     CATEGORIES,
     OBJECTS,
     STAMP_NAME,
@@ -20,6 +19,7 @@ from visinspect.synthetic import (
     generate_synthetic_dataset,
     render_sample,
 )
+from visinspect.errors import DataError, VisinspectError
 
 SMALL = {"image_size": 64, "n_train_good": 2, "n_test_good": 2, "n_test_per_defect": 2}
 MVTEC_AD = {"bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from visinspect.data import SPLITS, build_sample_table
+from visinspect.data.samples import SPLITS, build_sample_table
 
 _buf = io.BytesIO()
 Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(_buf, "PNG")

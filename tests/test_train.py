@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
+from visinspect.backbones.store import FeatureStore
 from visinspect.checkpoint import load_checkpoint
-from visinspect.data import DefectDataset, build_sample_table
+from visinspect.data.samples import DefectDataset, build_sample_table
 from visinspect.errors import CheckpointError, DataError
-from visinspect.features import FeatureStore
-from visinspect.inference import predict
-from visinspect.train import (
+from visinspect.scoring import predict
+from visinspect.training import (
     TrainConfig,
     frozen_features,
     train_baseline,

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from visinspect.cam import HeatmapNormalizer
-from visinspect.data import Sample
+from visinspect.backbones.cam import HeatmapNormalizer
+from visinspect.backbones.vgg16 import VGG16CAM
+from visinspect.data.samples import Sample
 from visinspect.errors import CheckpointError, DataError
-from visinspect.inference import predict
 from visinspect.metrics import false_alarm_threshold
-from visinspect.models import VGG16CAM
+from visinspect.scoring import predict
 from visinspect.utils import atomic_path
 
 FORMAT = "visinspect-calibration"

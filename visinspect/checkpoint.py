@@ -132,7 +132,7 @@ def load_resume_state(
 
 def save_classifier(path: str | Path, model: torch.nn.Module, **info) -> Path:
     """Save a VGG16-CAM classifier: its weights plus `info` (config, threshold, normaliser, ...)."""
-    from visinspect.models import CLASS_NAMES  # local: models imports nothing from here
+    from visinspect.backbones.vgg16 import CLASS_NAMES  # local: models imports nothing from here
 
     payload = {
         "kind": "classifier",
@@ -170,7 +170,7 @@ def load_classifier(path: str | Path, image_size: int | None = None) -> tuple[to
 
 def _classifier(path: str | Path, data: dict, image_size: int | None = None) -> tuple[torch.nn.Module, dict]:
     """A checkpoint's loaded dict as a VGG16CAM in eval mode and its info."""
-    from visinspect.models import CLASS_NAMES, VGG16CAM
+    from visinspect.backbones.vgg16 import CLASS_NAMES, VGG16CAM
 
     if data.get("architecture") != "vgg16-cam" or list(data.get("class_names", [])) != list(CLASS_NAMES):
         raise CheckpointError(

@@ -15,12 +15,12 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from visinspect.demo import SOURCE as SYNTHETIC_SOURCE
-from visinspect.demo import TARGET as SYNTHETIC_TARGET
-from visinspect.demo import DemoSettings
 from visinspect.errors import VisinspectError
-from visinspect.simclr import LEVER_SETS as PRETRAIN_LEVER_SETS
-from visinspect.simclr import LEVERS as PRETRAIN_LEVERS
+from visinspect.experiments.demo import SOURCE as SYNTHETIC_SOURCE
+from visinspect.experiments.demo import TARGET as SYNTHETIC_TARGET
+from visinspect.experiments.demo import DemoSettings
+from visinspect.methods.simclr.pretrain import LEVER_SETS as PRETRAIN_LEVER_SETS
+from visinspect.methods.simclr.pretrain import LEVERS as PRETRAIN_LEVERS
 
 
 def _csv(value: str) -> list[str]:
@@ -31,8 +31,8 @@ def _data_roots(args) -> list[Path]:
     """The --data roots, or the embedded synthetic dataset (generated on first use)."""
     if args.data:
         return [Path(d) for d in args.data]
-    from visinspect.data import default_synthetic_root
-    from visinspect.synthetic import ensure_synthetic_dataset
+    from visinspect.data.samples import default_synthetic_root
+    from visinspect.data.synthetic import ensure_synthetic_dataset
 
     return [ensure_synthetic_dataset(default_synthetic_root())]
 
@@ -51,7 +51,7 @@ def _print_json(obj) -> None:
 
 
 def cmd_info(args) -> int:
-    from visinspect.data import build_sample_table, load_mask, load_rgb, summarize
+    from visinspect.data.samples import build_sample_table, load_mask, load_rgb, summarize
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -94,7 +94,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_synth(args) -> int:
-    from visinspect.synthetic import generate_synthetic_dataset
+    from visinspect.data.synthetic import generate_synthetic_dataset
 
     out = generate_synthetic_dataset(
         args.out, seed=args.seed, image_size=args.image_size, overwrite=args.overwrite
@@ -104,7 +104,7 @@ def cmd_synth(args) -> int:
 
 
 def cmd_download(args) -> int:
-    from visinspect.download import download_categories
+    from visinspect.data.download import download_categories
 
     paths = download_categories(
         _csv(args.categories),
@@ -118,7 +118,7 @@ def cmd_download(args) -> int:
 
 
 def _train_val(args, source_default: Sequence[str]):
-    from visinspect.data import build_sample_table, stratified_split, unknown_context_split
+    from visinspect.data.samples import build_sample_table, stratified_split, unknown_context_split
 
     table = build_sample_table(_data_roots(args), split="all")
     names = _categories(args, source_default) or table.categories
@@ -127,11 +127,18 @@ def _train_val(args, source_default: Sequence[str]):
 
 
 def cmd_train(args) -> int:
+    from visinspect.backbones.vgg16 import describe_backbone
     from visinspect.checkpoint import save_classifier, save_settings
     from visinspect.errors import ConfigError
-    from visinspect.methods import METHODS, RECOMMENDED, backbone_info, make_detector, method, untrained
-    from visinspect.models import describe_backbone
-    from visinspect.train import TrainConfig, train_baseline
+    from visinspect.methods.registry import (
+        METHODS,
+        RECOMMENDED,
+        backbone_info,
+        make_detector,
+        method,
+        untrained,
+    )
+    from visinspect.training import TrainConfig, train_baseline
 
     chosen = method(args.method or RECOMMENDED)
     if chosen.trains is None:  # nothing to learn from the source products
@@ -178,14 +185,14 @@ def cmd_train(args) -> int:
     state = Path(str(args.out) + ".state")
     model = provenance = None
     if args.pretrained:
-        from visinspect.models import VGG16CAM
-        from visinspect.simclr import load_pretrained_encoder
+        from visinspect.backbones.vgg16 import VGG16CAM
+        from visinspect.methods.simclr.pretrain import load_pretrained_encoder
 
         model = VGG16CAM()
         provenance = load_pretrained_encoder(args.pretrained, model)
     try:
         if chosen.trains == "residual":
-            from visinspect.residual import train_residual
+            from visinspect.methods.residual import train_residual
 
             model, info = train_residual(train, val, config, weights=args.backbone_weights,
                                          device=args.device, checkpoint_path=state, resume=args.resume)
@@ -250,8 +257,8 @@ def _evaluate_checkpoint(args, default_categories: Sequence[str]) -> dict:
     to the checkpoint. With --calibrate, the report keeps the uncalibrated classifier's too."""
     from visinspect.calibration import DEFAULT_K
     from visinspect.checkpoint import load_method_checkpoint
-    from visinspect.data import build_sample_table
-    from visinspect.methods import make_detector
+    from visinspect.data.samples import build_sample_table
+    from visinspect.methods.registry import make_detector
 
     model, info = load_method_checkpoint(args.checkpoint)
     name = args.method or info.get("method", "baseline")
@@ -288,8 +295,8 @@ def _evaluate_checkpoint(args, default_categories: Sequence[str]) -> dict:
 
 
 def _report(detector, samples, args, loc: dict) -> dict:
-    from visinspect.detectors import IDENTITY
     from visinspect.evaluate import evaluate_scored
+    from visinspect.methods.base import IDENTITY
 
     scored = detector.score(samples)
     heat_mode = args.heat_mode if detector.normalizer is not None else "image"
@@ -333,8 +340,8 @@ def _print_outliers(calibrations) -> None:
 
 
 def cmd_evaluate(args) -> int:
+    from visinspect.backbones.vgg16 import describe_backbone
     from visinspect.evaluate import markdown_table, round_floats
-    from visinspect.models import describe_backbone
 
     report = _evaluate_checkpoint(args, SYNTHETIC_TARGET)
     if "uncalibrated" in report:
@@ -361,8 +368,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from visinspect.methods import load_detector, make_detector
-    from visinspect.models import describe_backbone
+    from visinspect.backbones.vgg16 import describe_backbone
+    from visinspect.methods.registry import load_detector, make_detector
     from visinspect.predict import predict_images
 
     if args.calibration:
@@ -420,12 +427,12 @@ def _pick_calibration(path: str, category: str | None):
 
 def cmd_demo(args) -> int:
     """Train on the synthetic source categories, evaluate on the held-out ones, draw a grid."""
-    from visinspect.cam import HeatmapNormalizer
-    from visinspect.demo import DemoSettings, demo_model, demo_split
+    from visinspect.backbones.cam import HeatmapNormalizer
+    from visinspect.backbones.vgg16 import describe_backbone
     from visinspect.evaluate import evaluate_predictions, markdown_table, round_floats
-    from visinspect.inference import predict
-    from visinspect.models import describe_backbone
-    from visinspect.plots import plot_prediction_grid, save_figure
+    from visinspect.experiments.demo import DemoSettings, demo_model, demo_split
+    from visinspect.scoring import predict
+    from visinspect.viz.plots import plot_prediction_grid, save_figure
 
     out = Path(args.out)
     settings = DemoSettings(image_size=args.image_size, epochs=args.epochs, seed=args.seed)
@@ -465,8 +472,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from visinspect.data import build_sample_table, unknown_context_split
-    from visinspect.simclr import (
+    from visinspect.data.samples import build_sample_table, unknown_context_split
+    from visinspect.methods.simclr.pretrain import (
         PretrainConfig,
         build_simclr_model,
         pretrain,
@@ -510,9 +517,9 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from visinspect.compare import ComparePreset, run_comparison, summary_table
     from visinspect.evaluate import round_floats
-    from visinspect.plots import plot_metric_bars, plot_metric_vs_k, plot_model_heatmaps, save_figure
+    from visinspect.experiments.compare import ComparePreset, run_comparison, summary_table
+    from visinspect.viz.plots import plot_metric_bars, plot_metric_vs_k, plot_model_heatmaps, save_figure
 
     source = _csv(args.source) if args.source else list(SYNTHETIC_SOURCE)
     target = _csv(args.target) if args.target else list(SYNTHETIC_TARGET)
@@ -553,8 +560,8 @@ def cmd_compare(args) -> int:
 
 
 def cmd_loo(args) -> int:
-    from visinspect.compare import ComparePreset
-    from visinspect.loo import DEFAULT_MODELS, LeaveOneOut
+    from visinspect.experiments.compare import ComparePreset
+    from visinspect.experiments.loo import DEFAULT_MODELS, LeaveOneOut
 
     preset = dataclasses.replace(ComparePreset.named(args.preset), precision=args.precision)
     if args.source_cap is not None:
@@ -582,7 +589,7 @@ def cmd_loo(args) -> int:
 
 
 def cmd_cache(args) -> int:
-    from visinspect.features import FeatureStore
+    from visinspect.backbones.store import FeatureStore
 
     store = FeatureStore.default()
     if not store.enabled:
@@ -736,7 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trainable-from", type=int, help="first trainable layer index of VGG16 features")
     p.add_argument("--seed", type=int)
     p.add_argument("--backbone-weights", default="auto")
-    # The anomaly-detection levers of visinspect.simclr.PretrainConfig (all off by default).
+    # The anomaly-detection levers of visinspect.methods.simclr.pretrain.PretrainConfig (all off by default).
     for name in PRETRAIN_LEVERS:
         flag = "--" + name.replace("_", "-")
         if name.endswith("_weight"):
@@ -797,12 +804,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store(p)
     p.set_defaults(func=cmd_cache)
 
-    from visinspect import figures
-
-    p = sub.add_parser("figures", help="draw the pipeline figures of docs/ from the code itself")
-    figures.add_arguments(p)
-    p.set_defaults(func=figures.run)
-
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on some categories")
     p.add_argument("--checkpoint", required=True)
     _add_data(p, "comma-separated test (target) categories")
@@ -859,7 +860,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "feature_store", None):
-        from visinspect.features import STORE_ENV
+        from visinspect.backbones.store import STORE_ENV
 
         # Through the environment: every library call (and any subprocess) then uses that store.
         os.environ[STORE_ENV] = args.feature_store

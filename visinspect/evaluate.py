@@ -12,10 +12,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from visinspect.backbones.cam import HeatmapNormalizer
 from visinspect.boxes import heatmap_to_boxes
-from visinspect.cam import HeatmapNormalizer
 from visinspect.errors import ConfigError
-from visinspect.inference import Predictions, ScoredImages
 from visinspect.metrics import (
     POSITIVE_CLASS,
     best_f1_threshold,
@@ -24,6 +23,7 @@ from visinspect.metrics import (
     per_group_metrics,
     pixel_metrics,
 )
+from visinspect.scoring import Predictions, ScoredImages
 
 DEFAULT_BOX_THRESHOLD = 0.5
 DEFAULT_MIN_AREA = 16

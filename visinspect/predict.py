@@ -24,10 +24,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from visinspect.boxes import Box, heatmap_to_boxes
-from visinspect.data import IMAGE_EXTENSIONS, load_rgb
-from visinspect.detectors import Detector, unlabelled_sample
+from visinspect.data.samples import IMAGE_EXTENSIONS, find_images, load_rgb
 from visinspect.errors import ConfigError, DataError
-from visinspect.methods import load_detector
+from visinspect.methods.base import Detector, unlabelled_sample
+from visinspect.methods.registry import load_detector
 from visinspect.utils import atomic_path
 
 RESULTS_NAME = "predictions.jsonl"
@@ -35,42 +35,6 @@ OVERLAY_DIR = "overlays"
 # Overlays are for looking at: drawing an 8k-pixel photo at full size would cost seconds and GBs.
 OVERLAY_MAX_SIDE = 512
 OVERLAY_MIN_SIDE = 256  # small images are shown larger so that the title fits
-
-
-def find_images(inputs: Sequence[str | Path], exclude: str | Path | None = None) -> dict[Path, Path]:
-    """Image files named directly, or found recursively in folders, each mapped to where it lies
-    under the input that named it (its path below that folder; a file named directly: its name).
-
-    Sorted within each folder, in input order, without duplicates (the first input wins). In
-    folders, files with an image extension (any case) count; hidden files and folders (name
-    starting with ".", e.g. macOS `._x.png` copies) are skipped, and so is `exclude` (the output
-    folder, so that a run never scores its own overlays). A file named directly always counts.
-    """
-    skip = Path(exclude).resolve() if exclude is not None else None
-    found: dict[Path, Path] = {}
-    for item in map(Path, inputs):
-        if item.is_dir():
-            files = []
-            for folder, dirs, names in os.walk(item):
-                dirs[:] = [d for d in dirs if not d.startswith(".")
-                           and (skip is None or Path(folder, d).resolve() != skip)]
-                files.extend(Path(folder, n) for n in names if _is_image_name(n))
-            for path in sorted(files):
-                found.setdefault(path, path.relative_to(item))
-        elif item.exists():
-            found.setdefault(item, Path(item.name))
-        else:
-            raise DataError(f"{item} does not exist: name image files or folders to predict on")
-    return found
-
-
-def list_images(inputs: Sequence[str | Path], exclude: str | Path | None = None) -> list[Path]:
-    """The image files of `find_images`, in its order."""
-    return list(find_images(inputs, exclude))
-
-
-def _is_image_name(name: str) -> bool:
-    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
 def _keep_finished(results: Path) -> dict[str, str | None]:
@@ -282,7 +246,7 @@ def _save_overlay(dest: Path, path: Path, thumb: Image.Image, heat: torch.Tensor
     """Draw the heatmap and (for anomalies) boxes on the image; save it as `dest`."""
     from matplotlib.figure import Figure  # not pyplot: figures nobody has to close
 
-    from visinspect.plots import DPI, overlay, save_figure
+    from visinspect.viz.plots import DPI, overlay, save_figure
 
     w, h = thumb.size
     small = F.interpolate(heat[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]

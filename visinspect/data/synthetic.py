@@ -492,7 +492,7 @@ def _make_stamp(seed: int, categories: Sequence[str] | None, **settings: int) ->
     for key, value in settings.items():
         if int(value) < 1:
             raise VisinspectError(f"{key} must be a positive integer, got {value}")
-    return {"generator": "visinspect.synthetic", "version": GENERATOR_VERSION, "seed": int(seed),
+    return {"generator": "visinspect.data.synthetic", "version": GENERATOR_VERSION, "seed": int(seed),
             **{key: int(value) for key, value in settings.items()}, "categories": names}
 
 
@@ -520,7 +520,7 @@ def _readme(stamp: dict) -> str:
     size, seed = stamp["image_size"], stamp["seed"]
     return f"""# Synthetic defect-inspection dataset (made by visinspect)
 
-Every image here is **synthetic**: drawn procedurally by `visinspect.synthetic` (generator
+Every image here is **synthetic**: drawn procedurally by `visinspect.data.synthetic` (generator
 version {stamp["version"]}, seed {seed}, {size}×{size} px). No real product was photographed.
 
 It is for learning and for checking the pipeline: the notebooks, the command line and the tests
@@ -534,7 +534,7 @@ root can be combined with a real one.
 {rows}
 
 {total} images in all. Regenerate the identical files with
-`visinspect.synthetic.generate_synthetic_dataset(OUT, seed={seed})`.
+`visinspect.data.synthetic.generate_synthetic_dataset(OUT, seed={seed})`.
 """
 
 

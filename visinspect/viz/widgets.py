@@ -15,12 +15,12 @@ from IPython.display import display
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from visinspect.backbones.cam import HeatmapNormalizer
 from visinspect.boxes import Box, heatmap_to_boxes
-from visinspect.cam import HeatmapNormalizer
 from visinspect.errors import ConfigError, DataError
-from visinspect.inference import Predictions
 from visinspect.metrics import POSITIVE_CLASS, classification_metrics
-from visinspect.plots import (
+from visinspect.scoring import Predictions
+from visinspect.viz.plots import (
     LABEL_NAMES,
     add_heat_colorbar,
     apply_style,

@@ -18,15 +18,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from visinspect.backbones.store import FeatureStore, StoredFeatures
+from visinspect.backbones.vgg16 import VGG16CAM, build_model
 from visinspect.calibration import fit_calibration
-from visinspect.data import Sample
-from visinspect.detectors import Detector, by_product, calibrated_view
+from visinspect.data.samples import Sample
 from visinspect.errors import DataError
-from visinspect.features import FeatureStore, StoredFeatures
-from visinspect.inference import Predictions, ScoredImages, forward_features
-from visinspect.models import VGG16CAM, build_model
-from visinspect.reference import PatchMemoryBank, patch_features
-from visinspect.train import TrainConfig, train_classifier, training_info
+from visinspect.methods.base import Detector, by_product, calibrated_view
+from visinspect.methods.memory_bank import PatchMemoryBank, patch_features
+from visinspect.scoring import Predictions, ScoredImages, forward_features
+from visinspect.training import TrainConfig, train_classifier, training_info
 from visinspect.utils import model_device, resolve_device, resolve_precision, set_seed
 
 K_TRAIN = 8  # good reference images per source product in training (ResAD trains few-shot too)

@@ -3,7 +3,7 @@
 The project's question on real data, as one resumable command (`python -m visinspect loo`):
 
 1. **Frozen pass**: every image any split needs runs through the frozen VGG16 layers once, into
-   the feature store (visinspect.features); nothing later runs them again.
+   the feature store (visinspect.backbones.store); nothing later runs them again.
 2. **Jobs**, seed by seed, target by target. A *train* job trains one classifier variant on a
    split's source images and saves it (its training resumes per epoch if killed); a *score* job
    scores one model family on the split's target test images and writes its rows. Each job
@@ -11,7 +11,7 @@ The project's question on real data, as one resumable command (`python -m visins
    run started again continues where it stopped and ends with the same rows.
 3. **Results**: OUT/rows.json (every row), OUT/tables.md, OUT/budget.json and the figures.
 
-Models (`--models`): the method names of visinspect.methods, as the rows carry them without their
+Models (`--models`): the method names of visinspect.methods.registry, as the rows carry them without their
 " k=K" suffix ("baseline", "baseline calibrated", "reference", "fused", ...). A run may add methods,
 targets or seeds to an OUT that holds earlier jobs of the same settings: the tables then show them
 all.
@@ -29,9 +29,12 @@ from pathlib import Path
 
 import torch
 
+from visinspect.backbones.store import FeatureStore, use_store
 from visinspect.calibration import DEFAULT_RULE
 from visinspect.checkpoint import load_checkpoint, load_classifier, save_classifier
-from visinspect.compare import (
+from visinspect.data.samples import Sample, build_sample_table, single_class_categories
+from visinspect.errors import ConfigError
+from visinspect.experiments.compare import (
     ComparePreset,
     SeedResult,
     Split,
@@ -41,11 +44,14 @@ from visinspect.compare import (
     summary_table,
     train_variant,
 )
-from visinspect.data import Sample, build_sample_table, single_class_categories
-from visinspect.detectors import mobilenet_for
-from visinspect.errors import ConfigError
-from visinspect.features import FeatureStore, use_store
-from visinspect.methods import METHODS, make_detector, untrained, untrained_backbone, without_vgg16_info
+from visinspect.methods.base import mobilenet_for
+from visinspect.methods.registry import (
+    METHODS,
+    make_detector,
+    untrained,
+    untrained_backbone,
+    without_vgg16_info,
+)
 from visinspect.utils import atomic_path, describe_machine, resolve_device, resolve_precision
 
 MODELS = tuple(METHODS)
@@ -582,7 +588,7 @@ def draw_figures(rows: Sequence[dict], folder: Path) -> None:
     both against K for the few-good-parts models."""
     import matplotlib.pyplot as plt
 
-    from visinspect.plots import plot_metric_bars, plot_metric_vs_k, save_figure
+    from visinspect.viz.plots import plot_metric_bars, plot_metric_vs_k, save_figure
 
     plain = [r for r in rows if " k=" not in r["model"]]
     if plain:

@@ -3,7 +3,7 @@
 Self-supervised anomaly detection (CutPaste, Li et al. CVPR 2021; DRAEM, Zavrtanik et al. ICCV
 2021; NSA) makes defects where there are none: a patch of the image cut and pasted elsewhere, a
 thin "scar" of another colour, or a drawn crack, scratch, stain, hole or contamination (the
-synthetic dataset's own defects, visinspect.synthetic.draw_defect). Each of the K good images of
+synthetic dataset's own defects, visinspect.data.synthetic.draw_defect). Each of the K good images of
 the new product gets PER_IMAGE such pseudo-defective copies; the classifier trained on the source
 products is then fine-tuned on good (label 0) against pseudo-defective (label 1) images of the new
 product, so that what it calls a defect is measured against this product's own appearance. No
@@ -20,14 +20,14 @@ import cv2
 import numpy as np
 import torch
 
+from visinspect.backbones.store import FeatureStore
+from visinspect.backbones.vgg16 import VGG16CAM
 from visinspect.calibration import fit_calibration
-from visinspect.data import Sample, load_rgb, to_tensor
-from visinspect.detectors import Detector, by_product, calibrated_view
-from visinspect.features import FeatureStore
-from visinspect.inference import ScoredImages, predict
-from visinspect.models import VGG16CAM
-from visinspect.synthetic import DEFECT_KINDS, draw_defect
-from visinspect.train import TrainConfig, train_classifier
+from visinspect.data.samples import Sample, load_rgb, to_tensor
+from visinspect.data.synthetic import DEFECT_KINDS, draw_defect
+from visinspect.methods.base import Detector, by_product, calibrated_view
+from visinspect.scoring import ScoredImages, predict
+from visinspect.training import TrainConfig, train_classifier
 
 KINDS = ("cutpaste", "scar", *DEFECT_KINDS)
 PER_IMAGE = 4  # pseudo-defective copies of each good image

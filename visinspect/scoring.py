@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from visinspect.cam import HeatmapNormalizer, anomaly_cam, normalize, upsample
-from visinspect.data import Sample, load_mask
-from visinspect.features import FeatureStore
-from visinspect.models import VGG16CAM, logit_margin
+from visinspect.backbones.cam import HeatmapNormalizer, anomaly_cam, normalize, upsample
+from visinspect.backbones.store import FeatureStore
+from visinspect.backbones.vgg16 import VGG16CAM, logit_margin
+from visinspect.data.samples import Sample, load_mask
 from visinspect.utils import autocast, model_device, resolve_precision
 
 

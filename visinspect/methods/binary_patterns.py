@@ -27,18 +27,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from visinspect.backbones.vgg16 import VGG16CAM
 from visinspect.calibration import (
     Calibration,
     fit_calibration,
     require_good_train_samples,
     require_leave_one_out_samples,
 )
-from visinspect.data import Sample, load_rgb
-from visinspect.detectors import MobileNetReferenceDetector, by_product
+from visinspect.data.samples import Sample, load_rgb
 from visinspect.errors import DataError
-from visinspect.inference import ScoredImages
-from visinspect.models import VGG16CAM
-from visinspect.reference import PatchMemoryBank
+from visinspect.methods.base import MobileNetReferenceDetector, by_product
+from visinspect.methods.memory_bank import PatchMemoryBank
+from visinspect.scoring import ScoredImages
 
 PATTERN_SIZE = 256  # the data's size: DeepPCB's defects are a few pixels wide there
 # A product is a binary drawing when, in the median of its good images, at least BINARY_SHARE of

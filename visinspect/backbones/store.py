@@ -22,7 +22,7 @@ Where: $VISINSPECT_FEATURE_STORE, else $XDG_CACHE_HOME/visinspect/features, else
 ~/.cache/visinspect/features; "off" keeps features in memory for one call only (nothing written).
 `python -m visinspect cache info` and `cache clear` show and empty it.
 
-The same store keeps the patch features of MobileNetV2 (visinspect.mobilenet), the good-reference
+The same store keeps the patch features of MobileNetV2 (visinspect.backbones.mobilenet), the good-reference
 score's other backbone, under their own layer name.
 """
 
@@ -44,10 +44,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from visinspect import mobilenet
-from visinspect.data import PREPROCESSING, Sample, load_rgb, to_tensor
+from visinspect.backbones import mobilenet
+from visinspect.backbones.vgg16 import CONV4_3_END, VGG16CAM
+from visinspect.data.samples import PREPROCESSING, Sample, load_rgb, to_tensor
 from visinspect.errors import ConfigError, VisinspectError
-from visinspect.models import CONV4_3_END, VGG16CAM
 from visinspect.utils import atomic_path, autocast, model_device, resolve_precision
 
 Network = VGG16CAM | mobilenet.MobileNetPatches  # what the store runs: its `features[:end]`

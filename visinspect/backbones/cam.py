@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from visinspect.models import ANOMALY, VGG16CAM
+from visinspect.backbones.vgg16 import ANOMALY, VGG16CAM
 
 
 def class_activation_map(

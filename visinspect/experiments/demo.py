@@ -13,8 +13,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from visinspect.backbones.vgg16 import VGG16CAM, pretrained_available
 from visinspect.checkpoint import load_classifier, save_classifier
-from visinspect.data import (
+from visinspect.data.samples import (
     Sample,
     build_sample_table,
     default_synthetic_root,
@@ -22,10 +23,9 @@ from visinspect.data import (
     target_test_images,
     unknown_context_split,
 )
+from visinspect.data.synthetic import ensure_synthetic_dataset
 from visinspect.errors import CheckpointError
-from visinspect.models import VGG16CAM, pretrained_available
-from visinspect.synthetic import ensure_synthetic_dataset
-from visinspect.train import TrainConfig, train_baseline
+from visinspect.training import TrainConfig, train_baseline
 from visinspect.utils import set_seed
 
 SOURCE = ("grain_wood", "grain_leather", "round_pill", "bottle_top")

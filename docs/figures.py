@@ -4,7 +4,7 @@ Every shape, number and map in these figures comes from running the model on a r
 shapes on the training diagram from a forward pass, the CAM pieces from conv5_3 and the dense layer
 (checked to sum to `cam.anomaly_cam`), the boxes from `boxes.heatmap_to_boxes`. So the figures in
 docs/ cannot disagree with what the code does. Regenerate them with
-`python -m visinspect figures --out docs/`.
+`python docs/figures.py --out docs/` (a script beside the pages it draws, not a library module).
 """
 
 from __future__ import annotations
@@ -25,17 +25,20 @@ from matplotlib.figure import Figure
 from matplotlib.patches import ConnectionPatch, FancyBboxPatch
 
 from visinspect import __version__
+from visinspect.backbones.cam import HeatmapNormalizer, anomaly_cam, upsample
+from visinspect.backbones.vgg16 import ANOMALY, CLASS_NAMES, VGG16CAM, build_model
 from visinspect.boxes import heatmap_to_boxes
-from visinspect.cam import HeatmapNormalizer, anomaly_cam, upsample
 from visinspect.checkpoint import load_classifier
-from visinspect.data import Sample, build_sample_table, denormalize, load_rgb, to_tensor
-from visinspect.demo import TARGET, demo_model, demo_split
+from visinspect.data.samples import Sample, build_sample_table, denormalize, load_rgb, to_tensor
+from visinspect.data.synthetic import generate_synthetic_dataset
 from visinspect.errors import CheckpointError, ConfigError, VisinspectError
 from visinspect.evaluate import DEFAULT_BOX_THRESHOLD, DEFAULT_MIN_AREA
-from visinspect.inference import Predictions, predict
+from visinspect.experiments.demo import TARGET, demo_model, demo_split
 from visinspect.metrics import classification_metrics
-from visinspect.models import ANOMALY, CLASS_NAMES, VGG16CAM, build_model
-from visinspect.plots import (
+from visinspect.scoring import Predictions, predict
+from visinspect.training import TrainConfig
+from visinspect.utils import set_seed
+from visinspect.viz.plots import (
     BOX_COLOR,
     COLORS,
     DPI,
@@ -48,9 +51,6 @@ from visinspect.plots import (
     plot_prediction_grid,
     save_figure,
 )
-from visinspect.synthetic import generate_synthetic_dataset
-from visinspect.train import TrainConfig
-from visinspect.utils import set_seed
 
 SMALL_IMAGE_SIZE = 64  # small mode: conv5_3 maps of 4 x 4, enough to draw every figure
 BOX_THRESHOLDS = (0.3, 0.6)  # the two thresholds compared in heatmap_to_bbox.png
@@ -731,10 +731,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Entry point of `python -m visinspect figures`."""
+    """Draw the figures the parsed `args` ask for."""
     paths = make_figures(Path(args.out), checkpoint=args.checkpoint and Path(args.checkpoint),
                          image_size=args.image_size, small=args.small,
                          weights=args.backbone_weights)
     for p in paths:
         print(f"wrote {p}")
     return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Draw the pipeline figures of docs/ from the code itself.")
+    add_arguments(parser)
+    raise SystemExit(run(parser.parse_args()))

@@ -12,7 +12,7 @@ a handful of good parts of the new one. Every method of visinspect goes through 
    `threshold`, and a heatmap per image, scaled to [0, 1] by `normalizer`.
 
 `compare`, `loo`, `evaluate`, `predict` and the notebooks reach every method through its name
-(visinspect.methods), so a new method is one Detector subclass in a module of its own and one line
+(visinspect.methods.registry), so a new method is one Detector subclass in a module of its own and one line
 in `methods.METHODS`.
 """
 
@@ -25,15 +25,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from visinspect.backbones.cam import HeatmapNormalizer, upsample
+from visinspect.backbones.mobilenet import MOBILENET_ENV, MobileNetPatches, build_mobilenet
+from visinspect.backbones.store import Network, file_digest, weights_digest
+from visinspect.backbones.vgg16 import VGG16CAM
 from visinspect.calibration import Calibration, fit_calibration
-from visinspect.cam import HeatmapNormalizer, upsample
-from visinspect.data import Sample
+from visinspect.data.samples import Sample, list_images
 from visinspect.errors import CheckpointError, DataError
-from visinspect.features import Network, file_digest, weights_digest
-from visinspect.inference import Predictions, ScoredImages, predict
-from visinspect.mobilenet import MOBILENET_ENV, MobileNetPatches, build_mobilenet
-from visinspect.models import VGG16CAM
-from visinspect.reference import DEFAULT_MAX_PATCHES, FusedScorer, PatchMemoryBank, fit_fusion
+from visinspect.methods.memory_bank import DEFAULT_MAX_PATCHES, FusedScorer, PatchMemoryBank, fit_fusion
+from visinspect.scoring import Predictions, ScoredImages, predict
 from visinspect.utils import resolve_precision
 
 # Scores relative to a product's calibrated threshold: 0 is the decision threshold, and maps are
@@ -229,7 +229,7 @@ class TopReferenceDetector(ReferenceDetector):
 
 
 class MobileNetReferenceDetector(TopReferenceDetector):
-    """The same top-5 % nearest good patch on MobileNetV2's stride-16 maps (visinspect.mobilenet)
+    """The same top-5 % nearest good patch on MobileNetV2's stride-16 maps (visinspect.backbones.mobilenet)
     instead of VGG16's conv4_3: the frozen ImageNet features that separated the real targets' good
     and defective parts best (docs/results.md). The bank keeps every patch: 196 per image at
     224 px, so even K = 50 searches fewer multiply-adds than conv4_3's 2048-patch coreset."""
@@ -371,8 +371,6 @@ def unlabelled_sample(path: str | Path, product: str | None) -> Sample:
 def reference_samples(paths: Sequence[str | Path], product: str | None = None) -> list[Sample]:
     """The good images of a product given as files or folders: good train/ samples of one product
     (named after the first folder given, or `product`)."""
-    from visinspect.predict import list_images  # predict imports this module
-
     files = list_images(paths)
     if not files:
         raise DataError(f"no good reference images found in {', '.join(map(str, paths))}")

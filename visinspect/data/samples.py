@@ -12,6 +12,7 @@ Nothing under a data root is ever written.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
@@ -439,3 +440,42 @@ def default_synthetic_root() -> Path:
     if (repo / "pyproject.toml").is_file():
         return repo / "data" / "synthetic"
     return Path.home() / ".cache" / "visinspect" / "synthetic"
+
+
+# ----------------------------------------------------------------------------- a user's files
+
+
+def find_images(inputs: Sequence[str | Path], exclude: str | Path | None = None) -> dict[Path, Path]:
+    """Image files named directly, or found recursively in folders, each mapped to where it lies
+    under the input that named it (its path below that folder; a file named directly: its name).
+
+    Sorted within each folder, in input order, without duplicates (the first input wins). In
+    folders, files with an image extension (any case) count; hidden files and folders (name
+    starting with ".", e.g. macOS `._x.png` copies) are skipped, and so is `exclude` (the output
+    folder, so that a run never scores its own overlays). A file named directly always counts.
+    """
+    skip = Path(exclude).resolve() if exclude is not None else None
+    found: dict[Path, Path] = {}
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files = []
+            for folder, dirs, names in os.walk(item):
+                dirs[:] = [d for d in dirs if not d.startswith(".")
+                           and (skip is None or Path(folder, d).resolve() != skip)]
+                files.extend(Path(folder, n) for n in names if _is_image_name(n))
+            for path in sorted(files):
+                found.setdefault(path, path.relative_to(item))
+        elif item.exists():
+            found.setdefault(item, Path(item.name))
+        else:
+            raise DataError(f"{item} does not exist: name image files or folders to predict on")
+    return found
+
+
+def list_images(inputs: Sequence[str | Path], exclude: str | Path | None = None) -> list[Path]:
+    """The image files of `find_images`, in its order."""
+    return list(find_images(inputs, exclude))
+
+
+def _is_image_name(name: str) -> bool:
+    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS

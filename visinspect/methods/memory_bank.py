@@ -18,22 +18,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from visinspect.backbones.cam import upsample
+from visinspect.backbones.store import FeatureStore, Network, StoredFeatures
+from visinspect.backbones.vgg16 import CONV4_3_END, FEATURES_END, VGG16CAM
 from visinspect.calibration import (
     DEFAULT_RULE,
     Calibration,
     fit_calibration,
     require_leave_one_out_samples,
 )
-from visinspect.cam import upsample
-from visinspect.data import Sample
+from visinspect.data.samples import Sample
 from visinspect.errors import ConfigError, DataError, VisinspectError
-from visinspect.features import FeatureStore, Network, StoredFeatures
-from visinspect.models import CONV4_3_END, FEATURES_END, VGG16CAM
 from visinspect.utils import autocast, model_device, resolve_precision
 
 LAYERS = ("conv4_3", "conv5_3")
 # The layer choices of a bank: VGG16's conv4_3 (+ conv5_3 from the classifier's block 5), or the
-# stride-16 maps of MobileNetV2 (visinspect.mobilenet), both read from the feature store.
+# stride-16 maps of MobileNetV2 (visinspect.backbones.mobilenet), both read from the feature store.
 LAYER_CHOICES = (LAYERS[:1], LAYERS, ("mobilenet_v2",))
 # Search cost per image = patches per image x max_patches x feature dim multiply-adds: at 224 px
 # 784 x 2048 x 512 = 0.8 G, about 0.04 s on 2 AVX2 cores (~40 GFLOP/s fp32), well under the
@@ -395,7 +395,7 @@ class FusedScorer:
     Standardising puts a logit margin and a feature distance on one scale ("how many good-image
     standard deviations above normal"). By default both weigh the same, because with only good
     images of the product there is nothing to learn better weights from; `weight` (the
-    classifier's share) can be learnt on the source products (visinspect.learnt_fusion).
+    classifier's share) can be learnt on the source products (visinspect.methods.learnt_fusion).
     Calibrate the fused score like any other (calibration.fit_calibration on the good images'
     fused scores and maps).
     """

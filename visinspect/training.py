@@ -3,7 +3,7 @@
 The recipe: cross-entropy with class weights good 1 : anomaly 3, Adam lr 1e-4, batch 10, at most
 10 epochs, stop early once the epoch's training accuracy reaches 98 %. The seed uses no data
 augmentation, so the frozen layers (conv1_1 .. conv4_3) see the same input every epoch: their
-output comes from the feature store (visinspect.features), computed once per image for every
+output comes from the feature store (visinspect.backbones.store), computed once per image for every
 model, split and seed, and each epoch only runs pool4, conv5 and the head.
 """
 
@@ -18,14 +18,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from visinspect.cam import HeatmapNormalizer, upsample
+from visinspect.backbones.cam import HeatmapNormalizer, upsample
+from visinspect.backbones.store import FeatureStore, StoredFeatures
+from visinspect.backbones.vgg16 import CONV4_3_END, FROZEN_END, VGG16CAM, build_model
 from visinspect.checkpoint import load_resume_state, save_checkpoint
-from visinspect.data import Sample
+from visinspect.data.samples import Sample
 from visinspect.errors import ConfigError, DataError
 from visinspect.evaluate import validation_threshold
-from visinspect.features import FeatureStore, StoredFeatures
-from visinspect.inference import Predictions, predict
-from visinspect.models import CONV4_3_END, FROZEN_END, VGG16CAM, build_model
+from visinspect.scoring import Predictions, predict
 from visinspect.utils import autocast, model_device, resolve_device, resolve_precision, set_seed
 
 # A resumable state (~140 MB: the weights and Adam's moments) is written at most this often, and

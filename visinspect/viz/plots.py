@@ -32,12 +32,12 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from visinspect.backbones.cam import HeatmapNormalizer
 from visinspect.boxes import Box, heatmap_to_boxes
-from visinspect.cam import HeatmapNormalizer
-from visinspect.data import Sample, load_mask, load_rgb
+from visinspect.data.samples import Sample, load_mask, load_rgb
 from visinspect.errors import DataError, VisinspectError
-from visinspect.inference import Predictions, ScoredImages
 from visinspect.metrics import POSITIVE_CLASS, _labels_scores, seed_spread
+from visinspect.scoring import Predictions, ScoredImages
 from visinspect.utils import atomic_path
 
 # ColorBrewer Dark2: colour-blind safe and readable in print. Its first two colours are reserved
@@ -126,7 +126,7 @@ def _as_image(image) -> np.ndarray:
             raise DataError(
                 "a float image must be in [0, 1]; got values in "
                 f"[{np.nanmin(img):.3g}, {np.nanmax(img):.3g}] (undo the ImageNet "
-                "normalisation with visinspect.data.denormalize)"
+                "normalisation with visinspect.data.samples.denormalize)"
             )
         return img.clip(0, 1)
     if img.dtype != np.uint8:

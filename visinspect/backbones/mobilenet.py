@@ -1,6 +1,6 @@
 """MobileNetV2's ImageNet layers as the patch features of the good-reference score.
 
-The nearest-good-patch score (visinspect.reference) only compares features, so it can use any
+The nearest-good-patch score (visinspect.methods.memory_bank) only compares features, so it can use any
 frozen ImageNet network. Measured on the real targets (docs/results.md), MobileNetV2's stride-16
 maps (the output of its 13th inverted-residual block: 96 channels, 14 x 14 at 224 px) separate
 good from defective parts of new products far better than VGG16's conv4_3, at a sixty-sixth of
@@ -22,8 +22,8 @@ import torch
 import torchvision
 from torch import nn
 
+from visinspect.backbones.vgg16 import hub_checkpoint, read_weights_file, sha256_file, warn_random_weights
 from visinspect.errors import VisinspectError
-from visinspect.models import hub_checkpoint, read_weights_file, sha256_file, warn_random_weights
 
 MOBILENET_ENV = "VISINSPECT_MOBILENET_WEIGHTS"
 MOBILENET_URL = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1.url

@@ -8,7 +8,7 @@ are the unknown products. Models:
 - `simclr-source+target-good`: pre-training also sees the good images of the targets' train/
   split (a factory has good parts of a new product before it has labelled defects);
 - `simclr+LEVER` (asked for by name, e.g. `simclr+mean-shifted`): the same pre-training with one
-  anomaly lever of `visinspect.simclr.LEVER_SETS` switched on;
+  anomaly lever of `visinspect.methods.simclr.pretrain.LEVER_SETS` switched on;
 and, with `calibrate=(K, ...)`, for K good train/ images of each target category:
 - `<model> calibrated k=K`: the same model, threshold and heatmap scale fitted on the K images;
 - `reference k=K`: nearest-neighbour distance to the K images' conv4_3 patches (PatchCore idea);
@@ -27,9 +27,10 @@ from pathlib import Path
 
 import torch
 
+from visinspect.backbones.cam import HeatmapNormalizer
+from visinspect.backbones.vgg16 import FROZEN_END, VGG16CAM, build_model
 from visinspect.calibration import select_good_images
-from visinspect.cam import HeatmapNormalizer
-from visinspect.data import (
+from visinspect.data.samples import (
     Sample,
     build_sample_table,
     stratified_split,
@@ -37,20 +38,25 @@ from visinspect.data import (
     target_test_images,
     unknown_context_split,
 )
-from visinspect.detectors import Detector
 from visinspect.errors import ConfigError
 from visinspect.evaluate import evaluate_scored
-from visinspect.inference import ScoredImages
-from visinspect.methods import make_detector
+from visinspect.methods.base import Detector
+from visinspect.methods.registry import make_detector
+from visinspect.methods.residual import train_residual
+from visinspect.methods.simclr.pretrain import (
+    LEVER_SETS,
+    PretrainConfig,
+    build_simclr_model,
+    pretrain,
+    pretrain_samples,
+)
 from visinspect.metrics import seed_spread
-from visinspect.models import FROZEN_END, VGG16CAM, build_model
-from visinspect.residual import train_residual
-from visinspect.simclr import LEVER_SETS, PretrainConfig, build_simclr_model, pretrain, pretrain_samples
-from visinspect.train import TrainConfig, train_baseline
+from visinspect.scoring import ScoredImages
+from visinspect.training import TrainConfig, train_baseline
 from visinspect.utils import resolve_device, set_seed
 
 VARIANTS = ("baseline", "simclr-source", "simclr-source+target-good")
-# SimCLR with one anomaly lever of visinspect.simclr (issue 14): on the source and the target's
+# SimCLR with one anomaly lever of visinspect.methods.simclr.pretrain: on the source and the target's
 # good images, like the last variant, which is these rows' plain SimCLR.
 LEVER_VARIANTS = tuple(f"simclr+{name}" for name in LEVER_SETS)
 ROW_KEYS = (

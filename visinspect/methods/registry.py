@@ -1,6 +1,6 @@
 """Every method by its name: the one list `compare`, `loo`, `train`, `evaluate` and `predict` use.
 
-A new method is a Detector subclass in a module of its own (see visinspect.detectors) and one line
+A new method is a Detector subclass in a module of its own (see visinspect.methods.base) and one line
 in METHODS here; if it learns from the labelled source products, its training is one more case
 of `compare.train_variant`, or, for what is learnt on top of a trained model, `Detector.fit_sources`.
 """
@@ -11,7 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from visinspect.detectors import (
+from visinspect.backbones.vgg16 import VGG16CAM, build_model
+from visinspect.errors import ConfigError
+from visinspect.methods.base import (
     CalibratedClassifier,
     ClassifierDetector,
     Detector,
@@ -23,13 +25,11 @@ from visinspect.detectors import (
     TopReferenceDetector,
     reference_samples,
 )
-from visinspect.errors import ConfigError
-from visinspect.learnt_fusion import LearntFusionDetector
-from visinspect.models import VGG16CAM, build_model
-from visinspect.patterns import PatternReferenceDetector
-from visinspect.pseudo_defects import PseudoDefectDetector
-from visinspect.residual import ResidualDetector
-from visinspect.simclr import LEVER_SETS
+from visinspect.methods.binary_patterns import PatternReferenceDetector
+from visinspect.methods.learnt_fusion import LearntFusionDetector
+from visinspect.methods.pseudo_defects import PseudoDefectDetector
+from visinspect.methods.residual import ResidualDetector
+from visinspect.methods.simclr.pretrain import LEVER_SETS
 from visinspect.utils import set_seed
 
 
@@ -100,7 +100,7 @@ METHODS: dict[str, Method] = {
 # mean image AUROC at K = 20: 0.818, against 0.811 for fused-mobilenet (a tie: 6 of 12 target-seed
 # pairs each way) and 0.752 for fused-top5, the recommended method before 2026-12-02. With each
 # image standardised first (mobilenet.ImageStandardisation) 0.829, against 0.814 for fused-mobilenet.
-# With the pixel-pattern score on binary drawings (visinspect.patterns; it switches on DeepPCB
+# With the pixel-pattern score on binary drawings (visinspect.methods.binary_patterns; it switches on DeepPCB
 # alone, 0.511 -> 0.878) 0.921: the same numbers as reference-mobilenet on the other three.
 RECOMMENDED = "reference-mobilenet+patterns"
 

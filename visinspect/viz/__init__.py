@@ -1,0 +1,1 @@
+"""What a person looks at: matplotlib figures (`plots`) and the notebooks' sliders (`widgets`)."""
