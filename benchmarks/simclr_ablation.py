@@ -31,9 +31,11 @@ from pathlib import Path
 from visinspect.data.samples import build_sample_table, default_synthetic_root
 from visinspect.data.synthetic import ensure_synthetic_dataset
 from visinspect.evaluate import round_floats
-from visinspect.experiments.compare import ComparePreset, pivot_table, run_seed, summary_table
+from visinspect.experiments.compare import ComparePreset, run_seed
 from visinspect.experiments.demo import SOURCE, TARGET
-from visinspect.methods.simclr.pretrain import LEVER_SETS, PretrainConfig
+from visinspect.experiments.tables import pivot_table, summary_table
+from visinspect.methods.simclr.levers import LEVER_SETS
+from visinspect.methods.simclr.pretrain import PretrainConfig
 
 SMALL = ComparePreset("small", 96, 6, PretrainConfig(image_size=64, epochs=4, max_images=200),
                       max_source_per_category=100, max_test_per_category=100)

@@ -14,8 +14,6 @@ from conftest import TINY_CATEGORIES, TINY_PER_CATEGORY
 from visinspect.checkpoint import load_classifier
 from visinspect.cli import main
 from visinspect.data.synthetic import CATEGORIES
-from visinspect.methods.base import ClassifierDetector
-from visinspect.methods.registry import METHODS, Method
 
 REQUIRED = {"n_images", "n_anomalous", "positive_class", "threshold", "accuracy", "balanced_accuracy",
             "precision", "recall", "f1", "image_auroc", "average_precision", "confusion_matrix",
@@ -129,25 +127,11 @@ def test_pretrain_lever_flags_reach_the_config(capsys, tiny_root, tmp_path, flag
     assert message in fails(capsys, "pretrain", "--data", tiny_root, "--out", tmp_path / "s.pt", *flags)
 
 
-@pytest.mark.parametrize(
-    ("name", "base"),
-    [("simclr-source", "baseline"), ("simclr+l2sp calibrated", "baseline calibrated"),
-     ("fused+simclr", "fused")],
-)
-def test_train_of_a_simclr_method_says_what_to_train_on_its_backbone(capsys, tiny_root, tmp_path, name, base):
+@pytest.mark.parametrize("name", ["simclr-source", "simclr+l2sp calibrated", "fused+simclr"])
+def test_train_of_a_simclr_method_says_to_pretrain_first(capsys, tiny_root, tmp_path, name):
     line = fails(capsys, "train", "--data", tiny_root, "--method", name, "--out", tmp_path / "m.pt")
-    assert "`pretrain`" in line and f"--pretrained FILE --method {base}`" in line
+    assert "`pretrain`" in line and "then `train --pretrained FILE` with the same --method" in line
     assert not (tmp_path / "m.pt").exists()
-
-
-def test_train_of_a_simclr_only_method_still_says_to_pretrain(capsys, tiny_root, tmp_path, monkeypatch):
-    """A SimCLR method whose detector has no twin over the baseline's training (none today)."""
-    class SimCLROnly(ClassifierDetector):
-        pass
-
-    monkeypatch.setitem(METHODS, "simclr-only", Method("simclr-only", "simclr-source", SimCLROnly, "test"))
-    line = fails(capsys, "train", "--data", tiny_root, "--method", "simclr-only", "--out", tmp_path / "m.pt")
-    assert "`pretrain`" in line and line.endswith("then `train --pretrained FILE`")
 
 
 def test_missing_checkpoint(capsys, tiny_root, tmp_path):
@@ -226,12 +210,14 @@ def test_predict_writes_a_line_per_image_and_fails_on_a_corrupt_one(capsys, tiny
     assert not (out / "overlays").exists()
 
 
-def test_loo_help_names_the_default_models(capsys):
-    from visinspect.experiments.loo import DEFAULT_MODELS
+def test_loo_help_points_to_the_method_table_whose_defaults_it_runs(capsys):
+    from visinspect.methods.registry import DEFAULT_MODELS
 
     with pytest.raises(SystemExit) as done:
         main(["loo", "--help"])
     assert done.value.code == 0
-    # argparse wraps lines at spaces and hyphens: compare without any whitespace
-    printed = "".join(capsys.readouterr().out.split())
-    assert "".join(f"(default: {','.join(DEFAULT_MODELS)};".split()) in printed
+    assert "python -m visinspect methods" in " ".join(capsys.readouterr().out.split())
+    assert main(["methods"]) == 0
+    table = capsys.readouterr().out.splitlines()[2:]
+    assert [row.split("|")[1].strip(" *`").removesuffix("`** (recommended)").strip("`*")
+            for row in table if row.split("|")[4].strip() == "yes"] == list(DEFAULT_MODELS)

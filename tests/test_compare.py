@@ -13,9 +13,12 @@ from visinspect.calibration import Calibration, load_calibration, save_calibrati
 from visinspect.data.samples import build_sample_table
 from visinspect.errors import ConfigError
 from visinspect.experiments import compare
-from visinspect.experiments.compare import ComparePreset, pivot_table, run_comparison, summary_table
+from visinspect.experiments.compare import ComparePreset, run_comparison
+from visinspect.experiments.tables import pivot_table, summary_table
 from visinspect.methods.base import calibrated_view
-from visinspect.methods.simclr.pretrain import LEVER_SETS, LEVERS, PretrainConfig
+from visinspect.methods.simclr import training as simclr_training
+from visinspect.methods.simclr.levers import LEVER_SETS, LEVERS
+from visinspect.methods.simclr.pretrain import PretrainConfig
 from visinspect.scoring import ScoredImages
 
 TINY_PRESET = ComparePreset(
@@ -108,7 +111,8 @@ def test_compare_cli_writes_json_rows(tiny_root, tmp_path, monkeypatch, capsys):
     assert code == 0
     rows = json.loads(out.read_text())["rows"]
     assert {"model", "seed", "target", "image_auroc", "f1"} <= set(rows[0])
-    assert {r["model"] for r in rows} == set(compare.VARIANTS)
+    # No K values: only the methods that use no good images.
+    assert {r["model"] for r in rows} == {"baseline", "simclr-source", "simclr-source+target-good"}
     assert "positive class = anomaly" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "fig").iterdir()) == [
         "compare_f1.png", "compare_heatmaps.png", "compare_image_auroc.png"]
@@ -179,7 +183,7 @@ def test_lever_variants_pretrain_with_their_lever_on_the_target_good_images(leve
         seen.update(images=images, config=config)
         raise _Stop
 
-    monkeypatch.setattr(compare, "pretrain", record)
+    monkeypatch.setattr(simclr_training, "pretrain", record)
     with pytest.raises(_Stop):
         compare.train_variant(f"simclr+{lever}", split, TINY_PRESET, weights="random")
     config = seen["config"]

@@ -11,13 +11,20 @@ import numpy as np
 import pytest
 import torch
 
-import visinspect.methods.base as detectors
+import visinspect.methods.classifier as classifier
 from visinspect.checkpoint import save_classifier
 from visinspect.cli import main
 from visinspect.data.samples import build_sample_table
 from visinspect.errors import ConfigError, DataError
 from visinspect.methods.base import reference_samples
-from visinspect.methods.registry import METHODS, RECOMMENDED, backbone_info, load_detector, make_detector
+from visinspect.methods.registry import (
+    METHODS,
+    RECOMMENDED,
+    TRAININGS,
+    backbone_info,
+    load_detector,
+    make_detector,
+)
 
 SIZE = 32
 
@@ -35,7 +42,7 @@ def good(table, category, k):
 def test_every_method_is_named_and_the_recommended_one_exists():
     assert RECOMMENDED in METHODS
     for name, m in METHODS.items():
-        assert m.name == name and m.about and (m.trains is None or m.trains in METHODS)
+        assert m.name == name and m.about and (m.trains is None or m.trains is TRAININGS[m.trains.name])
     with pytest.raises(ConfigError, match="unknown method 'magic'"):
         make_detector("magic", None, {"image_size": SIZE})
 
@@ -59,13 +66,13 @@ def test_adapted_detectors_score_relative_to_their_product(name, table, pristine
 
 
 def test_classifier_outputs_are_remembered_within_a_bound(table, pristine_model, monkeypatch):
-    monkeypatch.setattr(detectors, "MEMORY", 3)
-    monkeypatch.setattr(detectors, "_OUTPUTS", {})
+    monkeypatch.setattr(classifier, "MEMORY", 3)
+    monkeypatch.setattr(classifier, "_OUTPUTS", {})
     info = backbone_info(SIZE, {"source": "random"})
     detector = make_detector("baseline", pristine_model, info, precision="fp32")
     samples = table[:6]
     first = detector.score(samples)
-    assert len(detectors._OUTPUTS) == 3  # memory stays flat however many images are scored
+    assert len(classifier._OUTPUTS) == 3  # memory stays flat however many images are scored
     again = detector.score(samples)
     np.testing.assert_array_equal(first.scores, again.scores)
 
@@ -73,10 +80,10 @@ def test_classifier_outputs_are_remembered_within_a_bound(table, pristine_model,
 def test_detectors_of_the_same_weights_run_each_image_once(table, pristine_model, monkeypatch):
     """The baseline, calibrated and fused rows of a split load the same classifier: the images
     run once; other weights run them again."""
-    monkeypatch.setattr(detectors, "_OUTPUTS", {})
+    monkeypatch.setattr(classifier, "_OUTPUTS", {})
     calls = []
-    real = detectors.predict
-    monkeypatch.setattr(detectors, "predict", lambda model, todo, *a, **k: calls.append(len(todo))
+    real = classifier.predict
+    monkeypatch.setattr(classifier, "predict", lambda model, todo, *a, **k: calls.append(len(todo))
                         or real(model, todo, *a, **k))
     info = backbone_info(SIZE, {"source": "random"}) | {"threshold": 0.5}
     samples = [s for s in table if s.category == "round_pill" and s.split == "test"]
@@ -86,8 +93,8 @@ def test_detectors_of_the_same_weights_run_each_image_once(table, pristine_model
     np.testing.assert_array_equal(fused.classifier.score(samples).scores, first.scores)
     assert calls == [len(samples)]
     hashed = []
-    real_digest = detectors.weights_digest
-    monkeypatch.setattr(detectors, "weights_digest", lambda m: hashed.append(1) or real_digest(m))
+    real_digest = classifier.weights_digest
+    monkeypatch.setattr(classifier, "weights_digest", lambda m: hashed.append(1) or real_digest(m))
     fused.classifier.score(samples)
     assert not hashed  # unchanged weights are not hashed again
     with torch.no_grad():

@@ -17,16 +17,9 @@ from visinspect.backbones.store import STORE_ENV, FeatureStore
 from visinspect.data.samples import build_sample_table, target_test_images
 from visinspect.errors import ConfigError
 from visinspect.experiments.compare import ComparePreset
-from visinspect.experiments.loo import (
-    DEFAULT_MODELS,
-    LeaveOneOut,
-    chosen_on_other_targets,
-    default_targets,
-    paired_against,
-    plan_jobs,
-    tables_markdown,
-)
-from visinspect.methods.registry import METHODS
+from visinspect.experiments.loo import LeaveOneOut, default_targets, plan_jobs
+from visinspect.experiments.tables import chosen_on_other_targets, paired_against, tables_markdown
+from visinspect.methods.registry import DEFAULT_MODELS, METHODS
 from visinspect.methods.simclr.pretrain import PretrainConfig
 
 TINY = ComparePreset(
@@ -58,7 +51,7 @@ def test_plan_trains_before_scoring_and_orders_by_seed():
         "score a seed 0 baseline",
     ]
     assert [j.seed for j in jobs] == [0] * 8 + [1] * 8
-    assert METHODS["simclr-source calibrated"].trains == "simclr-source"
+    assert METHODS["simclr-source calibrated"].trains.name == "simclr-source"
     assert METHODS["reference"].trains is None
     # The fused score over a SimCLR classifier trains that classifier once, shared with its own rows.
     jobs = plan_jobs(["a"], ["simclr-source+target-good", "fused+simclr"], [0])

@@ -14,15 +14,8 @@ from visinspect.backbones.vgg16 import VGG16CAM
 from visinspect.data.samples import Sample, to_tensor
 from visinspect.data.synthetic import render_sample
 from visinspect.errors import ConfigError, DataError, VisinspectError
-from visinspect.methods.memory_bank import (
-    FusedScorer,
-    PatchMemoryBank,
-    Standardizer,
-    backbone_maps,
-    fit_fusion,
-    greedy_coreset,
-    patch_features,
-)
+from visinspect.methods.fusion import FusedScorer, Standardizer, fit_fusion
+from visinspect.methods.memory_bank import PatchMemoryBank, backbone_maps, greedy_coreset, patch_features
 
 SIZE = 64  # conv4_3 maps are 8 x 8
 FP32 = {"precision": "fp32"}  # bf16 autocast (on CPUs that have it) would blur the ~0 distances

@@ -15,7 +15,14 @@ from visinspect.checkpoint import save_checkpoint
 from visinspect.data.samples import DefectDataset, build_sample_table, denormalize, to_tensor
 from visinspect.data.synthetic import generate_synthetic_dataset
 from visinspect.errors import CheckpointError, DataError, VisinspectError
-from visinspect.methods.simclr.augment import SimCLRTransform, TwoViewDataset, aligned_views, defect_left
+from visinspect.methods.simclr.augment import (
+    SimCLRTransform,
+    TwoViewDataset,
+    aligned_views,
+    defect_left,
+    views_on,
+)
+from visinspect.methods.simclr.levers import LEVERS
 from visinspect.methods.simclr.loss import (
     defect_views,
     dense_nt_xent_loss,
@@ -26,10 +33,8 @@ from visinspect.methods.simclr.loss import (
 )
 from visinspect.methods.simclr.model import DenseProjectionHead, ProjectionHead, SimCLRModel
 from visinspect.methods.simclr.pretrain import (
-    LEVERS,
     PretrainConfig,
     _anchors,
-    _views_on,
     build_simclr_model,
     knn_monitor,
     load_pretrained_encoder,
@@ -74,7 +79,7 @@ def test_augmenting_on_a_device_draws_the_same_views_as_the_dataset(samples):
     torch.manual_seed(5)
     expected = [dataset[i] for i in range(3)]
     torch.manual_seed(5)
-    view1, view2 = _views_on(torch.device("cpu"), transform, [dataset.image(i) for i in range(3)])
+    view1, view2 = views_on(torch.device("cpu"), transform, [dataset.image(i) for i in range(3)])
     torch.testing.assert_close(view1, torch.stack([a for a, _ in expected]))
     torch.testing.assert_close(view2, torch.stack([b for _, b in expected]))
 
@@ -410,10 +415,10 @@ def test_transform_rejects_bad_arguments(kwargs):
 
 
 def test_two_view_dataset_decodes_each_image_once_and_shrinks_it(samples, monkeypatch):
-    from visinspect.methods.simclr import pretrain
+    from visinspect.methods.simclr import augment
 
     calls = []
-    monkeypatch.setattr(pretrain, "load_rgb", lambda path: calls.append(path) or tiny_image(64))
+    monkeypatch.setattr(augment, "load_rgb", lambda path: calls.append(path) or tiny_image(64))
     dataset = TwoViewDataset(samples[:3], SimCLRTransform(32), cache_side=40)
     v1, v2 = dataset[1]
     dataset[1]

@@ -66,8 +66,8 @@ def save_checkpoint(path: str | Path, payload: dict) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, *, kind: str | None = None) -> dict:
-    """Read a visinspect checkpoint safely and check it is of the expected `kind`.
+def load_checkpoint(path: str | Path, *, kind: str | tuple[str, ...] | None = None) -> dict:
+    """Read a visinspect checkpoint safely and check it is of the expected `kind` (or kinds).
 
     Every failure is a one-line CheckpointError that says what the file is and what was expected.
     """
@@ -104,9 +104,11 @@ def load_checkpoint(path: str | Path, *, kind: str | None = None) -> dict:
             f"{path} has checkpoint format version {version}, newer than this visinspect "
             f"understands ({FORMAT_VERSION}); upgrade visinspect"
         )
-    if kind is not None and data.get("kind") != kind:
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if kinds is not None and data.get("kind") not in kinds:
         raise CheckpointError(
-            f"{path} is a {data.get('kind')!r} checkpoint, but a {kind!r} checkpoint is needed here"
+            f"{path} is a {data.get('kind')!r} checkpoint, but a {' or '.join(map(repr, kinds))} "
+            "checkpoint is needed here"
         )
     return data
 
@@ -153,14 +155,8 @@ def save_settings(path: str | Path, **info) -> Path:
 def load_method_checkpoint(path: str | Path) -> tuple[torch.nn.Module | None, dict]:
     """What `train` wrote: (classifier in eval mode, info), or (None, info) for a settings
     checkpoint, whose method needs no VGG16."""
-    data = load_checkpoint(path)
-    if data.get("kind") == "settings":
-        return None, data
-    if data.get("kind") != "classifier":
-        raise CheckpointError(
-            f"{path} is a {data.get('kind')!r} checkpoint; `train` writes 'classifier' or 'settings' ones"
-        )
-    return _classifier(path, data)
+    data = load_checkpoint(path, kind=("classifier", "settings"))
+    return (None, data) if data["kind"] == "settings" else _classifier(path, data)
 
 
 def load_classifier(path: str | Path, image_size: int | None = None) -> tuple[torch.nn.Module, dict]:

@@ -71,23 +71,23 @@ class ScoredImages:
         )
 
 
-@dataclass
-class Predictions:
-    """What a VGG16-CAM classifier said about a list of samples, in the samples' order."""
+class Predictions(ScoredImages):
+    """What a VGG16-CAM classifier said about a list of samples, in the samples' order: scores
+    its logit margins, maps its raw anomaly CAMs (conv5_3 resolution, no bias), and its logits."""
 
-    samples: list[Sample]
-    logits: torch.Tensor  # (N, 2) float32: good, anomaly
-    cams: torch.Tensor  # (N, h, w) raw anomaly CAM at conv5_3 resolution (no bias)
-    image_size: int
-
-    @property
-    def labels(self) -> np.ndarray:
-        return sample_labels(self.samples)
+    def __init__(self, samples: Sequence[Sample], logits: torch.Tensor, cams: torch.Tensor, image_size: int):
+        # Margins, not P(anomaly), rank: see backbones.vgg16.logit_margin.
+        super().__init__(list(samples), logit_margin(logits).numpy().astype(np.float64), cams, image_size)
+        self.logits = logits  # (N, 2) float32: good, anomaly
 
     @property
     def margins(self) -> np.ndarray:
-        """Anomaly minus good logit: the ranking score (see models.logit_margin)."""
-        return logit_margin(self.logits).numpy().astype(np.float64)
+        """Anomaly minus good logit: the ranking score."""
+        return self.scores
+
+    @property
+    def cams(self) -> torch.Tensor:
+        return self.maps
 
     @property
     def probabilities(self) -> np.ndarray:
@@ -95,27 +95,12 @@ class Predictions:
         return torch.softmax(self.logits.float(), dim=1)[:, 1].numpy().astype(np.float64)
 
     def scored(self) -> ScoredImages:
-        """The classifier's view as generic scores: logit margins and anomaly CAMs."""
-        return ScoredImages(self.samples, self.margins, self.cams, self.image_size)
+        """The classifier's view as generic scores, without the logits."""
+        return ScoredImages(self.samples, self.scores, self.maps, self.image_size)
 
     def subset(self, indices: Sequence[int]) -> Predictions:
         idx = list(indices)
-        return Predictions(
-            [self.samples[i] for i in idx], self.logits[idx], self.cams[idx], self.image_size
-        )
-
-    def heatmaps(
-        self,
-        indices: Sequence[int] | None = None,
-        mode: str = "dataset",
-        normalizer: HeatmapNormalizer | None = None,
-    ) -> torch.Tensor:
-        """Upsampled CAMs (n, S, S): "raw", or scaled to [0, 1] per "image" or per "dataset"."""
-        return self.scored().heatmaps(indices, mode, normalizer)
-
-    def masks(self, indices: Sequence[int] | None = None) -> np.ndarray:
-        """Ground-truth masks (n, S, S) bool; zeros for good images and images without a mask."""
-        return self.scored().masks(indices)
+        return Predictions([self.samples[i] for i in idx], self.logits[idx], self.maps[idx], self.image_size)
 
 
 @torch.inference_mode()

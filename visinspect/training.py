@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -27,6 +28,9 @@ from visinspect.errors import ConfigError, DataError
 from visinspect.evaluate import validation_threshold
 from visinspect.scoring import Predictions, predict
 from visinspect.utils import autocast, model_device, resolve_device, resolve_precision, set_seed
+
+if TYPE_CHECKING:  # annotations only: methods sit above this module
+    from visinspect.methods.simclr.pretrain import PretrainConfig
 
 # A resumable state (~140 MB: the weights and Adam's moments) is written at most this often, and
 # after the last epoch: with stored features an epoch may take a second, and writing the state
@@ -51,6 +55,31 @@ class TrainConfig:
         d = asdict(self)
         d["class_weights"] = list(self.class_weights)
         return d
+
+
+@dataclass(frozen=True)
+class SourceImages:
+    """What a method may learn from before it meets the new product: the labelled source images
+    (split into train and val) and, for pre-training, every source image and the target's."""
+
+    train: Sequence[Sample]
+    val: Sequence[Sample]
+    source: Sequence[Sample] = ()  # every source image, labels unused (SimCLR's images)
+    target: Sequence[Sample] = ()  # the new product's images when known (SimCLR may add its good ones)
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """How one method's training runs: its recipe, where, and where it keeps resumable states."""
+
+    config: TrainConfig
+    pretrain: PretrainConfig | None = None  # SimCLR's settings, for the methods that pre-train
+    weights: str | Path | None = "auto"  # the ImageNet backbone's ("auto", a file, "random")
+    device: str | torch.device = "auto"
+    progress: bool = False
+    state: Path | None = None  # the classifier training's resumable state, written as it goes
+    resume: Path | None = None  # continue the classifier training from this state
+    pretrain_state: Path | None = None  # SimCLR's resumable state, continued whenever it exists
 
 
 @dataclass

@@ -16,6 +16,7 @@ initialisation with a warning nobody can miss.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ import torchvision
 from torch import nn
 
 from visinspect.backbones.vgg16 import hub_checkpoint, read_weights_file, sha256_file, warn_random_weights
-from visinspect.errors import VisinspectError
+from visinspect.errors import CheckpointError, VisinspectError
 
 MOBILENET_ENV = "VISINSPECT_MOBILENET_WEIGHTS"
 MOBILENET_URL = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1.url
@@ -117,3 +118,27 @@ def build_mobilenet(
                             f"set {MOBILENET_ENV}=FILE")
         return model, _provenance("random", None)
     return model, _provenance("torchvision", path)
+
+
+def mobilenet_for(info: dict) -> tuple[MobileNetPatches, dict]:
+    """The MobileNetV2 of the nearest-good-patch score for a model or checkpoint with this `info`:
+    ImageNet weights ("auto"), random exactly when its backbone is (tests, the offline demo).
+
+    When `info` records MobileNetV2's own weights (a settings checkpoint of `train`), the weights
+    found here must be ImageNet's too: scoring with random features would mean nothing."""
+    recorded = info.get("backbone") or {}
+    model, found = build_mobilenet("random" if recorded.get("source") == "random" else "auto")
+    if recorded.get("network") == "MobileNetV2" and recorded.get("sha256") != found["sha256"]:
+        if found["source"] == "random":
+            raise CheckpointError(
+                f"this method was set up with ImageNet MobileNetV2 weights ({recorded.get('path')}, "
+                f"sha256 {str(recorded.get('sha256'))[:12]}...) and none are found here: set "
+                f"{MOBILENET_ENV}=FILE to that file (or let torchvision download its own)"
+            )
+        warnings.warn(
+            f"MobileNetV2 weights differ from the ones recorded at training ({recorded.get('path')}, "
+            f"sha256 {str(recorded.get('sha256'))[:12]}...): using {found['path']} "
+            f"(sha256 {str(found['sha256'])[:12]}...)",
+            stacklevel=2,
+        )
+    return model, found

@@ -45,10 +45,10 @@ import torch
 from tqdm.auto import tqdm
 
 from visinspect.backbones import mobilenet
-from visinspect.backbones.vgg16 import CONV4_3_END, VGG16CAM
+from visinspect.backbones.vgg16 import CONV4_3_END, VGG16CAM, build_model
 from visinspect.data.samples import PREPROCESSING, Sample, load_rgb, to_tensor
 from visinspect.errors import ConfigError, VisinspectError
-from visinspect.utils import atomic_path, autocast, model_device, resolve_precision
+from visinspect.utils import atomic_path, autocast, model_device, resolve_precision, set_seed
 
 Network = VGG16CAM | mobilenet.MobileNetPatches  # what the store runs: its `features[:end]`
 
@@ -57,14 +57,25 @@ OFF = "off"
 MARKER = "visinspect-feature-store.json"  # marks a folder as a store: `clear` removes nothing else
 
 
+def _vgg16(weights: str | Path | None, seed: int) -> VGG16CAM:
+    set_seed(seed)  # seeded like a trained baseline: with random weights its frozen layers match
+    return build_model(weights)[0]
+
+
+def _mobilenet(weights: str | Path | None, seed: int) -> mobilenet.MobileNetPatches:
+    return mobilenet.build_mobilenet("random" if weights in (None, "random") else "auto")[0]
+
+
 @dataclass(frozen=True)
 class Layer:
     """A stored layer: the output of `network.features[:end]`, `channels` maps at 1/`stride` of
-    the image size (rounded up after strided convolutions, down after max-pools)."""
+    the image size (rounded up after strided convolutions, down after max-pools); `build(weights,
+    seed)` makes that network, with ImageNet weights or, given "random", seeded random ones."""
 
     end: int
     channels: int
     stride: int
+    build: Callable[[str | Path | None, int], Network]
     round_up: bool = False
 
     def side(self, image_size: int) -> int:
@@ -72,9 +83,10 @@ class Layer:
 
 
 LAYERS = {
-    "conv4_3": Layer(CONV4_3_END, 512, 8),  # of VGG16CAM: three 2x2 max-pools before conv4_3
+    "conv4_3": Layer(CONV4_3_END, 512, 8, _vgg16),  # of VGG16CAM: three 2x2 max-pools before conv4_3
     # of mobilenet.MobileNetPatches: four stride-2 convolutions
-    "mobilenet_v2": Layer(mobilenet.PATCH_END, mobilenet.CHANNELS, mobilenet.STRIDE, round_up=True),
+    "mobilenet_v2": Layer(mobilenet.PATCH_END, mobilenet.CHANNELS, mobilenet.STRIDE, _mobilenet,
+                          round_up=True),
 }
 # fp32 by default: rounding the classifier's training features to fp16 moved its trained rows by up
 # to 0.018 image AUROC (docs/results.md, "fp16 storage"), above the 0.002 a stored feature may move a
@@ -383,6 +395,19 @@ class FeatureStore:
             os.close(fd)
 
     # --------------------------------------------------------------------- the user's view
+
+    def describe(self) -> str:
+        """`info` as text a person reads: the store, then a table of datasets per namespace."""
+        info = self.info()
+        lines = [f"feature store: {info['root']} (set with --feature-store or {STORE_ENV})",
+                 f"{info['entries']} entries, {info['bytes'] / 2**20:.1f} MiB"]
+        for ns in info["namespaces"]:
+            lines += [f"\n{ns['layer']} at {ns['image_size']} px, {ns['precision']} computed, {ns['dtype']} "
+                      f"stored, weights {ns['weights'][:12]}...: {ns['entries']} entries, "
+                      f"{ns['bytes'] / 2**20:.1f} MiB", "| dataset | entries | MiB |", "| --- | --- | --- |"]
+            lines += [f"| {name} | {d['entries']} | {d['bytes'] / 2**20:.1f} |"
+                      for name, d in ns["datasets"].items()]
+        return "\n".join(lines)
 
     def info(self) -> dict:
         """What the store holds: per namespace its key, entries and bytes, and per dataset."""

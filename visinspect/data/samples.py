@@ -24,7 +24,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from visinspect.errors import DataError
+from visinspect.errors import DataError, VisinspectError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -319,6 +319,35 @@ def summarize(samples: Sequence[Sample]) -> dict[str, dict]:
             },
         }
     return out
+
+
+def summary_markdown(table: SampleTable) -> str:
+    """`summarize` as a Markdown table a person reads, with what the table left out."""
+    lines = ["positive class = anomaly",
+             "| category | train good | test good | test anomaly | masks | defect types |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for cat, s in summarize(table.samples).items():
+        types = ", ".join(f"{t} {n}" for t, n in s["defect_types"].items()) or "-"
+        sp = s["splits"]
+        lines.append(f"| {cat} | {sp['train']['good']} | {sp['test']['good']} | "
+                     f"{sp['test']['anomaly']} | {s['masks']} | {types} |")
+    lines.append(f"{len(table)} images; {len(table.stray_files)} stray files ignored; "
+                 f"{len(table.missing_masks)} defective images without mask")
+    return "\n".join(lines)
+
+
+def unreadable(table: SampleTable) -> list[str]:
+    """What is wrong with each image or mask of the table that cannot be read (opens them all)."""
+    bad = []
+    for s in table.samples:
+        for path, loader in ((s.path, load_rgb), (s.mask_path, lambda p: load_mask(p, (8, 8)))):
+            if path is None:
+                continue
+            try:
+                loader(path)
+            except VisinspectError as e:
+                bad.append(str(e))
+    return bad
 
 
 # ----------------------------------------------------------------------------- reading files

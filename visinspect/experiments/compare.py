@@ -1,14 +1,15 @@
 """The comparison the project exists for: baseline vs SimCLR vs a few good parts, on one split.
 
 For each seed: the source categories are split 80/20 (train / validation), the target categories
-are the unknown products. Models:
+are the unknown products. Any method of the registry runs here, the same way `loo` runs it
+(`train_variant` trains what it needs once per split, `add_detector_rows` scores it); by default:
 
 - `baseline`: ImageNet VGG16 + the CAM head, trained on the source labels (the seed's recipe);
 - `simclr-source`: SimCLR pre-training on the source images (labels ignored), then the same head;
 - `simclr-source+target-good`: pre-training also sees the good images of the targets' train/
   split (a factory has good parts of a new product before it has labelled defects);
 - `simclr+LEVER` (asked for by name, e.g. `simclr+mean-shifted`): the same pre-training with one
-  anomaly lever of `visinspect.methods.simclr.pretrain.LEVER_SETS` switched on;
+  anomaly lever of `visinspect.methods.simclr.levers.LEVER_SETS` switched on;
 and, with `calibrate=(K, ...)`, for K good train/ images of each target category:
 - `<model> calibrated k=K`: the same model, threshold and heatmap scale fitted on the K images;
 - `reference k=K`: nearest-neighbour distance to the K images' conv4_3 patches (PatchCore idea);
@@ -20,7 +21,6 @@ only: their train/good images are what SimCLR ("+target-good") and the calibrati
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from visinspect.backbones.cam import HeatmapNormalizer
-from visinspect.backbones.vgg16 import FROZEN_END, VGG16CAM, build_model
+from visinspect.backbones.vgg16 import VGG16CAM
 from visinspect.calibration import select_good_images
 from visinspect.data.samples import (
     Sample,
@@ -38,37 +38,25 @@ from visinspect.data.samples import (
     target_test_images,
     unknown_context_split,
 )
-from visinspect.errors import ConfigError
 from visinspect.evaluate import evaluate_scored
 from visinspect.methods.base import Detector
-from visinspect.methods.registry import make_detector
-from visinspect.methods.residual import train_residual
-from visinspect.methods.simclr.pretrain import (
-    LEVER_SETS,
-    PretrainConfig,
-    build_simclr_model,
-    pretrain,
-    pretrain_samples,
-)
-from visinspect.metrics import seed_spread
+from visinspect.methods.registry import make_detector, method, training, untrained
+from visinspect.methods.simclr.pretrain import PretrainConfig
 from visinspect.scoring import ScoredImages
-from visinspect.training import TrainConfig, train_baseline
-from visinspect.utils import resolve_device, set_seed
-
-VARIANTS = ("baseline", "simclr-source", "simclr-source+target-good")
-# SimCLR with one anomaly lever of visinspect.methods.simclr.pretrain: on the source and the target's
-# good images, like the last variant, which is these rows' plain SimCLR.
-LEVER_VARIANTS = tuple(f"simclr+{name}" for name in LEVER_SETS)
-ROW_KEYS = (
-    "image_auroc",
-    "average_precision",
-    "f1",
-    "balanced_accuracy",
-    "precision",
-    "recall",
-    "pixel_auroc",
-    "box_hit_rate",
+from visinspect.training import SourceImages, TrainConfig, TrainingRun
+from visinspect.utils import resolve_device
+from visinspect.viz.plots import (
+    highest_scoring,
+    plot_metric_bars,
+    plot_metric_vs_k,
+    plot_model_heatmaps,
+    save_figure,
 )
+
+# The default rows: each classifier as it is and calibrated on K good images, and the two scores
+# that need no training of their own (their VGG16 is the baseline's frozen ImageNet layers).
+MODELS = ("baseline", "baseline calibrated", "reference", "fused", "simclr-source",
+          "simclr-source calibrated", "simclr-source+target-good", "simclr-source+target-good calibrated")
 
 
 @dataclass(frozen=True)
@@ -210,53 +198,22 @@ def train_variant(
     progress: bool = False,
     state: Path | None = None,
 ) -> tuple[VGG16CAM, dict]:
-    """Train one classifier variant (see the module docstring) on the split's source images.
+    """Train one of the registry's trainings (`variant`: its name) on the split's source images.
 
-    With `state` (a path prefix), pre-training and training write resumable states after every
-    epoch and continue from them when they exist.
+    With `state` (a path prefix), pre-training and training write resumable states as they go and
+    continue from them when they exist.
     """
-    device = resolve_device(device)
     config = TrainConfig(
         epochs=preset.epochs, image_size=preset.image_size, seed=split.seed, precision=preset.precision
     )
     train_state = None if state is None else Path(f"{state}.train-state")
-    resume = train_state if train_state is not None and train_state.is_file() else None
-    if variant == "residual":
-        return train_residual(split.train, split.val, config, weights=weights, device=device,
-                              progress=progress, checkpoint_path=train_state, resume=resume)
-    if variant == "baseline":
-        set_seed(config.seed)  # the dense layer starts from seeded weights
-        model, provenance = build_model(weights)
-    elif variant in VARIANTS or variant in LEVER_VARIANTS:
-        levers = LEVER_SETS.get(variant.removeprefix("simclr+"), {})
-        pre = PretrainConfig(
-            **{**preset.pretrain.to_dict(), **levers, "seed": split.seed, "precision": preset.precision}
-        )
-        simclr, provenance = build_simclr_model(pre, weights)
-        simclr.to(device)
-        with_good = variant != "simclr-source"
-        images = pretrain_samples(split.source, split.target, include_target_good=with_good)
-        pre_state = None if state is None else Path(f"{state}.pretrain-state")
-        history = pretrain(
-            simclr, images, pre, progress=progress, checkpoint_path=pre_state,
-            resume=pre_state if pre_state is not None and pre_state.is_file() else None,
-        )
-        model = simclr.encoder
-        model.set_frozen(FROZEN_END)  # downstream: the seed's recipe, whatever pre-training trained
-        provenance = {
-            "source": f"simclr ({variant})",
-            "backbone": provenance,
-            "pretrain_images": len(images),
-            "pretrain_loss": history["loss"],
-        }
-    else:
-        raise ConfigError(
-            f"unknown training {variant!r}; known: {', '.join(VARIANTS + LEVER_VARIANTS)}, residual"
-        )
-    return train_baseline(
-        split.train, split.val, config, model=model, provenance=provenance, progress=progress,
-        device=device, checkpoint_path=train_state, resume=resume,
+    run = TrainingRun(
+        config, preset.pretrain, weights, resolve_device(device), progress, state=train_state,
+        resume=train_state if train_state is not None and train_state.is_file() else None,
+        pretrain_state=None if state is None else Path(f"{state}.pretrain-state"),
     )
+    source = SourceImages(split.train, split.val, split.source, split.target)
+    return training(variant).fit(source, run, None)
 
 
 def add_detector_rows(result: SeedResult, detector: Detector, split: Split) -> None:
@@ -281,30 +238,37 @@ def run_seed(
     preset: ComparePreset,
     *,
     calibrate: Sequence[int] = (),
-    variants: Sequence[str] = VARIANTS,
+    models: Sequence[str] = MODELS,
     weights: str | Path | None = "auto",
     false_alarm_rate: float = 0.01,
     device: str | torch.device = "auto",
     progress: bool = False,
     log: Callable[[str], None] = print,
 ) -> SeedResult:
-    """Train and score every model of one seed; return its rows (see the module docstring).
+    """Train what the `models` need and score them on one seed's split; without K values the
+    methods that adapt to good images are left out.
 
     Models train and run on `device` ("auto": a CUDA GPU when there is one, else the CPU).
     """
     split = make_split(table, source_names, target_names, seed, preset, calibrate, log)
     result = SeedResult()
-    for variant in variants:
-        log(f"seed {seed}: {variant} ...")
-        model, info = train_variant(variant, split, preset, weights=weights, device=device, progress=progress)
-        names = [variant]
-        if split.ks:
-            # The baseline's conv4_3 is ImageNet's (frozen): the reference score can share it.
-            names += [f"{variant} calibrated"] + (["reference", "fused"] if variant == "baseline" else [])
-        for name in names:
-            detector = make_detector(name, model, info, precision=preset.precision,
-                                     false_alarm_rate=false_alarm_rate, seed=seed)
-            add_detector_rows(result, detector, split)
+    trained: dict[str, tuple[VGG16CAM, dict]] = {}
+    for name in models:
+        chosen = method(name)
+        if chosen.detector.uses_good and not split.ks:
+            continue
+        if chosen.trains is None:
+            model, info = untrained(name, preset.image_size, weights, seed)
+        else:
+            if chosen.trains.name not in trained:
+                log(f"seed {seed}: {chosen.trains.name} ...")
+                trained[chosen.trains.name] = train_variant(
+                    chosen.trains.name, split, preset, weights=weights, device=device, progress=progress)
+            model, info = trained[chosen.trains.name]
+        detector = make_detector(name, model, info, precision=preset.precision,
+                                 false_alarm_rate=false_alarm_rate, seed=seed)
+        detector.fit_sources(split.train, split.val)
+        add_detector_rows(result, detector, split)
     return result
 
 
@@ -316,7 +280,7 @@ def run_comparison(
     seeds: Sequence[int] = (0,),
     preset: ComparePreset | None = None,
     calibrate: Sequence[int] = (),
-    variants: Sequence[str] = VARIANTS,
+    models: Sequence[str] = MODELS,
     weights: str | Path | None = "auto",
     device: str | torch.device = "auto",
     progress: bool = False,
@@ -334,7 +298,7 @@ def run_comparison(
             seed,
             preset,
             calibrate=calibrate,
-            variants=variants,
+            models=models,
             weights=weights,
             device=device,
             progress=progress,
@@ -345,59 +309,23 @@ def run_comparison(
     return rows, first
 
 
-def _mean_std(values: list[float | None], seeds: int = 1) -> str:
-    """Mean ± std of one cell; a cell over fewer seeds than its table's others says how many (a
-    run that added a method for one seed only, say), so that no number passes for more than it is."""
-    vals = [v for v in values if v is not None]
-    fewer = f" ({len(values)} seed{'s' * (len(values) > 1)})" if len(values) < seeds else ""
-    if not vals:
-        return "n/a"
-    if len(vals) == 1:
-        return f"{vals[0]:.3f}{fewer}"
-    return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}{fewer}"
-
-
-def pivot_table(rows: Sequence[dict], metric: str = "image_auroc") -> str:
-    """Markdown: targets down, models across, mean ± std of one metric over seeds (K-dependent
-    models are named with their K)."""
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["target"], r["model"]), []).append(r)
-    targets = sorted({t for t, _ in groups}, key=lambda t: (t == "all", t))
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    lines = [
-        f"{metric}, positive class = anomaly",
-        "",
-        "| target | n | " + " | ".join(models) + " |",
-        "|" + " --- |" * (len(models) + 2),
-    ]
-    seeds = max(len(g) for g in groups.values())
-    for t in targets:
-        n = next(g[0]["n_images"] for (tt, _), g in groups.items() if tt == t)
-        cells = [_mean_std([r.get(metric) for r in groups.get((t, m), [])], seeds) for m in models]
-        lines.append(f"| {t} | {n} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def summary_table(rows: Sequence[dict], keys: Sequence[str] = ROW_KEYS) -> str:
-    """Markdown: one line per (target, model), mean ± std over seeds; positive class anomaly."""
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["target"], r["model"]), []).append(r)
-    lines = [
-        f"positive class = anomaly; {seed_spread([r['seed'] for r in rows])}; threshold from "
-        "the source validation split (uncalibrated) or from K good target images (calibrated)",
-        "",
-        "| target | model | n | " + " | ".join(keys) + " |",
-        "|" + " --- |" * (len(keys) + 3),
-    ]
-    order = sorted(groups, key=lambda tm: (tm[0] != "all", tm[0]))
-    seeds = max((len(g) for g in groups.values()), default=1)
-    for target, model in order:
-        g = groups[(target, model)]
-        lines.append(
-            f"| {target} | {model} | {g[0]['n_images']} | "
-            + " | ".join(_mean_std([r.get(k) for r in g], seeds) for k in keys)
-            + " |"
-        )
-    return "\n".join(lines)
+def draw_figures(
+    rows: Sequence[dict], first: SeedResult, calibrate: Sequence[int], out: str | Path
+) -> list[Path]:
+    """Bar charts per target, metric against K (with several K), and the first seed's heatmaps of
+    every model side by side on its two highest-scoring anomalies and good images."""
+    out = Path(out)
+    paths = []
+    if len(calibrate) > 1:
+        for metric in ("image_auroc", "balanced_accuracy"):
+            paths.append(save_figure(plot_metric_vs_k(rows, metric), out / f"compare_{metric}_vs_k.png"))
+    for metric in ("image_auroc", "f1"):
+        bars = plot_metric_bars([r for r in rows if r["target"] != "all"], metric)
+        paths.append(save_figure(bars, out / f"compare_{metric}.png"))
+    base = first.scored["baseline"] if "baseline" in first.scored else next(iter(first.scored.values()))
+    picks = [str(base.samples[i].path) for i in highest_scoring(base.labels, base.scores, 2)]
+    last = f"k={max(calibrate)}" if calibrate else ""
+    shown = {m: s for m, s in first.scored.items() if "k=" not in m or m.endswith(last)}
+    figure = plot_model_heatmaps(shown, first.normalizers, picks, rows=first.rows)
+    paths.append(save_figure(figure, out / "compare_heatmaps.png"))
+    return paths

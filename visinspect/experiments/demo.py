@@ -8,12 +8,14 @@ with which every course notebook gets its data, split, settings and (when asked)
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from visinspect.backbones.vgg16 import VGG16CAM, pretrained_available
+from visinspect.backbones.cam import HeatmapNormalizer
+from visinspect.backbones.vgg16 import VGG16CAM, describe_backbone, pretrained_available
 from visinspect.checkpoint import load_classifier, save_classifier
 from visinspect.data.samples import (
     Sample,
@@ -25,8 +27,17 @@ from visinspect.data.samples import (
 )
 from visinspect.data.synthetic import ensure_synthetic_dataset
 from visinspect.errors import CheckpointError
+from visinspect.evaluate import (
+    DEFAULT_BOX_THRESHOLD,
+    DEFAULT_MIN_AREA,
+    evaluate_predictions,
+    markdown_table,
+    round_floats,
+)
+from visinspect.scoring import predict
 from visinspect.training import TrainConfig, train_baseline
 from visinspect.utils import set_seed
+from visinspect.viz.plots import highest_scoring, plot_prediction_grid, save_figure
 
 SOURCE = ("grain_wood", "grain_leather", "round_pill", "bottle_top")
 TARGET = ("woven_fabric", "hex_nut")
@@ -191,3 +202,35 @@ def course_setup(
         log(f"backbone weights: {course.info['backbone']['source']}")
         log(f"decision threshold (logit margin): {course.info['threshold']:.3f}")
     return course
+
+
+def run_demo(
+    out: str | Path,
+    settings: DemoSettings = DemoSettings(),
+    *,
+    weights: str | Path | None = "auto",
+    precision: str = "auto",
+    box_threshold: float = DEFAULT_BOX_THRESHOLD,
+    min_area: int = DEFAULT_MIN_AREA,
+) -> tuple[str, list[Path]]:
+    """The quick start: train the baseline on the synthetic source products, evaluate it on the
+    unknown ones, draw its most telling predictions; returns the metrics table and the files."""
+    out = Path(out)
+    model, info = demo_model(out / "baseline.pt", settings, weights=weights, retrain=True)
+    _, _, test = demo_split(settings=settings)
+    preds = predict(model, test, settings.image_size, precision=precision)
+    normalizer = HeatmapNormalizer.from_dict(info["normalizer"])
+    threshold = float(info["threshold"])
+    report = evaluate_predictions(preds, threshold, normalizer=normalizer, box_threshold=box_threshold,
+                                  min_area=min_area)
+    report["backbone"] = info["backbone"]
+    title = (f"Unknown context: trained on {', '.join(SOURCE)}; tested on {', '.join(TARGET)} "
+             f"(synthetic, {settings.image_size} px). ")
+    table = markdown_table(report, title=title) + "\n\n" + describe_backbone(info["backbone"])
+    (out / "metrics.md").write_text(table + "\n")
+    (out / "metrics.json").write_text(json.dumps(round_floats(report), indent=2) + "\n")
+    picks = highest_scoring(preds.labels, preds.margins, per_class=6)
+    fig = plot_prediction_grid(preds, picks, threshold, normalizer=normalizer, box_threshold=box_threshold,
+                               min_area=min_area, ncols=4)
+    save_figure(fig, out / "predictions.png")
+    return table, [out / "baseline.pt", out / "metrics.md", out / "metrics.json", out / "predictions.png"]

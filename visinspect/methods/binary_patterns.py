@@ -36,8 +36,9 @@ from visinspect.calibration import (
 )
 from visinspect.data.samples import Sample, load_rgb
 from visinspect.errors import DataError
-from visinspect.methods.base import MobileNetReferenceDetector, by_product
+from visinspect.methods.base import by_product
 from visinspect.methods.memory_bank import PatchMemoryBank
+from visinspect.methods.nearest_patch import MobileNetReferenceDetector
 from visinspect.scoring import ScoredImages
 
 PATTERN_SIZE = 256  # the data's size: DeepPCB's defects are a few pixels wide there

@@ -22,7 +22,7 @@ import numpy as np
 from visinspect.calibration import select_good_images
 from visinspect.data.samples import Sample
 from visinspect.errors import ConfigError, DataError
-from visinspect.methods.base import FusedDetector
+from visinspect.methods.fusion import FusedDetector
 from visinspect.metrics import ranked_auroc
 
 K_SOURCE = 20  # good reference images per source product: the K a user is asked for

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from visinspect.backbones.cam import upsample
 from visinspect.backbones.store import FeatureStore, Network, StoredFeatures
 from visinspect.backbones.vgg16 import CONV4_3_END, FEATURES_END, VGG16CAM
 from visinspect.calibration import (
@@ -28,7 +27,7 @@ from visinspect.calibration import (
     require_leave_one_out_samples,
 )
 from visinspect.data.samples import Sample
-from visinspect.errors import ConfigError, DataError, VisinspectError
+from visinspect.errors import VisinspectError
 from visinspect.utils import autocast, model_device, resolve_precision
 
 LAYERS = ("conv4_3", "conv5_3")
@@ -42,7 +41,6 @@ DEFAULT_MAX_PATCHES = 2048
 CORESET_DIM = 128  # coreset distances use a random projection to this many dims, as PatchCore
 MEMORY = 8  # banks and patch-distance maps of the last few fits and scorings, kept in memory
 CHUNK_ELEMENTS = 1 << 22  # distances computed at once (16 MB of float32): memory stays flat
-MIN_STD = 1e-6
 _BANKS: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # see PatchMemoryBank.fit
 _DISTANCES: dict[tuple, torch.Tensor] = {}  # see PatchMemoryBank.score
 
@@ -360,115 +358,3 @@ class PatchMemoryBank:
 # ----------------------------------------------------------------------------- fusion
 
 
-@dataclass
-class Standardizer:
-    """z = (x - mean) / std, with mean and std measured on good images."""
-
-    mean: float
-    std: float
-
-    @classmethod
-    def fit(cls, values) -> Standardizer:
-        v = np.asarray(values, dtype=np.float64).ravel()
-        if v.size == 0 or not np.isfinite(v).all():
-            raise DataError(f"need finite good-image values to standardise; got {v.size} values")
-        mean = float(v.mean())
-        std = float(v.std(ddof=1)) if v.size > 1 else 0.0
-        # One image, or identical scores, would divide by zero: floor the spread.
-        return cls(mean, max(std, MIN_STD, 1e-3 * abs(mean)))
-
-    def __call__(self, x):
-        return (x - self.mean) / self.std
-
-    def to_dict(self) -> dict:
-        return {"mean": self.mean, "std": self.std}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Standardizer:
-        return cls(float(d["mean"]), float(d["std"]))
-
-
-@dataclass
-class FusedScorer:
-    """A weighted mean of the classifier's and the reference's z-scores, each measured on good images.
-
-    Standardising puts a logit margin and a feature distance on one scale ("how many good-image
-    standard deviations above normal"). By default both weigh the same, because with only good
-    images of the product there is nothing to learn better weights from; `weight` (the
-    classifier's share) can be learnt on the source products (visinspect.methods.learnt_fusion).
-    Calibrate the fused score like any other (calibration.fit_calibration on the good images'
-    fused scores and maps).
-    """
-
-    classifier: Standardizer
-    reference: Standardizer
-    classifier_map: Standardizer | None = None
-    reference_map: Standardizer | None = None
-    weight: float = 0.5
-
-    def score(self, classifier_scores, reference_scores) -> np.ndarray:
-        """Fused image scores (N,) from logit margins and reference scores."""
-        c = np.asarray(classifier_scores, dtype=np.float64)
-        r = np.asarray(reference_scores, dtype=np.float64)
-        if c.shape != r.shape:
-            raise DataError(
-                f"need one classifier and one reference score per image; got shapes {c.shape} "
-                f"and {r.shape}"
-            )
-        return self.weight * self.classifier(c) + (1 - self.weight) * self.reference(r)
-
-    def heatmap(self, cams: torch.Tensor, reference_maps: torch.Tensor) -> torch.Tensor:
-        """Fused maps (N, h, w) at the reference maps' resolution (CAMs upsampled to it)."""
-        if self.classifier_map is None or self.reference_map is None:
-            raise VisinspectError(
-                "this fusion was fitted without good-image maps: pass them to fit_fusion"
-            )
-        cams = upsample(cams, tuple(reference_maps.shape[-2:]))
-        return self.weight * self.classifier_map(cams) + (1 - self.weight) * self.reference_map(
-            reference_maps.float()
-        )
-
-    def to_dict(self) -> dict:
-        parts = ("classifier", "reference", "classifier_map", "reference_map")
-        return {"method": "mean_z", "weight": self.weight} | {
-            p: None if getattr(self, p) is None else getattr(self, p).to_dict() for p in parts
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> FusedScorer:
-        def part(name: str) -> Standardizer | None:
-            return None if d.get(name) is None else Standardizer.from_dict(d[name])
-
-        return cls(
-            part("classifier"), part("reference"), part("classifier_map"), part("reference_map"),
-            float(d.get("weight", 0.5)),
-        )
-
-
-def fit_fusion(
-    good_classifier_scores,
-    good_reference_scores,
-    good_cam_maps: torch.Tensor | None = None,
-    good_ref_maps: torch.Tensor | None = None,
-    weight: float = 0.5,
-) -> FusedScorer:
-    """Standardise both scores (and maps, if given) on the same K good images; `weight` is the
-    classifier's share of the fused score (0: the reference alone, 1: the classifier alone).
-
-    Pass the memory bank's leave-one-out `good_scores` / `good_maps`, not scores of the bank's
-    own images (those are ~0 and would make every new good part look anomalous).
-    """
-    c = np.asarray(good_classifier_scores, dtype=np.float64).ravel()
-    r = np.asarray(good_reference_scores, dtype=np.float64).ravel()
-    if c.size != r.size:
-        raise DataError(f"need both scores of the same good images; got {c.size} and {r.size}")
-    if (good_cam_maps is None) != (good_ref_maps is None):
-        raise DataError("pass both good-image maps (classifier CAMs and reference maps) or neither")
-    if not 0.0 <= weight <= 1.0:
-        raise ConfigError(f"the classifier's fusion weight must be in [0, 1]; got {weight}")
-    fused = FusedScorer(Standardizer.fit(c), Standardizer.fit(r), weight=weight)
-    if good_cam_maps is not None:
-        cams = upsample(good_cam_maps, tuple(good_ref_maps.shape[-2:]))
-        fused.classifier_map = Standardizer.fit(cams)
-        fused.reference_map = Standardizer.fit(good_ref_maps.float())
-    return fused

@@ -1,108 +1,169 @@
-"""Every method by its name: the one list `compare`, `loo`, `train`, `evaluate` and `predict` use.
+"""Every method by its name: the one place that knows what each trains, reads and is called.
 
-A new method is a Detector subclass in a module of its own (see visinspect.methods.base) and one line
-in METHODS here; if it learns from the labelled source products, its training is one more case
-of `compare.train_variant`, or, for what is learnt on top of a trained model, `Detector.fit_sources`.
+A new method is a Detector subclass in a module of its own (methods/base.py says what it does)
+and one entry in METHODS here. If it learns from the labelled source products, its entry names
+a Training: a function in the method's own module (`fit_baseline`, `fit_residual`,
+`SimCLRTraining`), which `train`, `compare` and `loo` all call the same way; what it learns on top
+of a trained model (e.g. a fusion weight) is its `Detector.fit_sources`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from visinspect.backbones.vgg16 import VGG16CAM, build_model
+from visinspect.backbones.vgg16 import VGG16CAM, build_model, describe_backbone
+from visinspect.calibration import load_calibration
+from visinspect.checkpoint import load_classifier, load_method_checkpoint, save_classifier, save_settings
 from visinspect.errors import ConfigError
-from visinspect.methods.base import (
-    CalibratedClassifier,
-    ClassifierDetector,
-    Detector,
-    FusedDetector,
-    FusedMobileNetDetector,
-    FusedTopDetector,
+from visinspect.methods.base import Detector, reference_samples
+from visinspect.methods.binary_patterns import PatternReferenceDetector
+from visinspect.methods.classifier import CalibratedClassifier, ClassifierDetector, fit_baseline
+from visinspect.methods.fusion import FusedDetector, FusedMobileNetDetector, FusedTopDetector
+from visinspect.methods.learnt_fusion import LearntFusionDetector
+from visinspect.methods.nearest_patch import (
     MobileNetReferenceDetector,
     ReferenceDetector,
     TopReferenceDetector,
-    reference_samples,
 )
-from visinspect.methods.binary_patterns import PatternReferenceDetector
-from visinspect.methods.learnt_fusion import LearntFusionDetector
 from visinspect.methods.pseudo_defects import PseudoDefectDetector
-from visinspect.methods.residual import ResidualDetector
-from visinspect.methods.simclr.pretrain import LEVER_SETS
+from visinspect.methods.residual import ResidualDetector, fit_residual
+from visinspect.methods.simclr.levers import LEVER_SETS
+from visinspect.methods.simclr.pretrain import load_pretrained_encoder
+from visinspect.methods.simclr.training import SimCLRTraining
+from visinspect.training import SourceImages, TrainingRun
 from visinspect.utils import set_seed
+
+Fit = Callable[[SourceImages, TrainingRun, "tuple[VGG16CAM, dict] | None"], "tuple[VGG16CAM, dict]"]
+
+
+@dataclass(frozen=True)
+class Training:
+    """What some methods learn from the labelled source products, once for all of them: `fit`
+    (source images, run, optional SimCLR encoder) -> (model, info). `name` is the trained model's
+    (a `loo` train job); `pretrains`: SimCLR pre-training comes first (slower; its settings count)."""
+
+    name: str
+    fit: Fit
+    pretrains: bool = False
+
+
+def _simclr(name: str, levers: dict | None = None, with_target_good: bool = True) -> Training:
+    return Training(name, SimCLRTraining(name, levers or {}, with_target_good), pretrains=True)
+
+
+TRAININGS: dict[str, Training] = {
+    t.name: t
+    for t in (
+        Training("baseline", fit_baseline),
+        Training("residual", fit_residual),
+        _simclr("simclr-source", with_target_good=False),
+        _simclr("simclr-source+target-good"),
+        *(_simclr(f"simclr+{lever}", overrides) for lever, overrides in LEVER_SETS.items()),
+    )
+}
 
 
 @dataclass(frozen=True)
 class Method:
-    """A method by the name its rows carry: the training it needs (a `compare.train_variant`
-    variant; None: only the ImageNet backbone) and its detector class."""
+    """A method by the name its rows carry: its detector class, what it trains (None: nothing but
+    the ImageNet backbone), whether `loo` runs it by default, and one line on what it is."""
 
     name: str
-    trains: str | None
     detector: type[Detector]
     about: str
+    trains: Training | None = None
+    default: bool = False  # one of `loo`'s default --models
+
+    @property
+    def min_k(self) -> int:
+        """The fewest good images of the product it adapts to."""
+        return self.detector.min_good
 
 
 def _classifier(
-    name: str, about: str, calibrated: str = "the same, calibrated on K good images"
+    name: str, about: str, calibrated: str = "the same, calibrated on K good images", default: bool = False
 ) -> tuple[Method, Method]:
     """A trained classifier as two methods: `name` (the threshold from the source validation split)
     and `name calibrated` (threshold and heatmap scale from K good images)."""
-    return (Method(name, name, ClassifierDetector, about),
-            Method(f"{name} calibrated", name, CalibratedClassifier, calibrated))
+    trains = TRAININGS[name]
+    return (Method(name, ClassifierDetector, about, trains, default),
+            Method(f"{name} calibrated", CalibratedClassifier, calibrated, trains, default))
 
 
+BASELINE = TRAININGS["baseline"]
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         *_classifier("baseline",
                      "the seed's VGG16-CAM classifier; threshold from the source validation split",
-                     "the same classifier; threshold and heatmap scale from K good images"),
-        Method("reference", None, ReferenceDetector,
-               "nearest good patch (PatchCore idea) against K good images; no training"),
-        Method("reference-top5", None, TopReferenceDetector,
+                     "the same classifier; threshold and heatmap scale from K good images", default=True),
+        Method("reference", ReferenceDetector,
+               "nearest good patch (PatchCore idea) against K good images; no training", default=True),
+        Method("reference-top5", TopReferenceDetector,
                "the same, image score = mean of the 5 % largest patch distances (AnomalyDINO)"),
-        Method("fused", "baseline", FusedDetector,
-               "baseline and reference, standardised on K good images, averaged"),
-        Method("fused-top5", "baseline", FusedTopDetector,
-               "the same, the reference part's image score the mean of its 5 % largest patch distances"),
-        Method("reference-mobilenet", None, MobileNetReferenceDetector,
-               "reference-top5 on MobileNetV2's stride-16 maps instead of VGG16's conv4_3; no training"),
-        Method("reference-mobilenet+patterns", None, PatternReferenceDetector,
-               "reference-mobilenet, or on binary drawings (PCB scans) the unseen 3x3 pixel patterns"),
-        Method("fused-mobilenet", "baseline", FusedMobileNetDetector,
-               "fused-top5 with the reference part on MobileNetV2's maps (reference-mobilenet)"),
-        Method("fused-learnt", "baseline", LearntFusionDetector,
-               "the same, the classifier's weight learnt on the source products' validation images"),
-        Method("fused+simclr", "simclr-source+target-good", FusedDetector,
-               "fused, with the classifier pre-trained by SimCLR on the source and the target's good images"),
-        Method("fused+simclr+l2sp", "simclr+l2sp", FusedDetector,
-               "fused, with the classifier pre-trained by SimCLR with the l2sp lever"),
-        Method("fused+simclr+defect-negatives", "simclr+defect-negatives", FusedDetector,
-               "fused, with the classifier pre-trained by SimCLR with the defect-negatives lever"),
-        Method("fused-top5+simclr+defect-negatives", "simclr+defect-negatives", FusedTopDetector,
-               "fused-top5, with the classifier pre-trained by SimCLR with the defect-negatives lever"),
+        Method("fused", FusedDetector,
+               "baseline and reference, standardised on K good images, averaged", BASELINE, default=True),
+        Method("fused-top5", FusedTopDetector,
+               "the same, the reference part's image score the mean of its 5 % largest patch distances",
+               BASELINE, default=True),
+        Method("reference-mobilenet", MobileNetReferenceDetector,
+               "reference-top5 on MobileNetV2's stride-16 maps instead of VGG16's conv4_3; no training",
+               default=True),
+        Method("reference-mobilenet+patterns", PatternReferenceDetector,
+               "reference-mobilenet, or on binary drawings (PCB scans) the unseen 3x3 pixel patterns",
+               default=True),
+        Method("fused-mobilenet", FusedMobileNetDetector,
+               "fused-top5 with the reference part on MobileNetV2's maps (reference-mobilenet)",
+               BASELINE, default=True),
+        Method("fused-learnt", LearntFusionDetector,
+               "the same, the classifier's weight learnt on the source products' validation images",
+               BASELINE),
+        Method("fused+simclr", FusedDetector,
+               "fused, with the classifier pre-trained by SimCLR on the source and the target's good images",
+               TRAININGS["simclr-source+target-good"]),
+        Method("fused+simclr+l2sp", FusedDetector,
+               "fused, with the classifier pre-trained by SimCLR with the l2sp lever",
+               TRAININGS["simclr+l2sp"]),
+        Method("fused+simclr+defect-negatives", FusedDetector,
+               "fused, with the classifier pre-trained by SimCLR with the defect-negatives lever",
+               TRAININGS["simclr+defect-negatives"]),
+        Method("fused-top5+simclr+defect-negatives", FusedTopDetector,
+               "fused-top5, with the classifier pre-trained by SimCLR with the defect-negatives lever",
+               TRAININGS["simclr+defect-negatives"]),
         *_classifier("simclr-source", "SimCLR pre-training on the source images, then the seed's classifier"),
         *_classifier("simclr-source+target-good",
                      "SimCLR also on the target's unlabeled good images, then the classifier"),
-        Method("residual", "residual", ResidualDetector,
-               "the seed's head trained on residuals: features minus their nearest good patch (ResAD)"),
-        Method("pseudo-defects", "baseline", PseudoDefectDetector,
-               "the baseline fine-tuned on K good images against their pseudo-defects (CutPaste, DRAEM)"),
+        Method("residual", ResidualDetector,
+               "the seed's head trained on residuals: features minus their nearest good patch (ResAD)",
+               TRAININGS["residual"]),
+        Method("pseudo-defects", PseudoDefectDetector,
+               "the baseline fine-tuned on K good images against their pseudo-defects (CutPaste, DRAEM)",
+               BASELINE),
         *(m for lever in LEVER_SETS for m in _classifier(
             f"simclr+{lever}",
             f"SimCLR on the source and the target's good images with the {lever} lever, then the classifier",
         )),
     )
 }
-# Chosen once, on the four real targets of docs/results.md (3 seeds, bf16, 224 px), by the highest
-# mean image AUROC at K = 20: 0.818, against 0.811 for fused-mobilenet (a tie: 6 of 12 target-seed
-# pairs each way) and 0.752 for fused-top5, the recommended method before 2026-12-02. With each
-# image standardised first (mobilenet.ImageStandardisation) 0.829, against 0.814 for fused-mobilenet.
-# With the pixel-pattern score on binary drawings (visinspect.methods.binary_patterns; it switches on DeepPCB
-# alone, 0.511 -> 0.878) 0.921: the same numbers as reference-mobilenet on the other three.
+DEFAULT_MODELS = tuple(name for name, m in METHODS.items() if m.default)
+# Chosen by the highest mean image AUROC over the real targets at K = 20 (docs/results.md has the
+# rows and the nested choice); CHANGELOG.md records each change of the recommended method.
 RECOMMENDED = "reference-mobilenet+patterns"
+
+
+def methods_markdown() -> str:
+    """Every method as a Markdown table: what `python -m visinspect methods` prints and the
+    README's method table is (a test keeps the two the same)."""
+    lines = ["| method | trained on the source products | adapts to K good parts | `loo` default | what it is |",  # noqa: E501
+             "| --- | --- | --- | --- | --- |"]
+    for m in METHODS.values():
+        name = f"**`{m.name}`** (recommended)" if m.name == RECOMMENDED else f"`{m.name}`"
+        trains = f"`{m.trains.name}`" if m.trains else "no"
+        good = f"yes, K ≥ {m.min_k}" if m.detector.uses_good else "no"
+        lines.append(f"| {name} | {trains} | {good} | {'yes' if m.default else ''} | {m.about} |")
+    return "\n".join(lines)
 
 
 def method(name: str) -> Method:
@@ -110,6 +171,13 @@ def method(name: str) -> Method:
     if name not in METHODS:
         raise ConfigError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
     return METHODS[name]
+
+
+def training(name: str) -> Training:
+    """The training of this name, or a one-line error listing them."""
+    if name not in TRAININGS:
+        raise ConfigError(f"unknown training {name!r}; known: {', '.join(TRAININGS)}")
+    return TRAININGS[name]
 
 
 def backbone_info(image_size: int, provenance: dict) -> dict:
@@ -172,18 +240,70 @@ def make_detector(
     )
 
 
+def train_method(name: str, source: SourceImages, run: TrainingRun,
+                 pretrained: str | Path | None = None) -> tuple[VGG16CAM | None, dict]:
+    """What method `name` brings to a new product: its training on the labelled source images and
+    what it fits on top (from a SimCLR encoder saved by `pretrain` when `pretrained`), or, for a
+    method that trains nothing, the backbone it starts from (None: it reads no VGG16)."""
+    chosen = method(name)
+    size, seed = run.config.image_size, run.config.seed
+    if chosen.trains is None:
+        model, info = untrained(name, size, run.weights, seed)
+        patches = make_detector(name, model, info).patch_provenance  # fails early without weights
+        return model, (info if model is not None else backbone_info(size, patches))
+    encoder = None
+    if pretrained:
+        encoder = VGG16CAM()
+        encoder = (encoder, load_pretrained_encoder(pretrained, encoder))
+    model, info = chosen.trains.fit(source, run, encoder)
+    detector = make_detector(name, model, info, precision=run.config.precision, seed=seed)
+    return model, info | detector.fit_sources(source.train, source.val)
+
+
+def save_method(path: str | Path, name: str, model: VGG16CAM | None, info: dict) -> Path:
+    """`train_method`'s result as a checkpoint of method `name`: settings alone when it reads no
+    VGG16 (the patch network's weights are ImageNet's, recorded by digest), else the model too."""
+    if model is None:
+        return save_settings(path, **info, method=name)
+    return save_classifier(path, model, **info, method=name)
+
+
+def training_summary(name: str, model: VGG16CAM | None, info: dict) -> str:
+    """What `train_method` gave method `name`, in a few lines a person reads."""
+    chosen = method(name)
+    lines = [f"method {name!r}: {chosen.about}"]
+    if chosen.trains is None:
+        kept = "settings (no weights)" if model is None else "settings and VGG16 backbone"
+        lines += [f"it trains nothing (it learns from the K good images given to `predict`); saved its "
+                  f"{kept}",
+                  "patch features: " + describe_backbone(info["backbone"])]
+    else:
+        h = info["history"]
+        lines += [describe_backbone(info["backbone"]),
+                  f"{h['epochs_run']} epochs, final train loss {h['loss'][-1]:.4f}, accuracy "
+                  f"{h['accuracy'][-1]:.3f}; validation threshold (logit margin) {info['threshold']:.3f}"]
+    if "fusion_weight" in info:
+        w = info["fusion_weight"]
+        lines.append(f"fusion weight learnt on {', '.join(w['products'])}: classifier {w['classifier']:.2f}, "
+                     f"reference {1 - w['classifier']:.2f}")
+    return "\n".join(lines)
+
+
 def load_detector(
     checkpoint: str | Path,
     *,
     method: str | None = None,
     reference: Sequence[str | Path] | None = None,
+    calibration: str | Path | None = None,
+    category: str | None = None,
     precision: str = "auto",
     false_alarm_rate: float = 0.01,
 ) -> Detector:
     """A checkpoint (written by `train`) as the detector of its method (or `method`), adapted to
-    the good images in `reference` (files or folders) when the method uses them."""
-    from visinspect.checkpoint import load_method_checkpoint
-
+    the good images in `reference` (files or folders) when the method uses them, or, for a
+    classifier, to a product's `calibration` file (written by `evaluate --calibrate K`)."""
+    if calibration is not None:
+        return _calibrated_classifier(checkpoint, calibration, category, precision)
     model, info = load_method_checkpoint(checkpoint)
     name = method or info.get("method", "baseline")
     detector = make_detector(name, model, info, precision=precision, false_alarm_rate=false_alarm_rate)
@@ -196,4 +316,22 @@ def load_detector(
         detector.adapt(reference_samples(reference))
     elif reference:
         raise ConfigError(f"method {name!r} uses no good reference images; leave --reference-dir out")
+    return detector
+
+
+def _calibrated_classifier(checkpoint: str | Path, calibration: str | Path, category: str | None,
+                           precision: str) -> CalibratedClassifier:
+    """The checkpoint's classifier with one product's threshold and heatmap scale from its
+    calibration file instead of the ones learnt on other products."""
+    calibrations = load_calibration(calibration)
+    if category is None and len(calibrations) == 1:
+        category = next(iter(calibrations))
+    if category not in calibrations:
+        raise ConfigError(
+            f"{calibration} holds calibrations for {', '.join(sorted(calibrations))}: name the product "
+            "of these images with --category"
+        )
+    model, info = load_classifier(checkpoint)
+    detector = make_detector("baseline calibrated", model, info, precision=precision)
+    detector.calibrations[category], detector.product = calibrations[category], category
     return detector

@@ -22,11 +22,11 @@ from visinspect.backbones.store import FeatureStore, StoredFeatures
 from visinspect.backbones.vgg16 import VGG16CAM, build_model
 from visinspect.calibration import fit_calibration
 from visinspect.data.samples import Sample
-from visinspect.errors import DataError
+from visinspect.errors import ConfigError, DataError
 from visinspect.methods.base import Detector, by_product, calibrated_view
 from visinspect.methods.memory_bank import PatchMemoryBank, patch_features
 from visinspect.scoring import Predictions, ScoredImages, forward_features
-from visinspect.training import TrainConfig, train_classifier, training_info
+from visinspect.training import SourceImages, TrainConfig, TrainingRun, train_classifier, training_info
 from visinspect.utils import model_device, resolve_device, resolve_precision, set_seed
 
 K_TRAIN = 8  # good reference images per source product in training (ResAD trains few-shot too)
@@ -161,3 +161,16 @@ class ResidualDetector(Detector):
         preds = _residual_predictions(self.model, {bank.category: bank}, group, self.image_size,
                                       self.precision)
         return preds.margins, preds.cams
+
+
+def fit_residual(
+    source: SourceImages, run: TrainingRun, encoder: tuple[VGG16CAM, dict] | None = None
+) -> tuple[VGG16CAM, dict]:
+    """`train_residual` on the labelled source images: residuals are taken on ImageNet's frozen
+    conv4_3, so a SimCLR `encoder` has no place here."""
+    if encoder is not None:
+        raise ConfigError(
+            "--pretrained starts the classifier from SimCLR; the residual method trains from ImageNet"
+        )
+    return train_residual(source.train, source.val, run.config, weights=run.weights, device=run.device,
+                          progress=run.progress, checkpoint_path=run.state, resume=run.resume)

@@ -639,3 +639,12 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = DPI) -> Path:
     finally:
         plt.close(fig)
     return path
+
+
+def highest_scoring(labels: np.ndarray, scores: np.ndarray, per_class: int) -> list[int]:
+    """The highest-scoring anomalies, then the highest-scoring good images: what a person wants to
+    look at first."""
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    anomalies = [int(i) for i in order if labels[i] == 1][:per_class]
+    goods = [int(i) for i in order if labels[i] == 0][:per_class]
+    return anomalies + goods

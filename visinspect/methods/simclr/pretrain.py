@@ -40,6 +40,7 @@ from visinspect.checkpoint import load_checkpoint, load_resume_state, save_check
 from visinspect.data.samples import DefectDataset, Sample
 from visinspect.errors import CheckpointError, DataError, VisinspectError
 from visinspect.methods.simclr.augment import CachedImages, SimCLRTransform, TwoViewDataset, views_on
+from visinspect.methods.simclr.levers import LEVERS
 from visinspect.methods.simclr.loss import (
     defect_views,
     dense_nt_xent_loss,
@@ -57,24 +58,6 @@ from visinspect.methods.simclr.model import (
 from visinspect.utils import autocast, model_device, resolve_precision, set_seed
 
 KIND = "simclr"
-# PretrainConfig's anomaly-detection levers (issue 14); all off by default.
-LEVERS = ("defect_negatives", "rotation_negatives", "dense_weight", "mean_shifted", "l2sp_weight",
-          "freeze_head_bn")
-# Each lever at the setting measured as a row of `compare` and `loo` (method "simclr+NAME": SimCLR
-# on the source and the target's good images with that lever): name -> PretrainConfig overrides.
-# L2-SP's weight was chosen once, on the real-data screen of docs/results.md (100 harmed least; 1
-# as much as plain SimCLR), for every target alike.
-LEVER_SETS: dict[str, dict] = {
-    "defect-negatives": {"defect_negatives": True},
-    "rotation-negatives": {"rotation_negatives": True},
-    "dense": {"dense_weight": 0.5},  # DenseCL's share
-    "mean-shifted": {"mean_shifted": True},
-    "l2sp": {"l2sp_weight": 100.0},
-    "frozen-head-bn": {"freeze_head_bn": True},
-}
-
-
-
 # ----------------------------------------------------------------------------- configuration
 
 

@@ -1,0 +1,279 @@
+"""Tables and figures from rows: the mean ± std over seeds per method and target, the method
+chosen on the other targets (nested leave-one-product-out), paired differences, the time budget."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+
+from visinspect.metrics import seed_spread
+
+ROW_KEYS = (
+    "image_auroc",
+    "average_precision",
+    "f1",
+    "balanced_accuracy",
+    "precision",
+    "recall",
+    "pixel_auroc",
+    "box_hit_rate",
+)
+
+
+def _mean_std(values: list[float | None], seeds: int = 1) -> str:
+    """Mean ± std of one cell; a cell over fewer seeds than its table's others says how many (a
+    run that added a method for one seed only, say), so that no number passes for more than it is."""
+    vals = [v for v in values if v is not None]
+    fewer = f" ({len(values)} seed{'s' * (len(values) > 1)})" if len(values) < seeds else ""
+    if not vals:
+        return "n/a"
+    if len(vals) == 1:
+        return f"{vals[0]:.3f}{fewer}"
+    return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}{fewer}"
+
+
+def pivot_table(rows: Sequence[dict], metric: str = "image_auroc") -> str:
+    """Markdown: targets down, models across, mean ± std of one metric over seeds (K-dependent
+    models are named with their K)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["target"], r["model"]), []).append(r)
+    targets = sorted({t for t, _ in groups}, key=lambda t: (t == "all", t))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    lines = [
+        f"{metric}, positive class = anomaly",
+        "",
+        "| target | n | " + " | ".join(models) + " |",
+        "|" + " --- |" * (len(models) + 2),
+    ]
+    seeds = max(len(g) for g in groups.values())
+    for t in targets:
+        n = next(g[0]["n_images"] for (tt, _), g in groups.items() if tt == t)
+        cells = [_mean_std([r.get(metric) for r in groups.get((t, m), [])], seeds) for m in models]
+        lines.append(f"| {t} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def summary_table(rows: Sequence[dict], keys: Sequence[str] = ROW_KEYS) -> str:
+    """Markdown: one line per (target, model), mean ± std over seeds; positive class anomaly."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["target"], r["model"]), []).append(r)
+    lines = [
+        f"positive class = anomaly; {seed_spread([r['seed'] for r in rows])}; threshold from "
+        "the source validation split (uncalibrated) or from K good target images (calibrated)",
+        "",
+        "| target | model | n | " + " | ".join(keys) + " |",
+        "|" + " --- |" * (len(keys) + 3),
+    ]
+    order = sorted(groups, key=lambda tm: (tm[0] != "all", tm[0]))
+    seeds = max((len(g) for g in groups.values()), default=1)
+    for target, model in order:
+        g = groups[(target, model)]
+        lines.append(
+            f"| {target} | {model} | {g[0]['n_images']} | "
+            + " | ".join(_mean_std([r.get(k) for r in g], seeds) for k in keys)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+FEW_KEYS = ("image_auroc", "balanced_accuracy", "precision", "recall", "pixel_auroc", "box_hit_rate")
+
+
+def budget_text(budget: dict) -> str:
+    """The budget as a few lines a person reads: frozen pass, training, scoring."""
+    run, every = budget["this_run"], budget["all_runs"]
+    fill = run["frozen_pass"]
+    rate = ""
+    if fill["computed"] and fill["seconds"]:
+        rate = f", {fill['computed'] / fill['seconds']:.2f} images/s"
+    per = every["train_seconds_per_job"]
+    return "\n".join([
+        f"budget on {budget['machine']}:",
+        f"  frozen pass (once): {fill['images']} images, {fill['computed']} computed, "
+        f"{fill['from_store']} from the store, {fill['seconds']:.0f} s{rate}",
+        f"  training: {run['train_jobs']} classifiers in {run['train_seconds']:.0f} s this run "
+        f"({every['train_jobs']} in {every['train_seconds']:.0f} s over all runs"
+        + (f", {per:.0f} s per split and seed)" if per else ")"),
+        f"  scoring: {run['score_jobs']} jobs in {run['score_seconds']:.0f} s this run "
+        f"({every['score_jobs']} in {every['score_seconds']:.0f} s over all runs)",
+        f"  wall time of this run: {run['wall_seconds']:.0f} s ({hms(run['wall_seconds'])})",
+    ])
+
+
+def chosen_on_other_targets(rows: Sequence[dict], k: int) -> list[dict]:
+    """For each target, the method (at K = k, or one that needs no good image) with the best mean
+    image AUROC over the *other* targets, and what it gets on this one: the method a user would
+    pick on the products they have (nested leave-one-out), against the best one picked by
+    looking at this target. Only methods with rows on every target (that has K good images) compete."""
+    auroc: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        if r["image_auroc"] is not None and (" k=" not in r["model"] or r["model"].endswith(f" k={k}")):
+            auroc.setdefault((r["target"], r["model"]), []).append(r["image_auroc"])
+    mean = {key: statistics.mean(v) for key, v in auroc.items()}
+    # Targets without K good images (no "k=" rows) would leave only the baseline to compare.
+    targets = sorted({t for t, m in mean if " k=" in m} or {t for t, _ in mean})
+    models = sorted(m for m in {m for _, m in mean} if all((t, m) in mean for t in targets))
+    if len(targets) < 2 or not models:
+        return []
+    out = []
+    for t in targets:
+        others = [o for o in targets if o != t]
+        chosen = max(models, key=lambda m: (statistics.mean(mean[o, m] for o in others), m))
+        best = max(models, key=lambda m: (mean[t, m], m))
+        out.append({"target": t, "chosen": chosen, "auroc": mean[t, chosen],
+                    "best": best, "best_auroc": mean[t, best]})
+    return out
+
+
+def _chosen_table(rows: Sequence[dict], k: int) -> str:
+    chosen = chosen_on_other_targets(rows, k)
+    if not chosen:
+        return ""
+    lines = [
+        "image_auroc, positive class = anomaly; mean over each cell's seeds",
+        "",
+        "| target | chosen on the other targets | its AUROC here | best here, chosen on this target |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [f"| {c['target']} | {c['chosen']} | {c['auroc']:.3f} | {c['best']} ({c['best_auroc']:.3f}) |"
+              for c in chosen]
+    lines.append(
+        f"| mean | | {statistics.mean(c['auroc'] for c in chosen):.3f} | "
+        f"{statistics.mean(c['best_auroc'] for c in chosen):.3f} |"
+    )
+    return "\n".join(lines)
+
+
+def paired_against(rows: Sequence[dict], base: str = "baseline") -> list[dict]:
+    """Each method's image AUROC minus `base`'s on the same target and seed, for the methods without
+    good images: per target (mean over the seeds both have), and per seed and overall over the
+    targets that every method has paired on each of its seeds, so that the means compare across
+    seeds and methods. Pairing by seed removes the split's and the seed's share of the spread."""
+    auroc = {(r["target"], r["seed"], r["model"]): r["image_auroc"] for r in rows
+             if r["image_auroc"] is not None and " k=" not in r["model"]}
+    found = {}
+    for model in dict.fromkeys(m for _, _, m in auroc):
+        pairs = {(t, s): auroc[t, s, model] - auroc[t, s, base]
+                 for t, s, m in auroc if m == model != base and (t, s, base) in auroc}
+        if pairs:
+            found[model] = pairs
+    seeds = {m: sorted({s for _, s in pairs}) for m, pairs in found.items()}
+    complete = {m: {t for t, _ in pairs if all((t, s) in pairs for s in seeds[m])}
+                for m, pairs in found.items()}
+    # Targets every method has on all its seeds; if none, each method's own.
+    common = set.intersection(*complete.values()) if complete else set()
+    out = []
+    for model, pairs in found.items():
+        over = sorted(common or complete[model])
+        by_target: dict[str, list[float]] = {}
+        for (t, _), d in sorted(pairs.items()):
+            by_target.setdefault(t, []).append(d)
+        per_target = {t: statistics.mean(v) for t, v in by_target.items()}
+        out.append({
+            "model": model,
+            "per_target": per_target,
+            "seeds_per_target": {t: len(v) for t, v in by_target.items()},
+            "over": over,
+            "per_seed": {s: statistics.mean(pairs[t, s] for t in over) for s in seeds[model]},
+            "mean": statistics.mean(per_target[t] for t in over),
+        })
+    return out
+
+
+def _paired_table(rows: Sequence[dict], base: str = "baseline") -> str:
+    paired = paired_against(rows, base)
+    if not paired:
+        return ""
+    targets = sorted({t for p in paired for t in p["per_target"]})
+    overs = {tuple(p["over"]) for p in paired}
+    over = (", ".join(overs.pop()) if len(overs) == 1
+            else "each method's targets run with every one of its seeds")
+    lines = [
+        f"image_auroc of the method minus {base}'s on the same target and seed, positive class = anomaly; "
+        f"a cell is the mean over its seeds (how many in brackets); the means are over {over}",
+        "",
+        "| method | " + " | ".join(targets) + " | mean | per seed |",
+        "|" + " --- |" * (len(targets) + 3),
+    ]
+    for p in paired:
+        cells = [f"{p['per_target'][t]:+.3f} ({p['seeds_per_target'][t]})" if t in p["per_target"] else "—"
+                 for t in targets]
+        seeds = ", ".join(f"{s}: {d:+.3f}" for s, d in p["per_seed"].items())
+        lines.append(f"| {p['model']} | " + " | ".join(cells) + f" | {p['mean']:+.3f} | {seeds} |")
+    return "\n".join(lines)
+
+
+def tables_markdown(rows: Sequence[dict], settings: dict) -> str:
+    """tables.md: the headline AUROC table, then every metric with and without good images."""
+    cap = settings["max_source_per_category"]
+    lines = [
+        f"Leave-one-out, positive class = anomaly. {settings['preset']} preset: {settings['image_size']} px, "
+        f"<= {settings['epochs']} epochs, precision {settings['precision']}; source categories "
+        + (f"capped at ~{cap} images each (stratified by defect type)" if cap else "uncapped")
+        + "; every target test image"
+        + (f" (capped at ~{settings['max_test_per_category']})" if settings["max_test_per_category"] else "")
+        + f"; seeds {sorted({r['seed'] for r in rows})}; K = {settings['calibrate']}. "
+        f"Machine: {settings['machine']}.",
+        "",
+    ]
+    plain = [r for r in rows if " k=" not in r["model"]]
+    few = [r for r in rows if " k=" in r["model"]]
+    if rows:
+        lines += ["### Image AUROC (mean ± std over seeds)", "", pivot_table(rows, "image_auroc"), ""]
+    if plain:
+        lines += ["### Without good images of the new product", "", summary_table(plain), ""]
+    if few:
+        lines += ["### With K good images of the new product", "", summary_table(few, FEW_KEYS), ""]
+    paired = _paired_table(rows)
+    if paired:
+        lines += ["### Against the baseline, paired by target and seed", "", paired, ""]
+    k = max([k for k in settings["calibrate"] if k <= 20] or settings["calibrate"] or [0])
+    chosen = _chosen_table(rows, k)
+    if chosen:
+        lines += [f"### The method chosen on the other targets (K = {k})", "",
+                  "Which method would a user choose without this target's labels? The one best on "
+                  "the other targets (nested leave-one-out); the last column is the choice made by "
+                  "looking at this target, which no user can make.", "", chosen, ""]
+    return "\n".join(lines)
+
+
+def draw_figures(rows: Sequence[dict], folder: Path) -> None:
+    """The figures docs/results.md shows: AUROC and balanced accuracy per model and target, and
+    both against K for the few-good-parts models."""
+    import matplotlib.pyplot as plt
+
+    from visinspect.viz.plots import plot_metric_bars, plot_metric_vs_k, save_figure
+
+    plain = [r for r in rows if " k=" not in r["model"]]
+    if plain:
+        for metric in ("image_auroc", "balanced_accuracy"):
+            save_figure(plot_metric_bars(plain, metric), folder / f"loo_{metric}.png")
+    # Per product, calibration shifts the scores and leaves the ranking (AUROC) as it was: the
+    # AUROC panel shows the K-dependent models only; balanced accuracy shows them all.
+    for metric, keep in (
+        ("image_auroc", lambda m: "calibrated" not in m),
+        ("balanced_accuracy", lambda m: True),
+    ):
+        targets = sorted({r["target"] for r in rows if " k=" in r["model"] and keep(r["model"])})
+        if not targets:
+            continue
+        fig, axes = plt.subplots(1, len(targets), figsize=(3.6 * len(targets), 3.6), squeeze=False,
+                                 sharey=True)
+        for i, (ax, target) in enumerate(zip(axes[0], targets, strict=True)):
+            plot_metric_vs_k([r for r in rows if r["target"] == target and keep(r["model"])], metric,
+                             target, ax=ax)
+            ax.set_title(target)
+            ax.get_legend().remove()
+            if i:
+                ax.set_ylabel("")
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, frameon=False)
+        save_figure(fig, folder / f"loo_{metric}_vs_k.png")
+
+
+def hms(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
