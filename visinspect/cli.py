@@ -101,7 +101,7 @@ def cmd_methods(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from visinspect.data.samples import build_sample_table, stratified_split, unknown_context_split
+    from visinspect.data.samples import build_sample_table, unknown_context_split
     from visinspect.experiments.demo import SOURCE
     from visinspect.methods.registry import RECOMMENDED, method, save_method, train_method, training_summary
     from visinspect.training import SourceImages, TrainConfig, TrainingRun
@@ -111,10 +111,9 @@ def cmd_train(args) -> int:
     if chosen.trains is not None:
         table = build_sample_table(_data_roots(args), split="all")
         src, _ = unknown_context_split(table.samples, _categories(args, SOURCE) or table.categories, [])
-        train, val = stratified_split(src, args.val_fraction, args.seed)
-        source = SourceImages(train, val, src)
-        print(f"training on {len(train)} images of {', '.join(sorted({s.category for s in train}))}; "
-              f"{len(val)} validation images")
+        source = SourceImages.split(src, args.val_fraction, args.seed)
+        print(f"training on {len(source.train)} images of {', '.join(sorted({s.category for s in src}))}; "
+              f"{len(source.val)} validation images")
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          image_size=args.image_size, seed=args.seed, precision=args.precision)
     state = Path(f"{args.out}.state")
@@ -158,25 +157,12 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from visinspect.backbones.vgg16 import describe_backbone
-    from visinspect.experiments.evaluate_checkpoint import outlier_notes
     from visinspect.methods.registry import load_detector
     from visinspect.predict import predict_images
 
     detector = load_detector(args.checkpoint, method=args.method, reference=args.reference_dir,
                              calibration=args.calibration, category=args.category, precision=args.precision)
-    if args.calibration:
-        cal = detector.calibrations[detector.product]
-        print(f"calibration for {cal.category!r}: threshold (logit margin) {cal.threshold:.3f}, "
-              f"from {cal.k} good images")
-    elif detector.uses_good:
-        print(f"method {detector.name!r}, adapted to {len(args.reference_dir)} reference folder(s) "
-              f"of good {detector.product!r} images")
-    # The good images a calibration set aside (evaluate --calibrate named them too): check them.
-    for note in outlier_notes(getattr(detector, "calibrations", {}).values()):
-        print(note)
-    if (detector.patch_provenance or {}).get("network"):  # a patch network other than VGG16
-        print("patch features: " + describe_backbone(detector.patch_provenance))
+    print(detector.describe())
     summary = predict_images(
         detector, [Path(p) for p in args.inputs], Path(args.out), overlays=not args.no_overlays,
         batch_size=args.batch_size, box_threshold=args.box_threshold, min_area=args.min_area,

@@ -23,7 +23,7 @@ from visinspect.backbones.cam import HeatmapNormalizer, upsample
 from visinspect.backbones.store import FeatureStore, StoredFeatures
 from visinspect.backbones.vgg16 import CONV4_3_END, FROZEN_END, VGG16CAM, build_model
 from visinspect.checkpoint import load_resume_state, save_checkpoint
-from visinspect.data.samples import Sample
+from visinspect.data.samples import Sample, stratified_split
 from visinspect.errors import ConfigError, DataError
 from visinspect.evaluate import validation_threshold
 from visinspect.scoring import Predictions, predict
@@ -66,6 +66,12 @@ class SourceImages:
     val: Sequence[Sample]
     source: Sequence[Sample] = ()  # every source image, labels unused (SimCLR's images)
     target: Sequence[Sample] = ()  # the new product's images when known (SimCLR may add its good ones)
+
+    @classmethod
+    def split(cls, source: Sequence[Sample], val_fraction: float = 0.2, seed: int = 0) -> SourceImages:
+        """The source products' images split into train and val, stratified by defect type."""
+        train, val = stratified_split(source, val_fraction, seed)
+        return cls(train, val, source)
 
 
 @dataclass(frozen=True)

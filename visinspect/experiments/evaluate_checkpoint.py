@@ -62,11 +62,6 @@ def threshold_margin(value: str, info: dict) -> float:
     return probability_to_margin(p)
 
 
-def outlier_notes(calibrations) -> list[str]:
-    """One line per good image a calibration set aside: a person should check it is good."""
-    return [note for note in map(outlier_note, calibrations) if note]
-
-
 def evaluate_checkpoint(
     checkpoint: str | Path,
     samples: Sequence[Sample],
@@ -128,7 +123,7 @@ def _adapt(detector: Detector, samples: list[Sample], k: int, checkpoint: str | 
     by_category = detector.calibrations
     path = save_calibration(default_calibration_path(checkpoint, k), by_category)
     log(f"{detector.name}: adapted to {k} good images per category; calibration saved to {path}")
-    for note in outlier_notes(by_category.values()):
+    for note in filter(None, map(outlier_note, by_category.values())):
         log(note)
     used = {p for c in by_category.values() for p in c.images}
     calibration = {

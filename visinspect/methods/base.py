@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from visinspect.backbones.cam import HeatmapNormalizer, upsample
-from visinspect.backbones.vgg16 import VGG16CAM
-from visinspect.calibration import Calibration
+from visinspect.backbones.vgg16 import VGG16CAM, describe_backbone
+from visinspect.calibration import Calibration, outlier_note
 from visinspect.data.samples import Sample, list_images
 from visinspect.errors import DataError
 from visinspect.scoring import ScoredImages
@@ -97,6 +97,19 @@ class Detector:
 
     def score(self, samples: Sequence[Sample]) -> ScoredImages:
         raise NotImplementedError
+
+    def describe(self) -> str:
+        """What it scores with, in lines a person reads: the product it adapted to and its
+        threshold, the good images its calibration set aside (to check), its patch network."""
+        lines = [f"method {self.name!r}"]
+        calibrations = getattr(self, "calibrations", {})  # the methods that adapt keep one per product
+        if self.product in calibrations:
+            cal = calibrations[self.product]
+            lines[0] += f", adapted to {cal.k} good images of {self.product!r}"
+        lines += [note for note in map(outlier_note, calibrations.values()) if note]
+        if (self.patch_provenance or {}).get("network"):  # a patch network other than VGG16
+            lines.append("patch features: " + describe_backbone(self.patch_provenance))
+        return "\n".join(lines)
 
     def fit_sources(self, train: Sequence[Sample], val: Sequence[Sample]) -> dict:
         """What the method learns from the labelled source products on top of its training (e.g. a
