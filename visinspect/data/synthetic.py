@@ -492,7 +492,9 @@ def _make_stamp(seed: int, categories: Sequence[str] | None, **settings: int) ->
     for key, value in settings.items():
         if int(value) < 1:
             raise VisinspectError(f"{key} must be a positive integer, got {value}")
-    return {"generator": "visinspect.data.synthetic", "version": GENERATOR_VERSION, "seed": int(seed),
+    # "generator" is the dataset's kind, kept from before the data/ package: a stamp that names
+    # another would make every dataset generated before look stale.
+    return {"generator": "visinspect.synthetic", "version": GENERATOR_VERSION, "seed": int(seed),
             **{key: int(value) for key, value in settings.items()}, "categories": names}
 
 
