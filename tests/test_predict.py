@@ -4,7 +4,6 @@ import json
 import shutil
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 from PIL import Image
@@ -20,6 +19,7 @@ from visinspect.predict import (
     predict_folder,
     predict_images,
 )
+from visinspect.viz.overlay import MIN_SIDE
 
 IMAGE_SIZE = 32
 
@@ -165,8 +165,10 @@ def test_overlays_are_named_after_their_images(loaded, tree, tmp_path):
     written = sorted(p.relative_to(out).as_posix() for p in (out / "overlays").rglob("*.png"))
     assert written == sorted(r["overlay"] for r in rows.values() if "overlay" in r)
     with Image.open(out / rows["sub/wide 2.PNG"]["overlay"]) as img:
-        assert img.format == "PNG" and min(img.size) > 100
-    assert plt.get_fignums() == []  # no figure left open (they would pile up over a long run)
+        # The 90 x 20 image at its own aspect ratio, enlarged to MIN_SIDE so that its text fits.
+        assert img.format == "PNG" and img.mode == "RGB" and img.size == (MIN_SIDE, 57)
+    with Image.open(out / rows["good_0.png"]["overlay"]) as img:
+        assert img.size == (MIN_SIDE, MIN_SIDE * 48 // 64)
 
 
 def test_overlay_names_keep_folders_and_resolve_clashes_deterministically():
