@@ -9,12 +9,14 @@ import pytest
 from PIL import Image
 from test_fuzz import png_with_header
 
+from visinspect.backbones.store import FILL_BATCH
 from visinspect.checkpoint import save_classifier
 from visinspect.data.samples import find_images, list_images
 from visinspect.errors import ConfigError, DataError
 from visinspect.methods.registry import load_detector
 from visinspect.predict import (
     RESULTS_NAME,
+    auto_batch_size,
     overlay_names,
     predict_folder,
     predict_images,
@@ -263,3 +265,22 @@ def test_bad_arguments(loaded, tmp_path):
     with pytest.raises(ConfigError, match="batch_size"):
         predict_images(*loaded, [tmp_path], tmp_path / "out", batch_size=0, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.precision
+@pytest.mark.parametrize(("batch_size", "workers"), [(None, 1), (5, 3)])
+def test_same_lines_whatever_the_batches_and_threads(loaded, tree, reference, tmp_path, batch_size, workers):
+    predict_images(*loaded, [tree[0]], tmp_path, overlays=False, batch_size=batch_size, workers=workers,
+                   progress=False)
+    assert (tmp_path / RESULTS_NAME).read_bytes() == (reference[0] / RESULTS_NAME).read_bytes()
+
+
+def test_overlay_size_and_pipeline_arguments(loaded, tree, tmp_path):
+    predict_images(*loaded, [tree[0] / "good_0.png"], tmp_path, overlay_size=100, progress=False)
+    with Image.open(tmp_path / "overlays" / "good_0.png") as img:
+        assert img.size == (100, 75)  # 64 x 48 drawn with its longest side 100 px
+    for bad in ({"workers": 0}, {"overlay_size": 8}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            predict_images(*loaded, [tree[0]], tmp_path / "bad", progress=False, **bad)
+    assert auto_batch_size(224) == 32 and auto_batch_size(1024) == FILL_BATCH
+    assert all(auto_batch_size(s) % FILL_BATCH == 0 for s in (32, 100, 224, 300, 4096))

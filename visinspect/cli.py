@@ -402,6 +402,8 @@ def cmd_predict(args) -> int:
         box_threshold=args.box_threshold,
         min_area=args.min_area,
         resume=args.resume,
+        overlay_size=args.overlay_size,
+        workers=args.workers,
     )
     print(
         f"{summary['n_images']} images: {summary['n_anomalous']} predicted anomalous, "
@@ -838,8 +840,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
     p.add_argument("--out", required=True)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, help="images per batch (default: by the image size)")
     p.add_argument("--no-overlays", action="store_true", help="JSON only (faster)")
+    p.add_argument("--overlay-size", type=int, metavar="PX",
+                   help="overlays' longest side (default: the image's own, 256..2048 px)")
+    p.add_argument("--workers", type=int, help="threads decoding (as many draw); default: cores, <= 4")
     p.add_argument("--resume", action="store_true", help="skip images already in OUT/predictions.jsonl")
     p.add_argument(
         "--reference-dir",

@@ -314,8 +314,8 @@ class PatchMemoryBank:
                 # Squared distances |q|^2 + |b|^2 - 2 q.b: the product, the search's whole cost,
                 # in bf16 (native on AMX / AVX-512 BF16 CPUs and GPUs); same nearest patch
                 # unless two are within bf16's rounding of each other.
-                d = torch.addmm(bank_sq[None, :], q.bfloat16(), low.T, alpha=-2).float()
-                d += q.pow(2).sum(1, keepdim=True)
+                d = torch.mm(q.bfloat16(), low.T).float().mul_(-2).add_(bank_sq)
+                d.add_(q.pow(2).sum(1, keepdim=True))
             if exclude is not None:
                 d.masked_fill_(exclude[i : i + rows, None].to(device) == self.owners[None, :], float("inf"))
             nearest = d.argmin(dim=1)
