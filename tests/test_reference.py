@@ -246,14 +246,3 @@ def test_a_bank_is_built_once_per_good_images_size_and_seed(model, data, monkeyp
     PatchMemoryBank.fit(model, good[1:], image_size=SIZE, max_patches=60, seed=1, **FP32)
     assert calls
 
-
-def test_bf16_search_finds_the_nearest_patch_and_measures_it_in_fp32():
-    g = torch.Generator().manual_seed(0)
-    points = torch.randn(500, 96, generator=g)
-    bank = PatchMemoryBank(points, torch.arange(500) // 50, ("mobilenet_v2",), 224, "x")
-    queries = points[::7] + 0.05 * torch.randn(len(points[::7]), 96, generator=g)  # near a bank patch
-    exclude = (torch.arange(500) // 50)[::7]
-    for owners in (None, exclude):
-        fp32, i32 = bank.nearest(queries, owners)
-        bf16, i16 = bank.nearest(queries, owners, precision="bf16")
-        assert torch.equal(i16, i32) and torch.equal(bf16, fp32)  # the same patch, the same distance

@@ -267,8 +267,7 @@ class PatchMemoryBank:
             # The bank lives where the model lives: on a GPU the nearest-neighbour search runs there.
             bank = cls(patches[keep].contiguous().to(device), owners[keep].to(device), layers, image_size,
                        category)
-            good_maps = bank.nearest(patches, owners, resolve_precision(precision))[0].view(n, h, w)
-            return bank.bank, bank.owners, good_maps
+            return bank.bank, bank.owners, bank.nearest(patches, exclude=owners)[0].view(n, h, w)
 
         patches, owners, good_maps = _remember(_BANKS, key, build)
         bank = cls(
@@ -294,28 +293,18 @@ class PatchMemoryBank:
         )
 
     def nearest(
-        self, queries: torch.Tensor, exclude: torch.Tensor | None = None, precision: str = "fp32"
+        self, queries: torch.Tensor, exclude: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """L2 distance of each query (P, C) to its nearest bank patch, and that patch's index in
         the bank, skipping patches whose owner is the query's `exclude` owner; computed on the
-        bank's device, returned on the CPU. With precision "bf16" (the features' own) the nearest
-        patch is searched with bf16 matrix products, its distance still measured in fp32."""
+        bank's device, returned on the CPU."""
         device = self.bank.device
         out = torch.empty(len(queries))
         which = torch.empty(len(queries), dtype=torch.long)
         rows = max(1, CHUNK_ELEMENTS // len(self.bank))
-        low = self.bank.bfloat16() if precision == "bf16" else None
-        bank_sq = self.bank.pow(2).sum(1) if low is not None else None
         for i in range(0, len(queries), rows):
             q = queries[i : i + rows].to(device)
-            if low is None:
-                d = torch.cdist(q, self.bank)
-            else:
-                # Squared distances |q|^2 + |b|^2 - 2 q.b: the product, the search's whole cost,
-                # in bf16 (native on AMX / AVX-512 BF16 CPUs and GPUs); same nearest patch
-                # unless two are within bf16's rounding of each other.
-                d = torch.mm(q.bfloat16(), low.T).float().mul_(-2).add_(bank_sq)
-                d.add_(q.pow(2).sum(1, keepdim=True))
+            d = torch.cdist(q, self.bank)
             if exclude is not None:
                 d.masked_fill_(exclude[i : i + rows, None].to(device) == self.owners[None, :], float("inf"))
             nearest = d.argmin(dim=1)
@@ -325,16 +314,15 @@ class PatchMemoryBank:
             which[i : i + rows] = nearest.cpu()
         return out, which
 
-    def score_features(self, feats: torch.Tensor, precision: str = "fp32") -> tuple[np.ndarray, torch.Tensor]:
-        """Image scores (N,) (see `top`) and patch-distance maps (N, h, w), from features; the
-        search in `precision` (see `nearest`)."""
+    def score_features(self, feats: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+        """Image scores (N,) (see `top`) and patch-distance maps (N, h, w), from features."""
         n, c, h, w = feats.shape
         if c != self.bank.shape[1]:
             raise VisinspectError(
                 f"features have {c} channels but the memory bank has {self.bank.shape[1]} "
                 f"(layers {self.layers}): use patch_features with the same layers as fit"
             )
-        maps = self.nearest(_patches(feats.float().cpu()), precision=precision)[0].view(n, h, w)
+        maps = self.nearest(_patches(feats.float().cpu()))[0].view(n, h, w)
         return self.image_scores(maps), maps
 
     def score(
@@ -361,7 +349,7 @@ class PatchMemoryBank:
         if stored.identity is not None and "conv5_3" not in self.layers:
             key = (hashlib.blake2b(self.bank.cpu().numpy().tobytes()).hexdigest(), stored.identity)
         maps = _remember(_DISTANCES, key, lambda: torch.cat([
-            self.score_features(f, resolve_precision(precision))[1]
+            self.score_features(f)[1]
             for f in _patch_batches(model, stored, self.layers, batch_size, precision)
         ]))
         if key is not None:
