@@ -245,4 +245,3 @@ def test_a_bank_is_built_once_per_good_images_size_and_seed(model, data, monkeyp
         calls.clear()
     PatchMemoryBank.fit(model, good[1:], image_size=SIZE, max_patches=60, seed=1, **FP32)
     assert calls
-
