@@ -3,6 +3,8 @@ product when its method uses them), streaming: memory stays flat.
 
 Images are read in batches and forgotten after their batch; each result is written as one JSON
 line (flushed per batch), so a killed run keeps what it did and `resume=True` goes on from there.
+Reader threads decode the next batch while the detector scores this one, and overlay threads draw
+the previous one's (visinspect.viz.overlay): the network, the machine's limit, runs without pause.
 A file that cannot be read (corrupt, truncated, empty, larger than `data.MAX_PIXELS`) is reported
 in its JSON line with an `error` field and the run goes on; odd but valid modes (grayscale, 16-bit,
 RGBA, CMYK, palette) are converted to RGB by `data.load_rgb`.
