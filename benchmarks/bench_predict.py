@@ -1,23 +1,29 @@
-"""Benchmark of `predict` at scale: images/s and peak memory, streaming versus a naive baseline.
+"""Benchmark of `predict` against the machine's limit: decoding, the network, their serial limit,
+and predict end to end (with and without overlays) as fractions of it, in one run on one folder.
 
-Writes N small PNGs (64-128 px noise and shapes) to a temporary folder, saves a random-weight
-checkpoint (nothing is trained: speed and memory do not depend on the weights), then runs, each in
-a fresh process so that peaks are separate:
+The images: the real magnetic tile test folder (772 images, 256 px) and its first 20 good train
+images as the reference when $VISINSPECT_SHARED_DATA is set (ImageNet MobileNetV2 weights from
+$VISINSPECT_MOBILENET_WEIGHTS); else as many synthetic 256 px PNGs and random weights. The method
+is the recommended one, its checkpoint written by `python -m visinspect train` as a user would.
 
-  - streaming `predict_images` (JSON lines, no overlays) on the first 1,000 and on all N images:
-    peak RSS should stay flat as N grows;
-  - a naive baseline on 1,000 images: every image read into one list, then predicted (fp32,
-    NCHW), every result kept until the end (what a notebook loop does): its memory grows with N;
-  - optionally a few hundred images with PNG overlays, to show what drawing them costs.
+1. decode + resize: load_rgb and to_tensor of every image, one thread (what a reader thread does);
+2. the network: MobileNetV2 up to its stride-16 maps on those inputs, channels-last, in the
+   precision "auto" resolves to, at the feature store's batch (FILL_BATCH; larger ones shown too),
+   on the first NETWORK_IMAGES;
+3. their serial limit: 1 / (1 / decode + 1 / network) images/s;
+4. `predict_images` in fresh processes: without overlays on the first --small images and on all
+   (peak RSS should stay flat), with overlays at the images' own resolution on all;
+5. `python -m visinspect --help`, wall time of a fresh process (best of 3).
 
-    python benchmarks/bench_predict.py                    # 5,000 images at 64 px
-    python benchmarks/bench_predict.py --n 2000 --image-size 32
+    python benchmarks/bench_predict.py                     # the real folder if the data is there
+    VISINSPECT_SHARED_DATA= python benchmarks/bench_predict.py --n 400   # synthetic images
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -31,124 +37,132 @@ import torch
 
 from visinspect.utils import describe_machine
 
-PER_FOLDER = 100  # images are written in folders of 100: a run on n images names n / 100 folders
+SHARED_ENV = "VISINSPECT_SHARED_DATA"
+PRODUCT = Path("industrial") / "magnetic_tile"
+K = 20  # good reference images, as in the issue's `--reference-dir GOOD20/`
+NETWORK_IMAGES = 256  # inputs the network is timed on, 3 passes per batch size
 
 
 def write_images(root: Path, n: int, seed: int = 0) -> None:
-    """n PNGs of 64-128 px: smooth noise with a few random shapes (fast to make with cv2)."""
+    """n PNGs of 256 px, grey like the tiles: smooth noise with a few dark or bright spots."""
     rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        h, w = rng.integers(64, 129, 2)
-        image = cv2.resize(rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), np.uint8), (w, h))
-        for _ in range(rng.integers(1, 4)):
+        h, w = 256, int(rng.integers(160, 257))
+        image = cv2.resize(rng.integers(80, 180, (h // 16 + 1, w // 16 + 1), np.uint8), (w, h))
+        for _ in range(rng.integers(0, 3)):
             centre = (int(rng.integers(0, w)), int(rng.integers(0, h)))
-            colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-            cv2.circle(image, centre, int(rng.integers(3, 20)), colour, -1)
-        folder = root / f"part_{i // PER_FOLDER:04d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(folder / f"img_{i:06d}.png"), image)
+            cv2.circle(image, centre, int(rng.integers(3, 12)), int(rng.integers(0, 256)), -1)
+        cv2.imwrite(str(root / f"img_{i:05d}.png"), image)
 
 
-def write_checkpoint(path: Path, image_size: int) -> None:
-    from visinspect.backbones.vgg16 import build_model
-    from visinspect.checkpoint import save_classifier
+def inputs(tmp: Path, n: int | None) -> tuple[Path, Path, str]:
+    """(test folder, reference folder, what they are): the real ones or synthetic ones."""
+    shared = os.environ.get(SHARED_ENV)
+    good = tmp / "good"
+    good.mkdir()
+    if shared:
+        root = Path(shared) / PRODUCT  # as tests/test_real_data.py: the folder holding industrial/
+        for f in sorted((root / "train" / "good").glob("*.png"))[:K]:
+            (good / f.name).symlink_to(f)
+        test = root / "test"
+        if n is not None:  # the first n of the sorted test images, as links
+            (tmp / "test").mkdir()
+            for i, f in enumerate(sorted(test.rglob("*.png"))[:n]):
+                (tmp / "test" / f"{i:05d}_{f.name}").symlink_to(f)
+            test = tmp / "test"
+        return test, good, f"{test} (real)"
+    write_images(good, K, seed=1)
+    write_images(tmp / "test", n or 772)
+    return tmp / "test", good, "synthetic 256 px PNGs, random weights"
 
-    torch.manual_seed(0)
-    model, backbone = build_model("random")
-    save_classifier(path, model, image_size=image_size, threshold=0.0, normalizer=None,
-                    backbone=backbone, config={"benchmark": "bench_predict"}, frozen_end=24)
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "visinspect", *args]
 
 
-# ----------------------------------------------------------------------------- memory
+def help_seconds() -> float:
+    """Wall time of `python -m visinspect --help` in a fresh process, best of 3."""
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        subprocess.run(cli("--help"), check=True, capture_output=True)
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
-def _status_kb(field: str) -> int | None:
+# ----------------------------------------------------------------------------- limits
+
+
+def decode_rate(files: list[Path], image_size: int) -> tuple[float, list[torch.Tensor]]:
+    """Images/s of load_rgb + to_tensor on one thread (torch too), and the inputs it made."""
+    from visinspect.data.samples import load_rgb, to_tensor
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a reader thread's share: the network runs on the cores meanwhile
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
+        start = time.perf_counter()
+        xs = [to_tensor(load_rgb(f), image_size) for f in files]
+        seconds = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
+    return len(files) / seconds, xs
 
 
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter (Linux), so that the next peak is the prediction's alone.
+def network_rates(checkpoint: Path, xs: list[torch.Tensor]) -> tuple[str, dict[int, float]]:
+    """Images/s of the recommended method's network (MobileNetV2 to its stride-16 maps, as the
+    feature store runs it: channels-last, "auto" precision) by batch size, best of 3 passes."""
+    from visinspect.backbones.store import FILL_BATCH
+    from visinspect.checkpoint import load_method_checkpoint
+    from visinspect.methods.base import mobilenet_for
+    from visinspect.utils import autocast, resolve_precision
 
-    Building a VGG16 allocates its 400 MB dense layers for a moment; that is not prediction.
-    """
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
+    _, info = load_method_checkpoint(checkpoint)
+    model = mobilenet_for(info)[0].eval().to(memory_format=torch.channels_last)
+    precision = resolve_precision("auto")
+    rates = {}
+    for batch in sorted({FILL_BATCH, 16, 32}):
+        n = len(xs) - len(xs) % batch
+        best = float("inf")
+        for _ in range(3):  # the first pass also creates oneDNN's kernels: the best of 3
+            start = time.perf_counter()
+            with torch.inference_mode(), autocast("cpu", precision):
+                for i in range(0, n, batch):
+                    model(torch.stack(xs[i : i + batch]).contiguous(memory_format=torch.channels_last))
+            best = min(best, time.perf_counter() - start)
+        rates[batch] = n / best
+    return precision, rates
+
+
+# ----------------------------------------------------------------------------- predict runs
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MB (VmHWM, or ru_maxrss where there is no /proc)."""
-    kb = _status_kb("VmHWM")
-    if kb is None:
-        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux, bytes on macOS
-        kb = kb / 1024 if sys.platform == "darwin" else kb
-    return kb / 1024
-
-
-# ----------------------------------------------------------------------------- workers
-
-
-def naive_predict(model, info: dict, inputs: list[Path], out: Path, batch_size: int) -> None:
-    """The notebook way: every image into one list, predict, keep every result, write at the end."""
-    from visinspect.backbones.cam import anomaly_cam, normalize, upsample
-    from visinspect.backbones.vgg16 import logit_margin
-    from visinspect.data.samples import list_images, load_rgb, to_tensor
-
-    size = int(info["image_size"])
-    paths = list_images(inputs)
-    images = [load_rgb(p) for p in paths]
-    x = torch.stack([to_tensor(image, size) for image in images])
-    logits, heat = [], []
-    with torch.inference_mode():
-        for i in range(0, len(x), batch_size):
-            maps = model.feature_maps(x[i : i + batch_size])
-            logits.append(model.head(maps))
-            heat.append(normalize(upsample(anomaly_cam(model, maps), size)))
-    margins = logit_margin(torch.cat(logits)).tolist()
-    heat = torch.cat(heat)
-    rows = [{"path": str(p), "margin": m, "peak": float(h.max())}
-            for p, m, h in zip(paths, margins, heat, strict=True)]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    """Peak resident memory of this process in MB (VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def worker(args) -> None:
-    """One measured run, in this (fresh) process; prints one JSON line."""
-    from visinspect.checkpoint import load_classifier
-    from visinspect.data.samples import list_images
+    """One predict run in this fresh process; prints one JSON line."""
     from visinspect.methods.registry import load_detector
     from visinspect.predict import predict_images
 
-    naive = args.worker == "naive"
-    loaded = load_classifier(args.checkpoint) if naive else load_detector(args.checkpoint)
-    inputs = [Path(p) for p in args.inputs]
-    n = len(list_images(inputs))
-    reset = reset_peak_rss()
-    before = (_status_kb("VmRSS") or 0) / 1024
     start = time.perf_counter()
-    if naive:
-        naive_predict(*loaded, inputs, Path(args.out), args.batch_size)
-    else:
-        summary = predict_images(loaded, inputs, Path(args.out), batch_size=args.batch_size,
-                                 overlays=args.worker == "overlays", progress=False)
-        assert summary["n_images"] == n and summary["n_failed"] == 0, summary
-    seconds = time.perf_counter() - start
-    print(json.dumps({"run": args.worker, "images": n, "seconds": seconds, "images_s": n / seconds,
-                      "rss_before_mb": before, "peak_mb": peak_rss_mb(), "peak_reset": reset}))
+    detector = load_detector(args.checkpoint, reference=[args.good])
+    setup = time.perf_counter() - start
+    summary = predict_images(detector, [Path(args.test)], Path(args.out), overlays=args.worker == "overlays",
+                             progress=False)
+    assert summary["n_failed"] == 0, summary
+    print(json.dumps({"run": args.worker, "images": summary["n_images"], "seconds": summary["seconds"],
+                      "setup_s": setup, "peak_mb": peak_rss_mb()}))
 
 
-def run_worker(mode: str, checkpoint: Path, folders: list[Path], out: Path,
-               batch_size: int) -> dict:
+def run_worker(mode: str, checkpoint: Path, test: Path, good: Path, out: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", mode, "--checkpoint", str(checkpoint),
-           "--out", str(out), "--batch-size", str(batch_size), *map(str, folders)]
+           "--good", str(good), "--test", str(test), "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"{mode} run failed:\n{done.stderr[-3000:]}")
@@ -157,57 +171,63 @@ def run_worker(mode: str, checkpoint: Path, folders: list[Path], out: Path,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=5000, help="images in the largest run")
-    parser.add_argument("--small", type=int, default=1000,
-                        help="images in the small and the naive runs")
-    parser.add_argument("--overlays", type=int, default=100,
-                        help="images in the run with overlays (0: no such run)")
-    parser.add_argument("--image-size", type=int, default=64, help="the checkpoint's input size")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--worker", choices=("stream", "naive", "overlays"), help=argparse.SUPPRESS)
-    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("inputs", nargs="*", help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, help="images to score (default: the whole real folder, "
+                        "else 772 synthetic ones)")
+    parser.add_argument("--small", type=int, default=200, help="images of the smaller RSS run")
+    parser.add_argument("--worker", choices=("plain", "overlays"), help=argparse.SUPPRESS)
+    for name in ("--checkpoint", "--good", "--test", "--out"):
+        parser.add_argument(name, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
         return
-    for name in ("n", "small", "overlays"):
-        if getattr(args, name) % PER_FOLDER:
-            parser.error(f"--{name} must be a multiple of {PER_FOLDER}")
+
+    from visinspect.data.samples import list_images
 
     with tempfile.TemporaryDirectory(prefix="bench_predict_") as tmp:
         tmp = Path(tmp)
-        start = time.perf_counter()
-        write_images(tmp / "images", args.n)
-        write_checkpoint(tmp / "random.pt", args.image_size)
-        print(f"wrote {args.n} PNGs (64-128 px) and a random-weight checkpoint "
-              f"({args.image_size} px) in {time.perf_counter() - start:.0f} s")
-        folders = sorted((tmp / "images").iterdir())
-        plan = [("stream", args.small), ("stream", args.n), ("naive", args.small)]
-        if args.overlays:
-            plan.append(("overlays", args.overlays))
-        results = []
-        for i, (mode, n) in enumerate(plan):
-            results.append(run_worker(mode, tmp / "random.pt", folders[: n // PER_FOLDER],
-                                      tmp / f"out_{i}", args.batch_size))
+        test, good, what = inputs(tmp, args.n)
+        (tmp / "small").mkdir()
+        files = list_images([test])
+        for i, f in enumerate(files[: args.small]):
+            (tmp / "small" / f"{i:05d}{f.suffix}").symlink_to(f.resolve())
+        weights = [] if os.environ.get("VISINSPECT_MOBILENET_WEIGHTS") else ["--backbone-weights", "random"]
+        subprocess.run(cli("train", "--out", str(tmp / "m.pt"), *weights), check=True, capture_output=True)
+        help_s = help_seconds()
+        from visinspect.checkpoint import load_method_checkpoint
 
-    print(f"\n{describe_machine()}, torch {torch.__version__}, batch {args.batch_size}, "
-          f"{args.image_size} px; peak RSS is the whole process, 'while predicting' excludes "
-          "building the model")
-    print("| run | images | seconds | images/s | RSS before (MB) | peak RSS predicting (MB) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for r in results:
-        peak = f"{r['peak_mb']:.0f}" if r["peak_reset"] else f"{r['peak_mb']:.0f} (whole process)"
-        print(f"| {r['run']} | {r['images']} | {r['seconds']:.1f} | {r['images_s']:.1f} | "
-              f"{r['rss_before_mb']:.0f} | {peak} |")
-    small, large, naive = results[:3]
-    print(f"\nstreaming peak RSS {small['images']} -> {large['images']} images: "
-          f"{small['peak_mb']:.0f} -> {large['peak_mb']:.0f} MB "
-          f"({large['peak_mb'] - small['peak_mb']:+.0f} MB)")
-    print(f"naive at {naive['images']} images: peak {naive['peak_mb']:.0f} MB "
-          f"({naive['peak_mb'] - small['peak_mb']:+.0f} MB vs streaming); speed streaming / naive "
-          f"= {small['images_s'] / naive['images_s']:.2f}x")
+        image_size = int(load_method_checkpoint(tmp / "m.pt")[1]["image_size"])
+        decode, xs = decode_rate(files, image_size)
+        precision, nets = network_rates(tmp / "m.pt", xs[:NETWORK_IMAGES])
+        del xs
+        runs = [run_worker("plain", tmp / "m.pt", tmp / "small", good, tmp / "out_small"),
+                run_worker("plain", tmp / "m.pt", test, good, tmp / "out_plain"),
+                run_worker("overlays", tmp / "m.pt", test, good, tmp / "out_overlays")]
+
+    from visinspect.backbones.store import FILL_BATCH
+
+    network = nets[FILL_BATCH]
+    limit = 1 / (1 / decode + 1 / network)
+    print(f"{describe_machine()}; torch {torch.__version__}")
+    print(f"images: {len(files)} from {what}; method: the recommended one at {image_size} px, "
+          f"K = {K}; precision {precision}")
+    print("| stage | images/s | share of the serial limit |")
+    print("| --- | ---: | ---: |")
+    print(f"| decode + resize (load_rgb + to_tensor, 1 thread) | {decode:.1f} | |")
+    for batch, rate in nets.items():
+        mark = " (the store's batch)" if batch == FILL_BATCH else ""
+        print(f"| network, {precision}, channels-last, batch {batch}{mark} | {rate:.1f} | |")
+    print(f"| serial limit 1 / (1/decode + 1/network at batch {FILL_BATCH}) | {limit:.1f} | 100 % |")
+    for r in runs:
+        rate = r["images"] / r["seconds"]
+        name = "predict, overlays at own resolution" if r["run"] == "overlays" else "predict, --no-overlays"
+        print(f"| {name}, {r['images']} images | {rate:.1f} | {100 * rate / limit:.0f} % |")
+    print(f"\n`python -m visinspect --help`: {help_s:.2f} s (best of 3)")
+    small, plain, overlays = runs
+    print(f"peak RSS (whole process, model and bank included): --no-overlays {small['images']} images "
+          f"{small['peak_mb']:.0f} MB, {plain['images']} images {plain['peak_mb']:.0f} MB; with overlays "
+          f"{overlays['images']} images {overlays['peak_mb']:.0f} MB; setup (load + adapt) "
+          f"{plain['setup_s']:.1f} s, not counted above")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from PIL import Image
 
 import visinspect.backbones.store as features
 from visinspect.backbones.store import MARKER, STORE_ENV, FeatureStore, default_store_root
-from visinspect.data.samples import build_sample_table
+from visinspect.data.samples import build_sample_table, model_input
 from visinspect.errors import ConfigError
 from visinspect.scoring import predict
 
@@ -40,7 +40,7 @@ def test_second_fetch_hits_and_returns_the_same_features(tmp_path, pristine_mode
     # Stored entries are what the frozen layers give in fp32 (the default dtype), up to the last
     # bits that oneDNN's choice of algorithm for another batch size and layout changes.
     with torch.no_grad():
-        x = torch.stack([features._read_input(s.path, SIZE) for s in samples[:2]])
+        x = torch.stack([model_input(s.path, SIZE) for s in samples[:2]])
         direct = pristine_model.features[: features.CONV4_3_END](x)
     torch.testing.assert_close(a[:2], direct, rtol=1e-3, atol=1e-4)
 

@@ -9,12 +9,11 @@ import pytest
 import torch
 import torchvision
 
-import visinspect.backbones.store as features
 from visinspect.backbones.mobilenet import CHANNELS, MOBILENET_ENV, ImageStandardisation, build_mobilenet
 from visinspect.backbones.store import FeatureStore
 from visinspect.checkpoint import load_checkpoint
 from visinspect.cli import main
-from visinspect.data.samples import build_sample_table
+from visinspect.data.samples import build_sample_table, model_input
 from visinspect.errors import CheckpointError, VisinspectError
 from visinspect.methods.registry import backbone_info, load_detector, make_detector
 
@@ -119,7 +118,7 @@ def test_the_store_keeps_mobilenet_maps_in_their_own_namespace(tmp_path, tiny_ro
     assert first.batch([0]).shape == (1, CHANNELS, 4, 4)
     assert set(first.identity).isdisjoint(vgg.identity)
     with torch.no_grad():
-        direct = model(torch.stack([features._read_input(s.path, 64) for s in samples[:2]]))
+        direct = model(torch.stack([model_input(s.path, 64) for s in samples[:2]]))
     torch.testing.assert_close(first.batch([0, 1]), direct, rtol=1e-3, atol=1e-4)
 
 

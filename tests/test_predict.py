@@ -4,22 +4,24 @@ import json
 import shutil
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 from PIL import Image
 from test_fuzz import png_with_header
 
+from visinspect.backbones.store import FILL_BATCH
 from visinspect.checkpoint import save_classifier
 from visinspect.data.samples import find_images, list_images
 from visinspect.errors import ConfigError, DataError
 from visinspect.methods.registry import load_detector
 from visinspect.predict import (
     RESULTS_NAME,
+    auto_batch_size,
     overlay_names,
     predict_folder,
     predict_images,
 )
+from visinspect.viz.overlay import MIN_SIDE
 
 IMAGE_SIZE = 32
 
@@ -165,8 +167,10 @@ def test_overlays_are_named_after_their_images(loaded, tree, tmp_path):
     written = sorted(p.relative_to(out).as_posix() for p in (out / "overlays").rglob("*.png"))
     assert written == sorted(r["overlay"] for r in rows.values() if "overlay" in r)
     with Image.open(out / rows["sub/wide 2.PNG"]["overlay"]) as img:
-        assert img.format == "PNG" and min(img.size) > 100
-    assert plt.get_fignums() == []  # no figure left open (they would pile up over a long run)
+        # The 90 x 20 image at its own aspect ratio, enlarged to MIN_SIDE so that its text fits.
+        assert img.format == "PNG" and img.mode == "RGB" and img.size == (MIN_SIDE, 57)
+    with Image.open(out / rows["good_0.png"]["overlay"]) as img:
+        assert img.size == (MIN_SIDE, MIN_SIDE * 48 // 64)
 
 
 def test_overlay_names_keep_folders_and_resolve_clashes_deterministically():
@@ -261,3 +265,22 @@ def test_bad_arguments(loaded, tmp_path):
     with pytest.raises(ConfigError, match="batch_size"):
         predict_images(*loaded, [tmp_path], tmp_path / "out", batch_size=0, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.precision
+@pytest.mark.parametrize(("batch_size", "workers"), [(None, 1), (5, 3)])
+def test_same_lines_whatever_the_batches_and_threads(loaded, tree, reference, tmp_path, batch_size, workers):
+    predict_images(*loaded, [tree[0]], tmp_path, overlays=False, batch_size=batch_size, workers=workers,
+                   progress=False)
+    assert (tmp_path / RESULTS_NAME).read_bytes() == (reference[0] / RESULTS_NAME).read_bytes()
+
+
+def test_overlay_size_and_pipeline_arguments(loaded, tree, tmp_path):
+    predict_images(*loaded, [tree[0] / "good_0.png"], tmp_path, overlay_size=100, progress=False)
+    with Image.open(tmp_path / "overlays" / "good_0.png") as img:
+        assert img.size == (100, 75)  # 64 x 48 drawn with its longest side 100 px
+    for bad in ({"workers": 0}, {"overlay_size": 8}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            predict_images(*loaded, [tree[0]], tmp_path / "bad", progress=False, **bad)
+    assert auto_batch_size(224) == 32 and auto_batch_size(1024) == FILL_BATCH
+    assert all(auto_batch_size(s) % FILL_BATCH == 0 for s in (32, 100, 224, 300, 4096))

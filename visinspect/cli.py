@@ -166,7 +166,7 @@ def cmd_predict(args) -> int:
     summary = predict_images(
         detector, [Path(p) for p in args.inputs], Path(args.out), overlays=not args.no_overlays,
         batch_size=args.batch_size, box_threshold=args.box_threshold, min_area=args.min_area,
-        resume=args.resume,
+        resume=args.resume, overlay_size=args.overlay_size, workers=args.workers,
     )
     print(f"{summary['n_images']} images: {summary['n_anomalous']} predicted anomalous, "
           f"{summary['n_failed']} failed; results in {args.out}")
@@ -388,8 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--reference-dir", action="append", metavar="GOOD_IMAGES", help="a folder (or file) of "
                    "good images of the product, repeatable: what the methods that use K good images adapt to")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, help="images per batch (default: by the image size)")
     p.add_argument("--no-overlays", action="store_true", help="JSON only (faster)")
+    p.add_argument("--overlay-size", type=int, metavar="PX",
+                   help="overlays' longest side (default: the image's own, 256..2048 px)")
+    p.add_argument("--workers", type=int, help="threads decoding (as many draw); default: cores, <= 4")
     p.add_argument("--resume", action="store_true", help="skip images already in OUT/predictions.jsonl")
     p.add_argument("--method", help="score with this method instead of the checkpoint's")
     p.add_argument("--calibration", help="a calibration JSON (evaluate --calibrate K writes one)")

@@ -3,6 +3,8 @@ product when its method uses them), streaming: memory stays flat.
 
 Images are read in batches and forgotten after their batch; each result is written as one JSON
 line (flushed per batch), so a killed run keeps what it did and `resume=True` goes on from there.
+Reader threads decode the next batch while the detector scores this one, and overlay threads draw
+the previous one's (visinspect.viz.overlay): the network, the machine's limit, runs without pause.
 A file that cannot be read (corrupt, truncated, empty, larger than `data.MAX_PIXELS`) is reported
 in its JSON line with an `error` field and the run goes on; odd but valid modes (grayscale, 16-bit,
 RGBA, CMYK, palette) are converted to RGB by `data.load_rgb`.
@@ -15,26 +17,32 @@ import math
 import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from tqdm.auto import tqdm
 
+from visinspect.backbones.store import FILL_BATCH
 from visinspect.boxes import Box, heatmap_to_boxes
-from visinspect.data.samples import IMAGE_EXTENSIONS, find_images, load_rgb
+from visinspect.data.samples import IMAGE_EXTENSIONS, decoded_ahead, find_images, load_rgb, to_tensor
 from visinspect.errors import ConfigError, DataError
 from visinspect.methods.base import Detector, unlabelled_sample
 from visinspect.methods.registry import load_detector
 from visinspect.utils import atomic_path
+from visinspect.viz.overlay import fit_image, save_overlay
 
 RESULTS_NAME = "predictions.jsonl"
 OVERLAY_DIR = "overlays"
-# Overlays are for looking at: drawing an 8k-pixel photo at full size would cost seconds and GBs.
-OVERLAY_MAX_SIDE = 512
-OVERLAY_MIN_SIDE = 256  # small images are shown larger so that the title fits
+MIN_OVERLAY_SIDE = 32  # the smallest `overlay_size`: the verdict's text needs some pixels
+# A batch is about this many pixels of model input (32 images at 224 px): see auto_batch_size.
+BATCH_PIXELS = 32 * 224 * 224
+MAX_WORKERS = 4  # threads of each pool (decoding, overlays); see default_workers
+# Decoded images larger than this are not kept for the detector (a pattern score reads such a file
+# again): a batch of 8k photos held three batches deep would take GBs.
+AHEAD_MAX_PIXELS = 4_000_000
 
 
 def _keep_finished(results: Path) -> dict[str, str | None]:
@@ -89,11 +97,13 @@ def predict_images(
     out: str | Path,
     *,
     overlays: bool = True,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     box_threshold: float = 0.5,
     min_area: int = 16,
     resume: bool = False,
     progress: bool = True,
+    overlay_size: int | None = None,
+    workers: int | None = None,
 ) -> dict:
     """Score every image under `inputs`; write `out/predictions.jsonl` and `out/overlays/`.
 
@@ -106,9 +116,20 @@ def predict_images(
     `resume`, images already scored in the output are skipped (their overlays keep their names)
     and failed ones tried again. Returns counts for this run (n_images, n_anomalous, n_failed),
     n_skipped and seconds.
+
+    A pipeline: `workers` threads decode the next batch while the detector scores this one, and
+    as many draw the overlays of the previous one (viz.overlay; at the image's own resolution,
+    or `overlay_size` px on the longest side). `batch_size` None: `auto_batch_size`. A batch's
+    lines are written once its overlays exist, so a killed run never lists a missing overlay.
     """
+    batch_size = auto_batch_size(detector.image_size) if batch_size is None else batch_size
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1; got {batch_size}")
+    workers = default_workers() if workers is None else workers
+    if workers < 1:
+        raise ConfigError(f"workers must be at least 1; got {workers}")
+    if overlay_size is not None and overlay_size < MIN_OVERLAY_SIDE:
+        raise ConfigError(f"overlay_size must be at least {MIN_OVERLAY_SIDE} px; got {overlay_size}")
     out = Path(out)
     found = find_images(inputs, exclude=out)
     if not found:
@@ -121,62 +142,126 @@ def predict_images(
     names = overlay_names(found, {Path(p): o for p, o in done.items() if o}) if overlays else None
     todo = [p for p in found if str(p) not in done]
     counts = {"n_images": 0, "n_anomalous": 0, "n_failed": 0, "n_skipped": len(found) - len(todo)}
+    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     start = time.perf_counter()
     bar = tqdm(total=len(todo), desc="predict", unit="img", disable=not progress, smoothing=0.1)
-    with open(results, "a" if resume else "w", encoding="utf-8") as f, bar:
-        for i in range(0, len(todo), batch_size):
-            batch = todo[i : i + batch_size]
-            for row in scorer(batch, out, names):
+    readers = ThreadPoolExecutor(workers, thread_name_prefix="visinspect-read")
+    drawers = ThreadPoolExecutor(workers, thread_name_prefix="visinspect-overlay")
+    with open(results, "a" if resume else "w", encoding="utf-8") as f, bar, readers, drawers:
+
+        def write(rows: list[dict], drawing: list[Future]) -> None:
+            for job in drawing:
+                job.result()  # the overlay exists (or its error is raised) before its line
+            for row in rows:
                 counts["n_images"] += 1
                 counts["n_failed"] += "error" in row
                 counts["n_anomalous"] += row.get("label") == 1
                 # ASCII JSON: file names that are not valid UTF-8 still round-trip (as escapes).
                 f.write(json.dumps(row) + "\n")
             f.flush()
-            bar.update(len(batch))
+            bar.update(len(rows))
+
+        def read(batch: list[Path]) -> list[Future]:
+            return [readers.submit(_decode, p, detector.image_size, names is not None, overlay_size)
+                    for p in batch]
+
+        reading = read(batches[0]) if batches else []
+        previous: tuple[list[dict], list[Future]] | None = None
+        for k, batch in enumerate(batches):
+            decoded = [job.result() for job in reading]
+            reading = read(batches[k + 1]) if k + 1 < len(batches) else []
+            rows, heat = scorer(batch, decoded)
+            drawing = []
+            if names is not None:
+                for row, image, h in zip(rows, decoded, heat, strict=True):
+                    if h is not None:
+                        row["overlay"] = names[Path(row["path"])]
+                        drawing.append(_draw(drawers, out / row["overlay"], image.view, h, row))
+            if previous is not None:  # its overlays were drawn while this batch was scored
+                write(*previous)
+            previous = rows, drawing
+        if previous is not None:
+            write(*previous)
     counts["seconds"] = round(time.perf_counter() - start, 2)
     return counts
 
 
+def auto_batch_size(image_size: int) -> int:
+    """Images per batch: about BATCH_PIXELS of model input, a multiple of the feature store's
+    FILL_BATCH (the network's own batch), at least one of those."""
+    return FILL_BATCH * max(1, round(BATCH_PIXELS / (FILL_BATCH * image_size**2)))
+
+
+def default_workers() -> int:
+    """Threads of each pool (decoding, overlays): the CPU cores, at most MAX_WORKERS (their work
+    releases the GIL, and more threads than cores would only take the network's)."""
+    return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    """One file as a reader thread leaves it: its (height, width), the model input, the RGB image
+    for the detector (None when huge), the image at its overlay's size (None without overlays),
+    or the error that reading it raised."""
+
+    shape: tuple[int, int] = (0, 0)
+    input: torch.Tensor | None = None
+    rgb: np.ndarray | None = None
+    view: np.ndarray | None = None
+    error: DataError | None = None
+
+
+def _decode(path: Path, image_size: int, overlay: bool, overlay_size: int | None) -> _Decoded:
+    """Read and preprocess one file (in a reader thread); an unreadable one becomes its error."""
+    try:
+        rgb = load_rgb(path)
+    except DataError as e:
+        return _Decoded(error=e)
+    rgb.flags.writeable = False  # shared by the detector and the overlay: nobody may change it
+    keep = rgb.shape[0] * rgb.shape[1] <= AHEAD_MAX_PIXELS
+    return _Decoded(rgb.shape[:2], to_tensor(rgb, image_size), rgb if keep else None,
+                    fit_image(rgb, overlay_size) if overlay else None)
+
+
+def _draw(pool: ThreadPoolExecutor, dest: Path, view: np.ndarray, heat: torch.Tensor, row: dict) -> Future:
+    """Draw a row's overlay in `pool`: its heatmap on `view`, boxes on predicted anomalies only
+    (as plots.plot_prediction_grid) scaled to `view`'s pixels, and the verdict with the score."""
+    size = (view.shape[1], view.shape[0])
+    anomalous = row["label"] == 1
+    boxes = [Box(*_scale_box(b, (row["width"], row["height"]), size), b[4]) for b in row["boxes"]]
+    text = f"{'ANOMALY' if anomalous else 'good'}  score {row['score']:.2f}"
+    return pool.submit(save_overlay, dest, view, heat.numpy(), boxes if anomalous else [], text, anomalous)
+
+
 class _Scorer:
-    """Turns a batch of paths into result rows (and overlays); holds nothing between batches."""
+    """Turns a batch of decoded files into result rows and heatmaps; holds nothing between batches."""
 
     def __init__(self, detector: Detector, box_threshold: float, min_area: int) -> None:
         self.detector = detector
         self.box_threshold, self.min_area = box_threshold, min_area
 
-    def __call__(self, paths: Sequence[Path], out: Path, overlays: dict[Path, str] | None) -> list[dict]:
-        """Rows for `paths`; with `overlays` ({path: name under `out`}), their overlays too."""
+    def __call__(
+        self, paths: Sequence[Path], decoded: Sequence[_Decoded]
+    ) -> tuple[list[dict], list[torch.Tensor | None]]:
+        """Rows for `paths` and each one's heatmap (None for a file that could not be read)."""
         rows = [{"path": str(p)} for p in paths]
-        read = {}
-        for i, path in enumerate(paths):
-            try:
-                read[i] = self._read(path, overlays is not None)
-            except DataError as e:
-                rows[i]["error"] = str(e)
+        heat: list[torch.Tensor | None] = [None] * len(paths)
+        read = [i for i, d in enumerate(decoded) if d.error is None]
+        for i, d in enumerate(decoded):
+            if d.error is not None:
+                rows[i]["error"] = str(d.error)
         if not read:
-            return rows
+            return rows, heat
         d = self.detector
-        scored = d.score([unlabelled_sample(paths[i], d.product) for i in read])
-        heat = scored.heatmaps(mode="dataset" if d.normalizer else "image", normalizer=d.normalizer)
-        for (i, (shape, thumb)), h, score in zip(read.items(), heat, scored.scores, strict=True):
-            rows[i].update(self._row(shape, h, float(score)))
-            if overlays is not None:
-                rows[i]["overlay"] = overlays[paths[i]]
-                _save_overlay(out / overlays[paths[i]], paths[i], thumb, h, rows[i])
-        return rows
-
-    @staticmethod
-    def _read(path: Path, thumb: bool) -> tuple[tuple[int, int], Image.Image | None]:
-        """The original (height, width) and a small copy for overlays (or None); an unreadable
-        file raises DataError here, before the detector sees the batch. The full-size array is
-        dropped here, so a batch of huge photos costs little memory."""
-        image = load_rgb(path)
-        small = None
-        if thumb:
-            small = Image.fromarray(image)
-            small.thumbnail((OVERLAY_MAX_SIDE, OVERLAY_MAX_SIDE))
-        return image.shape[:2], small
+        images = {paths[i]: decoded[i].rgb for i in read if decoded[i].rgb is not None}
+        inputs = {(paths[i], d.image_size): decoded[i].input for i in read}
+        with decoded_ahead(images, inputs):  # the detector reads no file again
+            scored = d.score([unlabelled_sample(paths[i], d.product) for i in read])
+        maps = scored.heatmaps(mode="dataset" if d.normalizer else "image", normalizer=d.normalizer)
+        for i, h, score in zip(read, maps, scored.scores, strict=True):
+            rows[i].update(self._row(decoded[i].shape, h, float(score)))
+            heat[i] = h
+        return rows, heat
 
     def _row(self, shape: tuple[int, int], heat: torch.Tensor, score: float) -> dict:
         h, w = shape
@@ -240,22 +325,3 @@ def overlay_names(found: dict[Path, Path], taken: dict[Path, str] | None = None)
         used.add(name.casefold())
         names[path] = name
     return names
-
-
-def _save_overlay(dest: Path, path: Path, thumb: Image.Image, heat: torch.Tensor, row: dict) -> None:
-    """Draw the heatmap and (for anomalies) boxes on the image; save it as `dest`."""
-    from matplotlib.figure import Figure  # not pyplot: figures nobody has to close
-
-    from visinspect.viz.plots import DPI, overlay, save_figure
-
-    w, h = thumb.size
-    small = F.interpolate(heat[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-    # Boxes on predicted anomalies only, as in plots.plot_prediction_grid.
-    boxes = [Box(*_scale_box(b, (row["width"], row["height"]), (w, h)), b[4]) for b in row["boxes"]]
-    scale = max(1.0, OVERLAY_MIN_SIDE / max(w, h))
-    fig = Figure(figsize=(w * scale / DPI, h * scale / DPI), dpi=DPI)
-    ax = fig.add_subplot()
-    overlay(ax, np.asarray(thumb), small.numpy(), boxes if row["label"] == 1 else ())
-    verdict = f"predicted {'anomaly' if row['label'] == 1 else 'good'} · score {row['score']:.2f}"
-    ax.set_title(f"{path.name[:40]}\n{verdict}", fontsize=8)
-    save_figure(fig, dest)

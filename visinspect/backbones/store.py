@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from visinspect.backbones import mobilenet
 from visinspect.backbones.vgg16 import CONV4_3_END, VGG16CAM, build_model
-from visinspect.data.samples import PREPROCESSING, Sample, load_rgb, to_tensor
+from visinspect.data.samples import PREPROCESSING, Sample, model_input
 from visinspect.errors import ConfigError, VisinspectError
 from visinspect.utils import atomic_path, autocast, model_device, resolve_precision, set_seed
 
@@ -212,10 +212,6 @@ class StoredFeatures:
 # ----------------------------------------------------------------------------- the store
 
 
-def _read_input(path: Path, image_size: int) -> torch.Tensor:
-    return to_tensor(load_rgb(path), image_size)
-
-
 class FeatureStore:
     """Frozen-layer features on disk, computed on first use (see the module docstring)."""
 
@@ -280,7 +276,7 @@ class FeatureStore:
         # inference mode, or the weights would become inference tensors that cannot train later.
         _frozen_layers(model, layer).to(memory_format=torch.channels_last)
         paths = [Path(p) for p in paths]
-        read = read or (lambda i: _read_input(paths[i], image_size))
+        read = read or (lambda i: model_input(paths[i], image_size))
         if self.root is None:
             tensor = self._compute(model, ns, range(len(paths)), read)
             return StoredFeatures(tensor=tensor, computed=len(paths))

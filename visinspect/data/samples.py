@@ -12,10 +12,12 @@ Nothing under a data root is ever written.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -353,12 +355,33 @@ def unreadable(table: SampleTable) -> list[str]:
 # ----------------------------------------------------------------------------- reading files
 
 
+# Images decoded ahead of their use by reader threads (predict's pipeline): {path: RGB array} and
+# {(path, image size): model input}, served by load_rgb and model_input instead of the file.
+_AHEAD: ContextVar[tuple[Mapping, Mapping]] = ContextVar("visinspect_decoded_ahead", default=({}, {}))
+
+
+@contextlib.contextmanager
+def decoded_ahead(
+    images: Mapping[Path, np.ndarray], inputs: Mapping[tuple[Path, int], torch.Tensor]
+) -> Iterator[None]:
+    """Within the block, load_rgb and model_input serve these images and model inputs (decoded
+    ahead, e.g. by a thread pool while the network ran) instead of reading their files again."""
+    token = _AHEAD.set((images, inputs))
+    try:
+        yield
+    finally:
+        _AHEAD.reset(token)
+
+
 def load_rgb(path: str | Path) -> np.ndarray:
     """Read any image as an RGB uint8 array (H, W, 3), converting grayscale/16-bit/RGBA/CMYK/palette.
 
     Raises DataError naming the file when it is missing, empty, corrupt or too large.
     """
     path = Path(path)
+    ahead = _AHEAD.get()[0].get(path)
+    if ahead is not None:
+        return ahead
     try:
         # Only raster formats: PIL would hand EPS files to Ghostscript, an external program.
         with Image.open(path, formats=READ_FORMATS) as img:
@@ -423,6 +446,12 @@ def to_tensor(image: np.ndarray, image_size: int) -> torch.Tensor:
     return (x - mean) / std
 
 
+def model_input(path: str | Path, image_size: int) -> torch.Tensor:
+    """An image file as a model's input (to_tensor of load_rgb), or the one decoded ahead."""
+    ahead = _AHEAD.get()[1].get((Path(path), image_size))
+    return ahead if ahead is not None else to_tensor(load_rgb(path), image_size)
+
+
 def denormalize(x: torch.Tensor) -> np.ndarray:
     """Undo ImageNet normalisation: (3, H, W) tensor to an RGB float array in [0, 1] for plotting."""
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
@@ -448,7 +477,7 @@ class DefectDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         s = self.samples[index]
-        image = to_tensor(load_rgb(s.path), self.image_size)
+        image = model_input(s.path, self.image_size)
         size = (self.image_size, self.image_size)
         mask = load_mask(s.mask_path, size) if s.mask_path is not None else np.zeros(size, bool)
         return {
