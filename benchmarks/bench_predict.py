@@ -11,8 +11,9 @@ is the recommended one, its checkpoint written by `python -m visinspect train` a
    precision "auto" resolves to, at the feature store's batch (FILL_BATCH; larger ones shown too),
    on the first NETWORK_IMAGES;
 3. their serial limit: 1 / (1 / decode + 1 / network) images/s;
-4. `predict_images` in fresh processes: without overlays on the first --small images and on all
-   (peak RSS should stay flat), with overlays at the images' own resolution on all;
+4. `predict_images` in fresh processes with the feature store off (every image runs the network):
+   without overlays on the first --small images and on all (peak RSS should stay flat), with
+   overlays at the images' own resolution on all;
 5. `python -m visinspect --help`, wall time of a fresh process (best of 3).
 
     python benchmarks/bench_predict.py                     # the real folder if the data is there
@@ -114,7 +115,7 @@ def network_rates(checkpoint: Path, xs: list[torch.Tensor]) -> tuple[str, dict[i
     feature store runs it: channels-last, "auto" precision) by batch size, best of 3 passes."""
     from visinspect.backbones.store import FILL_BATCH
     from visinspect.checkpoint import load_method_checkpoint
-    from visinspect.methods.base import mobilenet_for
+    from visinspect.backbones.mobilenet import mobilenet_for
     from visinspect.utils import autocast, resolve_precision
 
     _, info = load_method_checkpoint(checkpoint)
@@ -163,7 +164,9 @@ def worker(args) -> None:
 def run_worker(mode: str, checkpoint: Path, test: Path, good: Path, out: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", mode, "--checkpoint", str(checkpoint),
            "--good", str(good), "--test", str(test), "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    # The feature store off, as for a production folder seen once: every image runs the network.
+    env = {**os.environ, "VISINSPECT_FEATURE_STORE": "off"}
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         raise SystemExit(f"{mode} run failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
