@@ -15,7 +15,13 @@ from visinspect.checkpoint import save_checkpoint
 from visinspect.data.samples import DefectDataset, build_sample_table, denormalize, to_tensor
 from visinspect.data.synthetic import generate_synthetic_dataset
 from visinspect.errors import CheckpointError, DataError, VisinspectError
-from visinspect.methods.simclr.augment import SimCLRTransform, TwoViewDataset, aligned_views, defect_left
+from visinspect.methods.simclr.augment import (
+    SimCLRTransform,
+    TwoViewDataset,
+    aligned_views,
+    defect_left,
+    views_on,
+)
 from visinspect.methods.simclr.loss import (
     defect_views,
     dense_nt_xent_loss,
@@ -29,7 +35,6 @@ from visinspect.methods.simclr.pretrain import (
     LEVERS,
     PretrainConfig,
     _anchors,
-    _views_on,
     build_simclr_model,
     knn_monitor,
     load_pretrained_encoder,
@@ -74,7 +79,7 @@ def test_augmenting_on_a_device_draws_the_same_views_as_the_dataset(samples):
     torch.manual_seed(5)
     expected = [dataset[i] for i in range(3)]
     torch.manual_seed(5)
-    view1, view2 = _views_on(torch.device("cpu"), transform, [dataset.image(i) for i in range(3)])
+    view1, view2 = views_on(torch.device("cpu"), transform, [dataset.image(i) for i in range(3)])
     torch.testing.assert_close(view1, torch.stack([a for a, _ in expected]))
     torch.testing.assert_close(view2, torch.stack([b for _, b in expected]))
 

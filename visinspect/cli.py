@@ -369,8 +369,8 @@ def cmd_evaluate(args) -> int:
 
 def cmd_predict(args) -> int:
     from visinspect.backbones.vgg16 import describe_backbone
+    from visinspect.distributed import predict_images
     from visinspect.methods.registry import load_detector, make_detector
-    from visinspect.predict import predict_images
 
     if args.calibration:
         # A calibration file of `evaluate --calibrate K`: the product's own threshold and heatmap
@@ -865,6 +865,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Through the environment: every library call (and any subprocess) then uses that store.
         os.environ[STORE_ENV] = args.feature_store
     try:
+        if args.func in (cmd_pretrain, cmd_train, cmd_predict):  # data-parallel under torchrun
+            from visinspect import distributed
+
+            distributed.init_from_env(getattr(args, "device", "auto"))
+            if not distributed.is_main():
+                sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (rank 0 alone prints; errors still do)
         return int(args.func(args) or 0)
     except VisinspectError as e:
         print(f"error: {e}", file=sys.stderr)

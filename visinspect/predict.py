@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from visinspect.boxes import Box, heatmap_to_boxes
 from visinspect.data.samples import IMAGE_EXTENSIONS, find_images, load_rgb
+from visinspect.distributed import part_name
 from visinspect.errors import ConfigError, DataError
 from visinspect.methods.base import Detector, unlabelled_sample
 from visinspect.methods.registry import load_detector
@@ -94,6 +95,7 @@ def predict_images(
     min_area: int = 16,
     resume: bool = False,
     progress: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> dict:
     """Score every image under `inputs`; write `out/predictions.jsonl` and `out/overlays/`.
 
@@ -105,7 +107,9 @@ def predict_images(
     relative to `out`, named after the image: see `overlay_names`); or path and error. With
     `resume`, images already scored in the output are skipped (their overlays keep their names)
     and failed ones tried again. Returns counts for this run (n_images, n_anomalous, n_failed),
-    n_skipped and seconds.
+    n_skipped and seconds. `shard` (rank, world size): score only files rank, rank + world size,
+    ... of the sorted list, into `distributed.part_name(rank)` (`distributed.predict_images`
+    merges the parts).
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1; got {batch_size}")
@@ -116,11 +120,12 @@ def predict_images(
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {names}")
     scorer = _Scorer(detector, box_threshold, min_area)
     out.mkdir(parents=True, exist_ok=True)
-    results = out / RESULTS_NAME
+    results = out / (RESULTS_NAME if shard is None else part_name(shard[0]))
     done = _keep_finished(results) if resume else {}
     names = overlay_names(found, {Path(p): o for p, o in done.items() if o}) if overlays else None
-    todo = [p for p in found if str(p) not in done]
-    counts = {"n_images": 0, "n_anomalous": 0, "n_failed": 0, "n_skipped": len(found) - len(todo)}
+    mine = list(found) if shard is None else list(found)[shard[0] :: shard[1]]
+    todo = [p for p in mine if str(p) not in done]
+    counts = {"n_images": 0, "n_anomalous": 0, "n_failed": 0, "n_skipped": len(mine) - len(todo)}
     start = time.perf_counter()
     bar = tqdm(total=len(todo), desc="predict", unit="img", disable=not progress, smoothing=0.1)
     with open(results, "a" if resume else "w", encoding="utf-8") as f, bar:
