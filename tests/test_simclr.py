@@ -415,10 +415,10 @@ def test_transform_rejects_bad_arguments(kwargs):
 
 
 def test_two_view_dataset_decodes_each_image_once_and_shrinks_it(samples, monkeypatch):
-    from visinspect.methods.simclr import pretrain
+    from visinspect.methods.simclr import augment
 
     calls = []
-    monkeypatch.setattr(pretrain, "load_rgb", lambda path: calls.append(path) or tiny_image(64))
+    monkeypatch.setattr(augment, "load_rgb", lambda path: calls.append(path) or tiny_image(64))
     dataset = TwoViewDataset(samples[:3], SimCLRTransform(32), cache_side=40)
     v1, v2 = dataset[1]
     dataset[1]

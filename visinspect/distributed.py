@@ -17,9 +17,11 @@ lines as one process would have written them.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -114,12 +116,24 @@ def announce(batch_size: int) -> None:
 # ----------------------------------------------------------------------------- training
 
 
+@contextlib.contextmanager
+def _differentiable() -> Iterator[None]:
+    """torch.distributed.nn.functional's collectives, without their FutureWarning: the replacement
+    it names (torch.distributed._functional_collectives) computes the same gradients under gloo but
+    aborts the process when the group is destroyed (torch 2.14.1, measured)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.nn")
+        warnings.filterwarnings("ignore", ".*torch.distributed.nn.functional.*", FutureWarning)
+        yield
+
+
 def gather(tensor: torch.Tensor) -> list[torch.Tensor]:
     """Every rank's `tensor` (same shape on all), in rank order, with the gradient: PyTorch's
     differentiable all_gather, whose backward sums each rank's gradient for this rank's rows."""
     if world_size() == 1:
         return [tensor]
-    return list(dist_nn.all_gather(tensor))
+    with _differentiable():
+        return list(dist_nn.all_gather(tensor))
 
 
 def own_rows(n: int) -> slice:
@@ -197,9 +211,10 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
             return super().forward(x)
         count = torch.tensor(float(len(x)), device=x.device)
         dist.all_reduce(count)
-        mu = dist_nn.all_reduce(x.sum(dim=0)) / count
-        # Two passes (mean, then squared deviations), as numerically safe as one process's.
-        var = dist_nn.all_reduce(((x - mu) ** 2).sum(dim=0)) / count
+        with _differentiable():
+            mu = dist_nn.all_reduce(x.sum(dim=0)) / count
+            # Two passes (mean, then squared deviations), as numerically safe as one process's.
+            var = dist_nn.all_reduce(((x - mu) ** 2).sum(dim=0)) / count
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
@@ -219,15 +234,13 @@ def sync_batch_norm(module: nn.Module) -> nn.Module:
         return module
     if next(module.parameters()).device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    for name, child in module.named_children():
-        if type(child) is nn.BatchNorm1d:
-            replacement = GlobalBatchNorm1d(child.num_features, child.eps, child.momentum, child.affine,
-                                            child.track_running_stats).to(child.weight.device)
-            replacement.load_state_dict(child.state_dict())
-            replacement.train(child.training)
-            setattr(module, name, replacement)
-        else:
-            sync_batch_norm(child)
+    for parent in module.modules():
+        for name, child in parent.named_children():
+            if type(child) is nn.BatchNorm1d:
+                replacement = GlobalBatchNorm1d(child.num_features, child.eps, child.momentum, child.affine,
+                                                child.track_running_stats).to(child.weight.device)
+                replacement.load_state_dict(child.state_dict())
+                setattr(parent, name, replacement.train(child.training))
     return module
 
 

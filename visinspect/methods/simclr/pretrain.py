@@ -380,8 +380,9 @@ def pretrain(
     model.train().to(memory_format=torch.channels_last)
     if config.freeze_head_bn:
         model.head.freeze_batch_norm()
-    # The mean-shifted loss bypasses the head: DDP must not wait for its gradients.
-    forward = distributed.data_parallel(_Forward(model, config), find_unused_parameters=config.mean_shifted)
+    # DDP must not wait for gradients that never come: the encoder's dense layer `fc` is not used
+    # here, nor the head by the mean-shifted loss.
+    forward = distributed.data_parallel(_Forward(model, config), find_unused_parameters=True)
     history: dict[str, list] = {}
     first = 1
     if resume is not None:

@@ -1,0 +1,260 @@
+"""Data-parallel runs with 2 CPU processes (gloo): N ranks with batch B compute what one process
+computes with batch N * B, a killed run resumes to an unbroken run's checkpoint, and predict under
+torchrun writes what one process writes. The ranks are started by torch.multiprocessing (library
+calls) or by torchrun (the command line)."""
+
+import dataclasses
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+
+from visinspect import distributed
+from visinspect.backbones.store import FeatureStore
+from visinspect.backbones.vgg16 import VGG16CAM, build_model
+from visinspect.checkpoint import load_checkpoint, save_classifier
+from visinspect.data.samples import build_sample_table
+from visinspect.methods.registry import load_detector
+from visinspect.methods.simclr.loss import nt_xent_loss
+from visinspect.methods.simclr.model import ProjectionHead, SimCLRModel
+from visinspect.methods.simclr.pretrain import PretrainConfig, pretrain
+from visinspect.predict import RESULTS_NAME, predict_images
+from visinspect.training import TrainConfig, train_classifier
+
+pytestmark = pytest.mark.distributed
+WORLD = 2
+# Every augmentation off: both views are the image, so batches of the same images are the same.
+NO_AUGMENT = {"min_scale": 1.0, "hf_prob": 0.0, "vf_prob": 0.0, "rr_prob": 0.0, "cj_prob": 0.0,
+              "random_gray_scale": 0.0, "gaussian_blur": 0.0}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, port: int, fn, args: tuple) -> None:
+    """One rank: torchrun's environment, one thread (2 ranks share 2 cores), the process group."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    distributed.init_from_env("cpu")
+    try:
+        fn(*args)
+    finally:
+        distributed.destroy()
+
+
+def on_ranks(fn, *args) -> None:
+    """Run fn(*args) in WORLD processes joined into one gloo process group."""
+    mp.spawn(_rank_main, args=(free_port(), fn, args), nprocs=WORLD, join=True)
+
+
+# ----------------------------------------------------------------------------- NT-Xent and batch norm
+
+
+def _embeddings(b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """h of both views of 2b images and their extra negatives (the same on every rank), a head."""
+    torch.manual_seed(0)
+    h = torch.randn(2 * b, 2, 16)  # image, view, dim
+    return h, torch.randn(2 * b, 16), ProjectionHead(16, 32, 8)
+
+
+def _step(h: torch.Tensor, negatives: torch.Tensor, head: torch.nn.Module, rows) -> torch.Tensor:
+    """pretrain's loss on views h: one batch-norm batch [views 1, views 2, negatives], gathered."""
+    n = len(h)
+    z = head(torch.cat([h[:, 0], h[:, 1], negatives]))
+    every = distributed.gather(z)
+    z1, z2 = (torch.cat([g[k * n : (k + 1) * n] for g in every]) for k in (0, 1))
+    return nt_xent_loss(z1, z2, 0.2, negatives=torch.cat([g[2 * n :] for g in every]), rows=rows)
+
+
+def _nt_xent_ranks(out: Path, b: int) -> None:
+    h, negatives, head = _embeddings(b)
+    head = distributed.data_parallel(distributed.sync_batch_norm(head))
+    mine = distributed.own_rows(b)
+    loss = _step(h[mine], negatives[mine], head, mine)
+    loss.backward()
+    grads = [p.grad for p in head.parameters()]  # averaged over the ranks by DDP
+    if distributed.is_main():
+        torch.save({"loss": distributed.mean(loss), "grads": grads}, out)
+    else:
+        distributed.mean(loss)
+
+
+def test_nt_xent_and_head_batch_norm_on_two_ranks_equal_one_process_with_the_whole_batch(tmp_path):
+    b = 3
+    on_ranks(_nt_xent_ranks, tmp_path / "ranks.pt", b)
+    h, negatives, head = _embeddings(b)
+    loss = _step(h, negatives, head, None)
+    loss.backward()
+    ranks = torch.load(tmp_path / "ranks.pt", weights_only=True)
+    assert ranks["loss"] == pytest.approx(loss.item(), rel=1e-6)
+    for got, expected in zip(ranks["grads"], [p.grad for p in head.parameters()], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- SimCLR pre-training
+
+
+def simclr_model() -> SimCLRModel:
+    torch.manual_seed(0)
+    return SimCLRModel(VGG16CAM(), ProjectionHead(512, 64, 32))
+
+
+def _pretrain_ranks(samples, config: PretrainConfig, state: Path, resume: Path | None,
+                    kill_at: int | None) -> None:
+    def die(epoch: int, record: dict) -> None:
+        if epoch == kill_at and distributed.rank() == 1:  # before epoch kill_at's state is written
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    history = pretrain(simclr_model(), samples, config, progress=False, checkpoint_path=state,
+                       resume=resume, on_epoch_end=die)
+    if distributed.is_main():
+        torch.save(history["loss"], state.with_suffix(".losses"))
+
+
+@pytest.fixture(scope="module")
+def images(tiny_root):
+    return build_sample_table(tiny_root).samples[:8]
+
+
+def test_pretraining_on_two_ranks_trains_like_one_process_with_twice_the_batch(images, tmp_path):
+    config = PretrainConfig(epochs=2, batch_size=8, image_size=32, warmup_epochs=0, augment_kwargs=NO_AUGMENT,
+                            precision="fp32")
+    history = pretrain(simclr_model(), images, config, progress=False)
+    on_ranks(_pretrain_ranks, images, dataclasses.replace(config, batch_size=4), tmp_path / "two.state", None,
+             None)
+    first, second = torch.load(tmp_path / "two.losses")
+    # Step 1: the same weights on the same global batch (NT-Xent over both ranks' views, head
+    # batch norm over both ranks' rows): fp32 rounding only.
+    assert first == pytest.approx(history["loss"][0], rel=1e-5)
+    # Step 2 follows one AdamW step, whose first update is about lr * sign(gradient): gradient
+    # components near 0 turn rounding differences into differences of up to 2 lr.
+    assert second == pytest.approx(history["loss"][1], rel=2e-3)
+
+
+def test_a_killed_rank_resumes_to_the_checkpoint_of_an_unbroken_run(images, tmp_path):
+    config = PretrainConfig(epochs=3, batch_size=2, image_size=32, warmup_epochs=0, precision="fp32")  # augmenting
+    on_ranks(_pretrain_ranks, images, config, tmp_path / "unbroken.state", None, None)
+    state = tmp_path / "killed.state"
+    with pytest.raises(mp.ProcessExitedException, match="SIGKILL"):
+        on_ranks(_pretrain_ranks, images, config, state, None, 2)
+    assert load_checkpoint(state)["epoch"] == 1  # what the kill left
+    on_ranks(_pretrain_ranks, images, config, state, state, None)
+    unbroken, resumed = load_checkpoint(tmp_path / "unbroken.state"), load_checkpoint(state)
+    assert resumed["epoch"] == 3 and resumed["history"]["loss"] == unbroken["history"]["loss"]
+    for name, weights in unbroken["model"].items():
+        assert torch.equal(resumed["model"][name], weights), name
+    assert len(resumed["torch_rng_ranks"]) == WORLD
+
+
+# ----------------------------------------------------------------------------- classifier training
+
+
+def classifier() -> VGG16CAM:
+    torch.manual_seed(0)
+    return build_model("random")[0]
+
+
+def _train_ranks(samples, config: TrainConfig, out: Path, race: Path) -> None:
+    model = classifier()
+    # Both ranks fill one empty store with the same entries at once: what many writers do.
+    FeatureStore(race).fetch_samples(model, samples, config.image_size, precision="fp32")
+    history = train_classifier(model, samples, config, progress=False, checkpoint_path=out)
+    if distributed.is_main():
+        torch.save(history["loss"], out.with_suffix(".losses"))
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_root, tmp_path_factory) -> dict:
+    """One process with batch 6 and two ranks with batch 3, on 12 images (global batches 6, 6)."""
+    tmp = tmp_path_factory.mktemp("train")
+    samples = build_sample_table(tiny_root).samples[::2]
+    config = TrainConfig(epochs=3, batch_size=6, image_size=32, precision="fp32", target_accuracy=1.01)
+    one = classifier()
+    history = train_classifier(one, samples, config, progress=False)
+    FeatureStore(tmp / "alone").fetch_samples(one, samples, 32, precision="fp32")
+    two = dataclasses.replace(config, batch_size=3)
+    on_ranks(_train_ranks, samples, two, tmp / "two.state", tmp / "race")
+    return {"one": one, "history": history, "tmp": tmp, "n": len(samples)}
+
+
+def test_classifier_on_two_ranks_has_the_loss_curve_of_one_process(trained):
+    losses = torch.load(trained["tmp"] / "two.losses")
+    assert losses == pytest.approx(trained["history"]["loss"], rel=1e-4)
+    two = load_checkpoint(trained["tmp"] / "two.state")["state_dict"]
+    for name, weights in trained["one"].state_dict().items():
+        torch.testing.assert_close(two[name], weights, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_two_ranks_filling_one_feature_store_write_what_one_process_writes(trained):
+    race, alone = trained["tmp"] / "race", trained["tmp"] / "alone"
+    entries = sorted(p.relative_to(race) for p in race.rglob("*.npy"))
+    assert len(entries) == trained["n"]
+    assert entries == sorted(p.relative_to(alone) for p in alone.rglob("*.npy"))
+    assert all((race / e).read_bytes() == (alone / e).read_bytes() for e in entries)
+    assert not list(race.rglob("*.tmp"))  # no temporary file left behind
+    info = FeatureStore(race).info()  # each image once, though both ranks indexed it
+    assert info["entries"] == trained["n"]
+    assert sum(d["entries"] for d in info["namespaces"][0]["datasets"].values()) == trained["n"]
+
+
+# ----------------------------------------------------------------------------- predict
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, pristine_model) -> tuple[Path, Path]:
+    """A checkpoint and 7 images in nested folders (one of them unreadable)."""
+    tmp = tmp_path_factory.mktemp("predict")
+    checkpoint = tmp / "random.pt"
+    save_classifier(checkpoint, pristine_model, image_size=32, threshold=0.0, normalizer=None,
+                    backbone={"source": "random", "path": None, "sha256": None}, config={}, frozen_end=24)
+    root = tmp / "in"
+    for i, name in enumerate(["a.png", "b.jpg", "sub/c.png", "sub/b.png", "sub/deep/d.png", "e.png"]):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        pixels = np.random.default_rng(i).integers(0, 256, (40, 30 + i, 3), np.uint8)
+        Image.fromarray(pixels).save(root / name)
+    (root / "sub" / "broken.png").write_bytes(b"\x89PNG not really")
+    return checkpoint, root
+
+
+def torchrun_predict(checkpoint: Path, root: Path, out: Path, *extra: str) -> str:
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}",
+               f"--master_port={free_port()}", "-m", "visinspect", "predict", "--checkpoint",
+               str(checkpoint), str(root), "--out", str(out), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 1, run.stderr  # 1: the broken file failed, as in one process
+    return run.stdout
+
+
+def files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_predict_under_torchrun_writes_what_one_process_writes_and_resumes(folder, tmp_path):
+    checkpoint, root = folder
+    predict_images(load_detector(checkpoint), [root], tmp_path / "one", progress=False)
+    expected = files(tmp_path / "one")
+    assert len(expected) == 1 + 6  # the JSON lines and an overlay per readable image
+    stdout = torchrun_predict(checkpoint, root, tmp_path / "two")
+    assert stdout.count("world size 2, backend gloo, global batch 32 (16 per process)") == 1
+    assert files(tmp_path / "two") == expected  # the same bytes in the same order: no part left
+    # A killed run: a third of the results, a line cut in half, and a part of a 3-process run.
+    lines = expected[RESULTS_NAME].decode().splitlines(keepends=True)
+    resumed = Path(shutil.copytree(tmp_path / "one", tmp_path / "resumed"))
+    (resumed / RESULTS_NAME).write_text(lines[0] + lines[1][:20])
+    (resumed / distributed.part_name(2)).write_text(lines[2])
+    torchrun_predict(checkpoint, root, resumed, "--resume")
+    assert files(resumed) == expected  # the cut line and the old part's are scored again or kept
