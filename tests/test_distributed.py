@@ -112,47 +112,57 @@ def simclr_model() -> SimCLRModel:
     return SimCLRModel(VGG16CAM(), ProjectionHead(512, 64, 32))
 
 
-def _pretrain_ranks(samples, config: PretrainConfig, state: Path, resume: Path | None,
-                    kill_at: int | None) -> None:
-    def die(epoch: int, record: dict) -> None:
-        if epoch == kill_at and distributed.rank() == 1:  # before epoch kill_at's state is written
-            os.kill(os.getpid(), signal.SIGKILL)
+def _pretrain_ranks(samples, runs: list[tuple[PretrainConfig, Path, Path | None, int | None]]) -> None:
+    """Pre-train once per run (config, state file, state to resume, epoch whose end kills rank 1),
+    in one pair of processes: starting them costs more than these tiny runs."""
+    for config, state, resume, kill_at in runs:
 
-    history = pretrain(simclr_model(), samples, config, progress=False, checkpoint_path=state,
-                       resume=resume, on_epoch_end=die)
-    if distributed.is_main():
-        torch.save(history["loss"], state.with_suffix(".losses"))
+        def die(epoch: int, record: dict, kill_at=kill_at) -> None:
+            if epoch == kill_at and distributed.rank() == 1:  # before epoch kill_at's state is written
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        history = pretrain(simclr_model(), samples, config, progress=False, checkpoint_path=state,
+                           resume=resume, on_epoch_end=die)
+        if distributed.is_main():
+            torch.save(history["loss"], state.with_suffix(".losses"))
+
+
+# Batch 8 in one process, 4 per rank on two; every augmentation off, so both see the same batches.
+SAME_BATCH = PretrainConfig(epochs=2, batch_size=8, image_size=32, warmup_epochs=0, augment_kwargs=NO_AUGMENT,
+                            precision="fp32")
+# Augmenting: each rank's random state must come back on resume.
+KILLED = PretrainConfig(epochs=3, batch_size=2, image_size=32, warmup_epochs=0, precision="fp32")
 
 
 @pytest.fixture(scope="module")
-def images(tiny_root):
-    return build_sample_table(tiny_root).samples[:8]
+def simclr_runs(tiny_root, tmp_path_factory) -> Path:
+    """On two ranks: SAME_BATCH; KILLED unbroken; KILLED with rank 1 killed at the end of epoch 2
+    (SIGKILL), then resumed by two new processes. SAME_BATCH in this process."""
+    tmp = tmp_path_factory.mktemp("simclr")
+    images = build_sample_table(tiny_root).samples[:8]
+    runs = [(dataclasses.replace(SAME_BATCH, batch_size=4), tmp / "two.state", None, None),
+            (KILLED, tmp / "unbroken.state", None, None),
+            (KILLED, tmp / "killed.state", None, 2)]
+    with pytest.raises(mp.ProcessExitedException, match="SIGKILL"):
+        on_ranks(_pretrain_ranks, images, runs)
+    assert load_checkpoint(tmp / "killed.state")["epoch"] == 1  # what the kill left
+    on_ranks(_pretrain_ranks, images, [(KILLED, tmp / "killed.state", tmp / "killed.state", None)])
+    torch.save(pretrain(simclr_model(), images, SAME_BATCH, progress=False)["loss"], tmp / "one.losses")
+    return tmp
 
 
-def test_pretraining_on_two_ranks_trains_like_one_process_with_twice_the_batch(images, tmp_path):
-    config = PretrainConfig(epochs=2, batch_size=8, image_size=32, warmup_epochs=0, augment_kwargs=NO_AUGMENT,
-                            precision="fp32")
-    history = pretrain(simclr_model(), images, config, progress=False)
-    on_ranks(_pretrain_ranks, images, dataclasses.replace(config, batch_size=4), tmp_path / "two.state", None,
-             None)
-    first, second = torch.load(tmp_path / "two.losses")
+def test_pretraining_on_two_ranks_trains_like_one_process_with_twice_the_batch(simclr_runs):
+    (first, second), expected = (torch.load(simclr_runs / f"{n}.losses") for n in ("two", "one"))
     # Step 1: the same weights on the same global batch (NT-Xent over both ranks' views, head
     # batch norm over both ranks' rows): fp32 rounding only.
-    assert first == pytest.approx(history["loss"][0], rel=1e-5)
+    assert first == pytest.approx(expected[0], rel=1e-5)
     # Step 2 follows one AdamW step, whose first update is about lr * sign(gradient): gradient
     # components near 0 turn rounding differences into differences of up to 2 lr.
-    assert second == pytest.approx(history["loss"][1], rel=2e-3)
+    assert second == pytest.approx(expected[1], rel=2e-3)
 
 
-def test_a_killed_rank_resumes_to_the_checkpoint_of_an_unbroken_run(images, tmp_path):
-    config = PretrainConfig(epochs=3, batch_size=2, image_size=32, warmup_epochs=0, precision="fp32")  # augmenting
-    on_ranks(_pretrain_ranks, images, config, tmp_path / "unbroken.state", None, None)
-    state = tmp_path / "killed.state"
-    with pytest.raises(mp.ProcessExitedException, match="SIGKILL"):
-        on_ranks(_pretrain_ranks, images, config, state, None, 2)
-    assert load_checkpoint(state)["epoch"] == 1  # what the kill left
-    on_ranks(_pretrain_ranks, images, config, state, state, None)
-    unbroken, resumed = load_checkpoint(tmp_path / "unbroken.state"), load_checkpoint(state)
+def test_a_killed_rank_resumes_to_the_checkpoint_of_an_unbroken_run(simclr_runs):
+    unbroken, resumed = (load_checkpoint(simclr_runs / f"{n}.state") for n in ("unbroken", "killed"))
     assert resumed["epoch"] == 3 and resumed["history"]["loss"] == unbroken["history"]["loss"]
     for name, weights in unbroken["model"].items():
         assert torch.equal(resumed["model"][name], weights), name
