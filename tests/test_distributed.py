@@ -19,10 +19,11 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from visinspect import distributed
-from visinspect.backbones.store import FeatureStore
+from visinspect.backbones.store import MARKER, FeatureStore
 from visinspect.backbones.vgg16 import VGG16CAM, build_model
 from visinspect.checkpoint import load_checkpoint, save_classifier
 from visinspect.data.samples import build_sample_table
+from visinspect.errors import ConfigError
 from visinspect.methods.registry import load_detector
 from visinspect.methods.simclr.loss import nt_xent_loss
 from visinspect.methods.simclr.model import ProjectionHead, SimCLRModel
@@ -218,6 +219,16 @@ def test_two_ranks_filling_one_feature_store_write_what_one_process_writes(train
     info = FeatureStore(race).info()  # each image once, though both ranks indexed it
     assert info["entries"] == trained["n"]
     assert sum(d["entries"] for d in info["namespaces"][0]["datasets"].values()) == trained["n"]
+
+
+def test_a_store_another_process_is_creating_is_not_refused_as_a_foreign_folder(tmp_path):
+    # Between the marker's temporary file and its rename, a second rank starting at that moment
+    # would read the folder as "not empty and not a store": the temporary file marks a store in making.
+    (tmp_path / f".{MARKER}.x1y2.tmp").write_text("")
+    FeatureStore(tmp_path)
+    (tmp_path / "foreign.txt").write_text("")
+    with pytest.raises(ConfigError, match="not a visinspect feature store"):
+        FeatureStore(tmp_path)
 
 
 # ----------------------------------------------------------------------------- predict

@@ -209,6 +209,8 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and world_size() > 1):
             return super().forward(x)
+        if x.ndim != 2:
+            raise ValueError(f"GlobalBatchNorm1d normalises (N, C) rows; got shape {tuple(x.shape)}")
         count = torch.tensor(float(len(x)), device=x.device)
         dist.all_reduce(count)
         with _differentiable():
