@@ -193,8 +193,7 @@ def train_classifier(
         state.stopped_early = accuracy >= config.target_accuracy
         bar.set_postfix(loss=f"{state.history['loss'][-1]:.4f}", acc=f"{accuracy:.3f}")
         last = state.stopped_early or state.epoch == config.epochs
-        due = last or time.perf_counter() - saved_at >= STATE_EVERY_S
-        if checkpoint_path is not None and due and distributed.is_main():
+        if checkpoint_path is not None and (last or time.perf_counter() - saved_at >= STATE_EVERY_S):
             _save_resumable(checkpoint_path, model, optimizer, shuffle, config, state)
             saved_at = time.perf_counter()
         if on_epoch_end is not None:
