@@ -61,6 +61,13 @@ def on_ranks(fn, *args) -> None:
     mp.spawn(_rank_main, args=(free_port(), fn, args), nprocs=WORLD, join=True)
 
 
+def _jobs(jobs: list[tuple]) -> None:
+    """fn(*args) for each (fn, *args), in order: starting a pair of processes (importing torch and
+    visinspect twice on 2 cores) costs more than these tiny runs, so one pair runs them all."""
+    for fn, *args in jobs:
+        fn(*args)
+
+
 # ----------------------------------------------------------------------------- NT-Xent and batch norm
 
 
@@ -93,13 +100,11 @@ def _nt_xent_ranks(out: Path, b: int) -> None:
         distributed.mean(loss)
 
 
-def test_nt_xent_and_head_batch_norm_on_two_ranks_equal_one_process_with_the_whole_batch(tmp_path):
-    b = 3
-    on_ranks(_nt_xent_ranks, tmp_path / "ranks.pt", b)
-    h, negatives, head = _embeddings(b)
+def test_nt_xent_and_head_batch_norm_on_two_ranks_equal_one_process_with_the_whole_batch(two_ranks):
+    h, negatives, head = _embeddings(B)
     loss = _step(h, negatives, head, None)
     loss.backward()
-    ranks = torch.load(tmp_path / "ranks.pt", weights_only=True)
+    ranks = torch.load(two_ranks / "nt_xent.pt", weights_only=True)
     assert ranks["loss"] == pytest.approx(loss.item(), rel=1e-6)
     for got, expected in zip(ranks["grads"], [p.grad for p in head.parameters()], strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
@@ -135,25 +140,37 @@ SAME_BATCH = PretrainConfig(epochs=2, batch_size=8, image_size=32, warmup_epochs
 KILLED = PretrainConfig(epochs=3, batch_size=2, image_size=32, warmup_epochs=0, precision="fp32")
 
 
+B = 3  # images per rank in the NT-Xent test
+# The classifier: batch 6 in one process, 3 per rank on two, 12 images (global batches 6, 6).
+TRAIN = TrainConfig(epochs=3, batch_size=6, image_size=32, precision="fp32", target_accuracy=1.01)
+
+
 @pytest.fixture(scope="module")
-def simclr_runs(tiny_root, tmp_path_factory) -> Path:
-    """On two ranks: SAME_BATCH; KILLED unbroken; KILLED with rank 1 killed at the end of epoch 2
-    (SIGKILL), then resumed by two new processes. SAME_BATCH in this process."""
-    tmp = tmp_path_factory.mktemp("simclr")
-    images = build_sample_table(tiny_root).samples[:8]
+def two_ranks(tiny_root, tmp_path_factory) -> Path:
+    """Every library-level run on two ranks, in one pair of processes: the NT-Xent test; the
+    classifier (TRAIN at batch 3) after racing to fill an empty feature store; SAME_BATCH at
+    batch 4; KILLED unbroken; KILLED with rank 1 killed (SIGKILL) at the end of epoch 2, then
+    resumed by two new processes. Returns the folder of their outputs."""
+    tmp = tmp_path_factory.mktemp("ranks")
+    table = build_sample_table(tiny_root).samples
     runs = [(dataclasses.replace(SAME_BATCH, batch_size=4), tmp / "two.state", None, None),
             (KILLED, tmp / "unbroken.state", None, None),
             (KILLED, tmp / "killed.state", None, 2)]
+    jobs = [(_nt_xent_ranks, tmp / "nt_xent.pt", B),
+            (_train_ranks, table[::2], dataclasses.replace(TRAIN, batch_size=3), tmp / "train.state",
+             tmp / "race"),
+            (_pretrain_ranks, table[:8], runs)]
     with pytest.raises(mp.ProcessExitedException, match="SIGKILL"):
-        on_ranks(_pretrain_ranks, images, runs)
+        on_ranks(_jobs, jobs)
     assert load_checkpoint(tmp / "killed.state")["epoch"] == 1  # what the kill left
-    on_ranks(_pretrain_ranks, images, [(KILLED, tmp / "killed.state", tmp / "killed.state", None)])
-    torch.save(pretrain(simclr_model(), images, SAME_BATCH, progress=False)["loss"], tmp / "one.losses")
+    on_ranks(_pretrain_ranks, table[:8], [(KILLED, tmp / "killed.state", tmp / "killed.state", None)])
     return tmp
 
 
-def test_pretraining_on_two_ranks_trains_like_one_process_with_twice_the_batch(simclr_runs):
-    (first, second), expected = (torch.load(simclr_runs / f"{n}.losses") for n in ("two", "one"))
+def test_pretraining_on_two_ranks_trains_like_one_process_with_twice_the_batch(two_ranks, tiny_root):
+    expected = pretrain(simclr_model(), build_sample_table(tiny_root).samples[:8], SAME_BATCH,
+                        progress=False)["loss"]
+    first, second = torch.load(two_ranks / "two.losses")
     # Step 1: the same weights on the same global batch (NT-Xent over both ranks' views, head
     # batch norm over both ranks' rows): fp32 rounding only.
     assert first == pytest.approx(expected[0], rel=1e-5)
@@ -162,8 +179,8 @@ def test_pretraining_on_two_ranks_trains_like_one_process_with_twice_the_batch(s
     assert second == pytest.approx(expected[1], rel=2e-3)
 
 
-def test_a_killed_rank_resumes_to_the_checkpoint_of_an_unbroken_run(simclr_runs):
-    unbroken, resumed = (load_checkpoint(simclr_runs / f"{n}.state") for n in ("unbroken", "killed"))
+def test_a_killed_rank_resumes_to_the_checkpoint_of_an_unbroken_run(two_ranks):
+    unbroken, resumed = (load_checkpoint(two_ranks / f"{n}.state") for n in ("unbroken", "killed"))
     assert resumed["epoch"] == 3 and resumed["history"]["loss"] == unbroken["history"]["loss"]
     for name, weights in unbroken["model"].items():
         assert torch.equal(resumed["model"][name], weights), name
@@ -188,37 +205,34 @@ def _train_ranks(samples, config: TrainConfig, out: Path, race: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_root, tmp_path_factory) -> dict:
-    """One process with batch 6 and two ranks with batch 3, on 12 images (global batches 6, 6)."""
-    tmp = tmp_path_factory.mktemp("train")
+def one_process(tiny_root, tmp_path_factory) -> dict:
+    """TRAIN in one process, and the feature store one process fills for it."""
+    store = tmp_path_factory.mktemp("alone")
     samples = build_sample_table(tiny_root).samples[::2]
-    config = TrainConfig(epochs=3, batch_size=6, image_size=32, precision="fp32", target_accuracy=1.01)
-    one = classifier()
-    history = train_classifier(one, samples, config, progress=False)
-    FeatureStore(tmp / "alone").fetch_samples(one, samples, 32, precision="fp32")
-    two = dataclasses.replace(config, batch_size=3)
-    on_ranks(_train_ranks, samples, two, tmp / "two.state", tmp / "race")
-    return {"one": one, "history": history, "tmp": tmp, "n": len(samples)}
+    model = classifier()
+    history = train_classifier(model, samples, TRAIN, progress=False)
+    FeatureStore(store).fetch_samples(model, samples, TRAIN.image_size, precision="fp32")
+    return {"model": model, "history": history, "store": store, "n": len(samples)}
 
 
-def test_classifier_on_two_ranks_has_the_loss_curve_of_one_process(trained):
-    losses = torch.load(trained["tmp"] / "two.losses")
-    assert losses == pytest.approx(trained["history"]["loss"], rel=1e-4)
-    two = load_checkpoint(trained["tmp"] / "two.state")["state_dict"]
-    for name, weights in trained["one"].state_dict().items():
+def test_classifier_on_two_ranks_has_the_loss_curve_of_one_process(two_ranks, one_process):
+    losses = torch.load(two_ranks / "train.losses")
+    assert losses == pytest.approx(one_process["history"]["loss"], rel=1e-4)
+    two = load_checkpoint(two_ranks / "train.state")["state_dict"]
+    for name, weights in one_process["model"].state_dict().items():
         torch.testing.assert_close(two[name], weights, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_two_ranks_filling_one_feature_store_write_what_one_process_writes(trained):
-    race, alone = trained["tmp"] / "race", trained["tmp"] / "alone"
+def test_two_ranks_filling_one_feature_store_write_what_one_process_writes(two_ranks, one_process):
+    race, alone, n = two_ranks / "race", one_process["store"], one_process["n"]
     entries = sorted(p.relative_to(race) for p in race.rglob("*.npy"))
-    assert len(entries) == trained["n"]
+    assert len(entries) == n
     assert entries == sorted(p.relative_to(alone) for p in alone.rglob("*.npy"))
     assert all((race / e).read_bytes() == (alone / e).read_bytes() for e in entries)
     assert not list(race.rglob("*.tmp"))  # no temporary file left behind
     info = FeatureStore(race).info()  # each image once, though both ranks indexed it
-    assert info["entries"] == trained["n"]
-    assert sum(d["entries"] for d in info["namespaces"][0]["datasets"].values()) == trained["n"]
+    assert info["entries"] == n
+    assert sum(d["entries"] for d in info["namespaces"][0]["datasets"].values()) == n
 
 
 def test_a_store_another_process_is_creating_is_not_refused_as_a_foreign_folder(tmp_path):
