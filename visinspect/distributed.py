@@ -249,8 +249,9 @@ def sync_batch_norm(module: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------- predict
 
 
-def part_name(rank_: int) -> str:
-    """The JSON lines of one rank's files, merged into predict.RESULTS_NAME at the end."""
+def part_name(rank_: int | str) -> str:
+    """The JSON lines of one rank's files, merged into predict.RESULTS_NAME at the end ("*": a
+    pattern for every rank's)."""
     return f"predictions.rank{rank_}.jsonl"
 
 
@@ -274,7 +275,7 @@ def predict_images(detector, inputs: Sequence[str | Path], out: str | Path, **op
     if is_main():
         # Parts of a killed run (of any world size): dealt to the ranks that own their files now
         # when resuming, else dropped.
-        _deal(out / RESULTS_NAME, sorted(out.glob("predictions.rank*.jsonl")), parts,
+        _deal(out / RESULTS_NAME, sorted(out.glob(part_name("*"))), parts,
               find_images(inputs, exclude=out), resume=bool(options.get("resume")))
     barrier()
     options["progress"] = options.get("progress", True) and is_main()
