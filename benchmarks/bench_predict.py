@@ -113,9 +113,9 @@ def decode_rate(files: list[Path], image_size: int) -> tuple[float, list[torch.T
 def network_rates(checkpoint: Path, xs: list[torch.Tensor]) -> tuple[str, dict[int, float]]:
     """Images/s of the recommended method's network (MobileNetV2 to its stride-16 maps, as the
     feature store runs it: channels-last, "auto" precision) by batch size, best of 3 passes."""
+    from visinspect.backbones.mobilenet import mobilenet_for
     from visinspect.backbones.store import FILL_BATCH
     from visinspect.checkpoint import load_method_checkpoint
-    from visinspect.backbones.mobilenet import mobilenet_for
     from visinspect.utils import autocast, resolve_precision
 
     _, info = load_method_checkpoint(checkpoint)

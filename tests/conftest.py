@@ -33,6 +33,9 @@ _STORE_DIR: str | None = None
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "slow: trains or runs the command line end to end (seconds)")
     config.addinivalue_line(
+        "markers", "distributed: starts 2 processes in one gloo process group (torchrun or multiprocessing)"
+    )
+    config.addinivalue_line(
         "markers",
         "precision: checks numbers of a run in the precision that 'auto' resolves to; CI runs these "
         "under VISINSPECT_PRECISION=fp32 and =bf16",

@@ -9,7 +9,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "visinspect"
 # Lowest first: a module may import from its own layer and the ones before it (README, "The library").
 LAYERS = (
-    ("visinspect.errors", "visinspect.utils"),
+    ("visinspect.errors", "visinspect.utils", "visinspect.distributed"),
     ("visinspect.data",),
     ("visinspect.backbones", "visinspect.boxes", "visinspect.metrics", "visinspect.checkpoint"),
     ("visinspect.scoring", "visinspect.evaluate", "visinspect.calibration", "visinspect.training"),

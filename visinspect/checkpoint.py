@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torchvision
 
-from visinspect import __version__
+from visinspect import __version__, distributed
 from visinspect.errors import CheckpointError
 from visinspect.utils import atomic_path
 
@@ -56,7 +56,13 @@ def _plain(obj):
 
 
 def save_checkpoint(path: str | Path, payload: dict) -> Path:
-    """Write `payload` (plus format markers and versions) to `path` atomically."""
+    """Write `payload` (plus format markers and versions) to `path` atomically.
+
+    Under torchrun rank 0 alone writes (the ranks of a data-parallel run hold the same weights);
+    the others only return the path.
+    """
+    if not distributed.is_main():
+        return Path(path)
     data = {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": library_versions()}
     data.update(payload)
     data = _plain(data)

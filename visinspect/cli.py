@@ -158,12 +158,12 @@ def cmd_evaluate(args) -> int:
 
 def cmd_predict(args) -> int:
     from visinspect.methods.registry import load_detector
-    from visinspect.predict import predict_images
+    from visinspect.predict import predict_on_ranks
 
     detector = load_detector(args.checkpoint, method=args.method, reference=args.reference_dir,
                              calibration=args.calibration, category=args.category, precision=args.precision)
     print(detector.describe())
-    summary = predict_images(
+    summary = predict_on_ranks(
         detector, [Path(p) for p in args.inputs], Path(args.out), overlays=not args.no_overlays,
         batch_size=args.batch_size, box_threshold=args.box_threshold, min_area=args.min_area,
         resume=args.resume, overlay_size=args.overlay_size, workers=args.workers,
@@ -428,6 +428,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Through the environment: every library call (and any subprocess) then uses that store.
         os.environ[STORE_ENV] = args.feature_store
     try:
+        if args.func in (cmd_pretrain, cmd_train, cmd_predict):  # data-parallel under torchrun
+            from visinspect import distributed
+
+            distributed.init_from_env(getattr(args, "device", "auto"))
+            if not distributed.is_main():
+                sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (rank 0 alone prints; errors still do)
         return int(args.func(args) or 0)
     except VisinspectError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from visinspect.backbones.store import FILL_BATCH
 from visinspect.boxes import Box, heatmap_to_boxes
 from visinspect.data.samples import IMAGE_EXTENSIONS, decoded_ahead, find_images, load_rgb, to_tensor
+from visinspect.distributed import announce, barrier, gather_objects, is_main, part_name, rank, world_size
 from visinspect.errors import ConfigError, DataError
 from visinspect.methods.base import Detector, unlabelled_sample
 from visinspect.methods.registry import load_detector
@@ -104,6 +105,7 @@ def predict_images(
     progress: bool = True,
     overlay_size: int | None = None,
     workers: int | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> dict:
     """Score every image under `inputs`; write `out/predictions.jsonl` and `out/overlays/`.
 
@@ -115,7 +117,9 @@ def predict_images(
     relative to `out`, named after the image: see `overlay_names`); or path and error. With
     `resume`, images already scored in the output are skipped (their overlays keep their names)
     and failed ones tried again. Returns counts for this run (n_images, n_anomalous, n_failed),
-    n_skipped and seconds.
+    n_skipped and seconds. `shard` (rank, world size): score only files rank, rank + world size,
+    ... of the sorted list, into `distributed.part_name(rank)` (`predict_on_ranks`
+    merges the parts).
 
     A pipeline: `workers` threads decode the next batch while the detector scores this one, and
     as many draw the overlays of the previous one (viz.overlay; at the image's own resolution,
@@ -137,11 +141,12 @@ def predict_images(
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {names}")
     scorer = _Scorer(detector, box_threshold, min_area)
     out.mkdir(parents=True, exist_ok=True)
-    results = out / RESULTS_NAME
+    results = out / (RESULTS_NAME if shard is None else part_name(shard[0]))
     done = _keep_finished(results) if resume else {}
     names = overlay_names(found, {Path(p): o for p, o in done.items() if o}) if overlays else None
-    todo = [p for p in found if str(p) not in done]
-    counts = {"n_images": 0, "n_anomalous": 0, "n_failed": 0, "n_skipped": len(found) - len(todo)}
+    mine = list(found) if shard is None else list(found)[shard[0] :: shard[1]]
+    todo = [p for p in mine if str(p) not in done]
+    counts = {"n_images": 0, "n_anomalous": 0, "n_failed": 0, "n_skipped": len(mine) - len(todo)}
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     start = time.perf_counter()
     bar = tqdm(total=len(todo), desc="predict", unit="img", disable=not progress, smoothing=0.1)
@@ -325,3 +330,76 @@ def overlay_names(found: dict[Path, Path], taken: dict[Path, str] | None = None)
         used.add(name.casefold())
         names[path] = name
     return names
+
+
+# ----------------------------------------------------------------------------- under torchrun
+
+
+def predict_on_ranks(
+    detector: Detector, inputs: Sequence[str | Path], out: str | Path, **options
+) -> dict:
+    """`predict_images` over all ranks (under torchrun): rank r scores files r, r + N, r + 2N, ... of the
+    sorted list into its part file (resumable as the single-process results are), then rank 0
+    merges the parts in the list's order, atomically, into OUT/predictions.jsonl: the file a
+    single process writes. Overlay names are given over the whole list, so they are a single
+    process's too. Returns the counts summed over ranks. In one process it is `predict_images`.
+    """
+    if world_size() == 1:
+        return predict_images(detector, inputs, out, **options)
+    out = Path(out)
+    announce(options.get("batch_size", 16))
+    parts = [out / part_name(r) for r in range(world_size())]
+    if is_main():
+        # Parts of a killed run (of any world size): dealt to the ranks that own their files now
+        # when resuming, else dropped.
+        _deal(out / RESULTS_NAME, sorted(out.glob(part_name("*"))), parts,
+              find_images(inputs, exclude=out), resume=bool(options.get("resume")))
+    barrier()
+    options["progress"] = options.get("progress", True) and is_main()
+    counts = predict_images(detector, inputs, out, shard=(rank(), world_size()), **options)
+    every = gather_objects(counts)
+    if is_main():
+        order = {str(p): i for i, p in enumerate(find_images(inputs, exclude=out))}
+        lines = [line for p in parts for line in _lines(p)]
+        lines.sort(key=lambda line: order.get(_path_of(line), len(order)))  # stable: unknown paths last
+        with atomic_path(out / RESULTS_NAME) as tmp:
+            tmp.write_text("".join(lines), encoding="utf-8", errors="surrogateescape")
+        for p in parts:
+            p.unlink()
+    barrier()  # no rank returns (and its process exits) before the merged file is there
+    summed = {k: sum(c[k] for c in every) for k in ("n_images", "n_anomalous", "n_failed", "n_skipped")}
+    return {**summed, "seconds": max(c["seconds"] for c in every)}
+
+
+def _lines(path: Path) -> list[str]:
+    """A results file's whole lines (a kill may have cut the last one); none if it is missing."""
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        return [line for line in f if line.endswith("\n")]
+
+
+def _path_of(line: str) -> str | None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row.get("path") if isinstance(row, dict) and isinstance(row.get("path"), str) else None
+
+
+def _deal(results: Path, old: list[Path], parts: list[Path], found: dict, *, resume: bool) -> None:
+    """Before the ranks start: with `resume`, the lines of the results file and of the old parts
+    go to the part of the rank that owns their file now (lines of files no longer found stay
+    with rank 0), so that each rank resumes from its own part; without, old parts are removed."""
+    if resume:
+        owner = {str(p): i % len(parts) for i, p in enumerate(found)}
+        dealt: list[list[str]] = [[] for _ in parts]
+        for line in [line for p in [results, *old] for line in _lines(p)]:
+            dealt[owner.get(_path_of(line), 0)].append(line)
+        for part, lines in zip(parts, dealt, strict=True):
+            with atomic_path(part) as tmp:
+                tmp.write_text("".join(lines), encoding="utf-8", errors="surrogateescape")
+        results.unlink(missing_ok=True)
+    for p in old:
+        if p not in parts or not resume:
+            p.unlink()

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from visinspect import distributed
 from visinspect.backbones.cam import HeatmapNormalizer, upsample
 from visinspect.backbones.store import FeatureStore, StoredFeatures
 from visinspect.backbones.vgg16 import CONV4_3_END, FROZEN_END, VGG16CAM, build_model
@@ -144,6 +146,12 @@ def train_classifier(
     written atomically after an epoch, at most every STATE_EVERY_S seconds, and after the last;
     `resume` continues from such a file and reaches the same weights as an uninterrupted run with
     the same seed.
+
+    Under torchrun (distributed.init_from_env) a step's global batch is N * batch_size images of
+    the same shuffled order; each of the N processes takes every N-th of them, weighs its share
+    of the class-weighted loss by the global batch's weights, and DDP averages the gradients: the
+    steps of one process with batch N * batch_size. Each rank first fills the feature store with
+    its share of the images. Rank 0 alone writes the state (the ranks hold the same one).
     """
     config = config or TrainConfig()
     if model.frozen_end < CONV4_3_END:
@@ -170,11 +178,18 @@ def train_classifier(
     if resume is not None:
         state = _restore(resume, model, optimizer, shuffle, config)
 
-    cache = features if features is not None else (store or FeatureStore.default()).fetch_samples(
-        model, samples, config.image_size, precision=precision, progress=progress
-    )
-    after_store = model.features[CONV4_3_END:]  # pool4 (and any frozen layer after conv4_3) + block 5
+    world = distributed.world_size()
+    progress = progress and distributed.is_main()
+    if features is None:
+        store = store or FeatureStore.default()
+        if world > 1 and store.enabled:  # each rank computes a share; then all read every entry
+            store.fetch_samples(model, distributed.shard(samples), config.image_size, precision=precision)
+            distributed.barrier()
+        features = store.fetch_samples(model, samples, config.image_size, precision=precision,
+                                       progress=progress)
+    step = distributed.data_parallel(_AfterStore(model))
     model.train()
+    distributed.announce(config.batch_size)
     epochs = range(state.epoch, config.epochs)
     bar = tqdm(
         epochs, desc="train", unit="epoch", disable=not progress, initial=state.epoch, total=config.epochs
@@ -186,17 +201,25 @@ def train_classifier(
         start = time.perf_counter()
         order = torch.randperm(len(samples), generator=shuffle)
         total_loss, correct = 0.0, 0
-        for i in range(0, len(order), config.batch_size):
-            idx = order[i : i + config.batch_size]
-            x = cache.batch(idx.tolist()).to(device, memory_format=torch.channels_last)
+        for i in range(0, len(order), config.batch_size * world):
+            batch = order[i : i + config.batch_size * world]
+            idx = batch[distributed.rank() :: world]  # this rank's share of the global batch
+            # A global batch smaller than N leaves a rank none: it still steps (DDP waits for
+            # it), on an empty (0, C, h, w) slice of one row.
+            x = features.batch(idx.tolist() or batch[:1].tolist())[: len(idx)]
+            x = x.to(device, memory_format=torch.channels_last)
             with autocast(device, precision):
-                logits = model.head(after_store(x))
-            loss = criterion(logits.float(), targets[idx])
+                logits = step(x)
+            if world == 1:
+                loss = criterion(logits.float(), targets[idx])
+            else:  # its share of the global weighted mean, times N: DDP divides the sum by N
+                share = F.cross_entropy(logits.float(), targets[idx], weight=class_weights, reduction="sum")
+                loss = share * world / class_weights[targets[batch]].sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total_loss += loss.item() * len(idx)
-            correct += int((logits.argmax(1) == targets[idx]).sum())
+            total_loss += distributed.mean(loss.detach()) * len(batch)
+            correct += distributed.total(int((logits.argmax(1) == targets[idx]).sum()))
         accuracy = correct / len(samples)
         state.history["loss"].append(round(total_loss / len(samples), 6))
         state.history["accuracy"].append(round(accuracy, 6))
@@ -212,6 +235,18 @@ def train_classifier(
             on_epoch_end(epoch, state.history)
     model.eval()
     return {**state.history, "epochs_run": state.epoch, "stopped_early": state.stopped_early}
+
+
+class _AfterStore(nn.Module):
+    """What trains on the stored features, as one module call (what DDP wraps): pool4 and any
+    frozen layer after conv4_3, block 5, then the head's pooling and dense layer -> logits."""
+
+    def __init__(self, model: VGG16CAM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.head(self.model.maps_from_conv4_3(x))
 
 
 def validation_curve(

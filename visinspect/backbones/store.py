@@ -224,7 +224,10 @@ class FeatureStore:
             if not self.root.is_dir():
                 raise ConfigError(f"feature store {self.root} is a file, not a folder: set {STORE_ENV} "
                                   "to a folder (or 'off')")
-            if any(self.root.iterdir()) and not (self.root / MARKER).is_file():
+            # Another process creating the store has its marker's temporary file here a moment
+            # before the marker itself (utils.atomic_path): that folder is a store being made.
+            others = [p for p in self.root.iterdir() if not p.name.startswith(f".{MARKER}.")]
+            if others and not (self.root / MARKER).is_file():
                 raise ConfigError(
                     f"{self.root} is not empty and is not a visinspect feature store (no {MARKER}): "
                     f"point {STORE_ENV} or --feature-store at a new or empty folder"

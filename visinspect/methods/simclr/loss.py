@@ -15,7 +15,11 @@ from visinspect.methods.pseudo_defects import pseudo_defect
 
 
 def nt_xent_loss(
-    z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2, negatives: torch.Tensor | None = None
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    temperature: float = 0.2,
+    negatives: torch.Tensor | None = None,
+    rows: slice | None = None,
 ) -> torch.Tensor:
     """NT-Xent (normalised temperature-scaled cross entropy), the SimCLR loss.
 
@@ -29,6 +33,13 @@ def nt_xent_loss(
     denominator: CSI's shifted copies, e.g. a defective or rotated copy of each image
     (PretrainConfig.defect_negatives, rotation_negatives), so that anchor i must also tell its
     own image from that image with a defect.
+
+    `rows` (images i0..i1): only their 2 (i1 - i0) views are anchors, the loss is the mean over
+    them; the others are still positives and negatives. Under torchrun each rank passes the
+    global batch gathered with its gradient (distributed.gather) and its own images: the mean
+    over ranks is the loss of one process with the whole batch, and so is the gradient, because
+    the gather's backward sums the ranks' gradients (N times the whole loss's) and DDP divides by N.
+    Each rank so computes a (2B x 2NB) similarity, not the whole (2NB x 2NB) one.
     """
     if z1.ndim != 2 or z1.shape != z2.shape:
         raise ValueError(f"z1 and z2 must both be (N, D) with the same shape; got "
@@ -42,12 +53,17 @@ def nt_xent_loss(
         raise ValueError(f"negatives must be (M, D) with D = {z1.shape[1]}; got {tuple(negatives.shape)}")
     n = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
-    logits = z @ z.T / temperature
-    self_pairs = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+    images = torch.arange(n)[rows if rows is not None else slice(None)]
+    if len(images) == 0:
+        raise ValueError(f"rows {rows} select none of the {n} images")
+    anchors = torch.cat([images, images + n]).to(z.device)  # both views of each chosen image
+    za = z if rows is None else z[anchors]
+    logits = za @ z.T / temperature
+    self_pairs = anchors[:, None] == torch.arange(2 * n, device=z.device)
     logits = logits.masked_fill(self_pairs, float("-inf"))  # a view is not its own negative
     if negatives is not None:
-        logits = torch.cat([logits, z @ F.normalize(negatives.float(), dim=1).T / temperature], dim=1)
-    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+        logits = torch.cat([logits, za @ F.normalize(negatives.float(), dim=1).T / temperature], dim=1)
+    positives = (anchors + n) % (2 * n)  # the other view of the same image
     return F.cross_entropy(logits, positives)
 
 

@@ -32,13 +32,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from visinspect import distributed
 from visinspect.backbones.vgg16 import FEATURES_END, FROZEN_END, VGG16CAM, build_model, sha256_file
 from visinspect.checkpoint import load_checkpoint, load_resume_state, save_checkpoint
 from visinspect.data.samples import DefectDataset, Sample
-from visinspect.errors import CheckpointError, DataError, VisinspectError
+from visinspect.errors import CheckpointError, ConfigError, DataError, VisinspectError
 from visinspect.methods.simclr.augment import CachedImages, SimCLRTransform, TwoViewDataset, views_on
 from visinspect.methods.simclr.levers import LEVERS
 from visinspect.methods.simclr.loss import (
@@ -298,22 +300,35 @@ def pretrain(
     `on_epoch_end(epoch, record)` may add keys to `record` (e.g. a knn_monitor accuracy on
     held-out *source* labels); they are added to the history too. The model is trained where
     it lives (move it to a GPU first to use one).
+
+    Under torchrun (distributed.init_from_env) each of the N processes reads its shard of every
+    epoch, `config.batch_size` images per step (the global batch is N times that), its NT-Xent
+    takes the negatives of the global batch and the projection head's batch norm its statistics,
+    and DDP averages the gradients: N processes train as one with batch N * batch_size. "loss" is
+    then the global batch's, and rank 0 alone writes the state, holding every rank's random state.
     """
     if model.trainable_from != config.trainable_from:
         raise VisinspectError(
             f"the model trains from layer {model.trainable_from} but config.trainable_from is "
             f"{config.trainable_from}: build the model with build_simclr_model(config)"
         )
+    world = distributed.world_size()
+    if world > 1 and config.dense_weight > 0:
+        raise ConfigError(
+            f"dense_weight={config.dense_weight} with {world} processes: the dense loss's negatives "
+            "are positions of one process's batch, not yet of the global batch; run it in one process"
+        )
     samples = _subset(samples, config.max_images, config.seed)
-    if len(samples) < config.batch_size:
+    if len(samples) < config.batch_size * world:
         raise DataError(
             f"only {len(samples)} images to pre-train on, fewer than one batch of "
-            f"{config.batch_size} (incomplete batches are dropped): lower batch_size or add images"
+            f"{config.batch_size * world} ({config.batch_size} per process x {world}; incomplete "
+            f"batches are dropped): lower batch_size or add images"
         )
     # Measured on the starting model, before set_seed, so that their loader's random draws do
     # not shift the run's; a resumed run reads them from its state instead.
     anchors = _anchors(model, samples, config) if resume is None else {}
-    set_seed(config.seed)
+    set_seed(config.seed + distributed.rank())  # the ranks draw different augmentations
     device = model_device(model)
     precision = resolve_precision(config.precision)
     transform = config.make_transform()
@@ -324,17 +339,21 @@ def pretrain(
         dataset, collate = CachedImages(samples, cache_side=2 * config.image_size), _collate_images
     else:
         dataset, collate = TwoViewDataset(samples, transform, cache_side=2 * config.image_size), None
+    shard = distributed.sampler(dataset, config.seed)  # None in one process: the loader shuffles
     loader = DataLoader(
         _Indexed(dataset),
         batch_size=config.batch_size,
         collate_fn=collate,
-        shuffle=True,
+        shuffle=shard is None,
+        sampler=shard,
         drop_last=True,  # NT-Xent and batch norm want full batches; a batch of 1 would fail
         num_workers=config.num_workers,
         persistent_workers=config.num_workers > 0,  # workers keep their image caches between epochs
         generator=torch.Generator().manual_seed(config.seed),
     )
     steps_per_epoch = len(loader)
+    if not config.freeze_head_bn:  # a frozen batch norm normalises with fixed statistics: no sync
+        distributed.sync_batch_norm(model.head)
     optimizer = torch.optim.AdamW(_parameter_groups(model, config), lr=config.lr,
                                   weight_decay=config.weight_decay)
     total = config.epochs * steps_per_epoch
@@ -344,19 +363,25 @@ def pretrain(
     model.train().to(memory_format=torch.channels_last)
     if config.freeze_head_bn:
         model.head.freeze_batch_norm()
+    # DDP must not wait for gradients that never come: the encoder's dense layer `fc` is not used
+    # here, nor the head by the mean-shifted loss.
+    forward = distributed.data_parallel(_Forward(model, config), find_unused_parameters=True)
     history: dict[str, list] = {}
     first = 1
     if resume is not None:
         first, history, anchors = _restore_state(resume, model, optimizer, scheduler, loader.generator,
                                                  config)
     categories = _category_indices(samples)
+    distributed.announce(config.batch_size)
     bar = tqdm(total=total, initial=(first - 1) * steps_per_epoch, desc="SimCLR", unit="step",
-               disable=not progress)
+               disable=not (progress and distributed.is_main()))
     for epoch in range(first, config.epochs + 1):
+        if shard is not None:
+            shard.set_epoch(epoch)
         start, losses = time.perf_counter(), []
         for index, batch in loader:
             view1, view2 = views_on(device, transform, batch) if augment_on_device else batch
-            loss = _batch_loss(model, view1, view2, categories[index], anchors, config, precision)
+            loss = _batch_loss(forward, model, view1, view2, categories[index], anchors, config, precision)
             if not torch.isfinite(loss):
                 raise VisinspectError(
                     f"SimCLR loss became {loss.item()} at epoch {epoch}: lower lr "
@@ -367,15 +392,15 @@ def pretrain(
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
-            losses.append(loss.item())
+            losses.append(distributed.mean(loss))  # the global batch's loss
             bar.update()
-            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+            bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.3f}")
         seconds = time.perf_counter() - start
         record = {
             "epoch": epoch,
             "loss": float(np.mean(losses)),
             "lr": lr,
-            "images_per_s": steps_per_epoch * config.batch_size / seconds,
+            "images_per_s": steps_per_epoch * config.batch_size * world / seconds,
             "seconds": seconds,
         }
         if on_epoch_end is not None:
@@ -442,7 +467,25 @@ def _parameter_groups(model: SimCLRModel, config: PretrainConfig) -> list:
     return [{"params": encoder, "weight_decay": 0.0}, {"params": heads}]
 
 
+class _Forward(nn.Module):
+    """One step's forward pass as one module call, what DistributedDataParallel wraps: the conv5_3
+    maps of x, their pooled h, the projection z (None with the mean-shifted loss) and the dense
+    projections of the first 2n views (None without the dense loss)."""
+
+    def __init__(self, model: SimCLRModel, config: PretrainConfig) -> None:
+        super().__init__()
+        self.model, self.config = model, config
+
+    def forward(self, x: torch.Tensor, n: int) -> tuple:
+        maps = self.model.feature_maps(x)
+        h = maps.mean(dim=(2, 3))
+        z = None if self.config.mean_shifted else self.model.head(h)
+        dense = self.model.dense_head(maps[: 2 * n]) if self.config.dense_weight > 0 else None
+        return maps, h, z, dense
+
+
 def _batch_loss(
+    forward: nn.Module,
     model: SimCLRModel,
     view1: torch.Tensor,
     view2: torch.Tensor,
@@ -451,7 +494,9 @@ def _batch_loss(
     config: PretrainConfig,
     precision: str,
 ) -> torch.Tensor:
-    """The loss of one batch: NT-Xent of the two views, with the levers `config` turns on."""
+    """The loss of one batch: NT-Xent of the two views, with the levers `config` turns on.
+    `forward` is the model's _Forward, in DDP under torchrun (the NT-Xent then spans the global
+    batch)."""
     device = model_device(model)
     n = len(view1)
     extra = []
@@ -464,15 +509,16 @@ def _batch_loss(
     # Every view in one forward pass: one batch-norm batch, as in the paper.
     x = torch.cat([view1, view2, *extra]).to(device, memory_format=torch.channels_last)
     with autocast(device, precision):
-        maps = model.feature_maps(x)
-        h = maps.mean(dim=(2, 3))
-        z = None if config.mean_shifted else model.head(h)
-        dense = model.dense_head(maps[: 2 * n]) if config.dense_weight > 0 else None
+        maps, h, z, dense = forward(x, n)
     if config.mean_shifted:
         centers = anchors["centers"].to(device)[categories.repeat(2 + len(extra)).to(device)]
         z = mean_shift(h, centers)
-    z = z.float()
-    loss = nt_xent_loss(z[:n], z[n : 2 * n], config.temperature, negatives=z[2 * n :] if extra else None)
+    # Every rank's views (with their gradient), in rank order: views 1, views 2, extra negatives.
+    every = distributed.gather(z.float())
+    z1, z2 = (torch.cat([g[k * n : (k + 1) * n] for g in every]) for k in (0, 1))
+    negatives = torch.cat([g[2 * n :] for g in every]) if extra else None
+    rows = distributed.own_rows(n) if len(every) > 1 else None
+    loss = nt_xent_loss(z1, z2, config.temperature, negatives=negatives, rows=rows)
     if dense is not None:
         dense_loss = dense_nt_xent_loss(dense[:n], dense[n:], maps[:n], maps[n : 2 * n], config.temperature)
         loss = (1.0 - config.dense_weight) * loss + config.dense_weight * dense_loss
@@ -489,6 +535,9 @@ RESUME_KEYS = ("seed", "batch_size", "lr", "image_size", "temperature", "trainab
 def _save_state(
     path, model, optimizer, scheduler, generator, config, epoch: int, history: dict, anchors: dict
 ) -> None:
+    """Rank 0 writes the state (every rank holds the same weights), with each rank's random state,
+    the augmentations' draws; the barrier: no rank starts the next epoch before it is on disk."""
+    rng = distributed.gather_objects(torch.get_rng_state())
     save_checkpoint(path, {
         "kind": "simclr-state",
         "config": config.to_dict(),
@@ -496,11 +545,13 @@ def _save_state(
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "loader_rng": generator.get_state(),
-        "torch_rng": torch.get_rng_state(),  # the augmentations draw from torch's global RNG
+        "torch_rng": rng[0],  # the augmentations draw from torch's global RNG
+        **({"torch_rng_ranks": rng} if len(rng) > 1 else {}),
         "epoch": epoch,
         "history": history,
         "anchors": anchors,  # measured on the starting model, which a resumed run no longer has
     })
+    distributed.barrier()
 
 
 def _restore_state(path, model, optimizer, scheduler, generator, config) -> tuple[int, dict, dict]:
@@ -511,7 +562,11 @@ def _restore_state(path, model, optimizer, scheduler, generator, config) -> tupl
     optimizer.load_state_dict(data["optimizer"])
     scheduler.load_state_dict(data["scheduler"])
     generator.set_state(data["loader_rng"])
-    torch.set_rng_state(data["torch_rng"])
+    ranks = data.get("torch_rng_ranks", [data["torch_rng"]])
+    if len(ranks) != distributed.world_size():
+        raise CheckpointError(f"{path} was written by {len(ranks)} process(es), this run has "
+                              f"{distributed.world_size()}: resume with the same number of processes")
+    torch.set_rng_state(ranks[distributed.rank()])
     history = {k: list(v) for k, v in data["history"].items()}
     return int(data["epoch"]) + 1, history, data.get("anchors", {})
 
