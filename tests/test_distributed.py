@@ -283,7 +283,7 @@ def test_predict_under_torchrun_writes_what_one_process_writes_and_resumes(folde
     predict_images(load_detector(checkpoint), [root], tmp_path / "one", progress=False)
     expected = files(tmp_path / "one")
     assert len(expected) == 1 + 6  # the JSON lines and an overlay per readable image
-    stdout = torchrun_predict(checkpoint, root, tmp_path / "two")
+    stdout = torchrun_predict(checkpoint, root, tmp_path / "two", "--batch-size", "16")
     assert stdout.count("world size 2, backend gloo, global batch 32 (16 per process)") == 1
     assert files(tmp_path / "two") == expected  # the same bytes in the same order: no part left
     # A killed run: a third of the results, a line cut in half, and a part of a 3-process run.

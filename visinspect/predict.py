@@ -347,7 +347,7 @@ def predict_on_ranks(
     if world_size() == 1:
         return predict_images(detector, inputs, out, **options)
     out = Path(out)
-    announce(options.get("batch_size", 16))
+    announce(options.get("batch_size") or auto_batch_size(detector.image_size))
     parts = [out / part_name(r) for r in range(world_size())]
     if is_main():
         # Parts of a killed run (of any world size): dealt to the ranks that own their files now
