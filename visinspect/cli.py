@@ -40,11 +40,16 @@ def _categories(args, default: Sequence[str]) -> list[str] | None:
     return list(default) if not args.data else None
 
 
-def _interrupted(state: Path) -> int:
-    # The state written last is on disk (atomically): the same command with --resume goes on.
-    print(f"interrupted: continue with --resume {state}" if state.is_file() else "interrupted",
-          file=sys.stderr)
-    return 130
+def _write_json(path: str, obj) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(obj, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+def _resumable(args, state: Path) -> Path:
+    """A long command's state file, named in the message a Ctrl-C prints (main catches it)."""
+    args.interrupted = f"continue with --resume {state} (written as it goes)"
+    return state
 
 
 # ----------------------------------------------------------------------------- commands
@@ -116,13 +121,10 @@ def cmd_train(args) -> int:
               f"{len(source.val)} validation images")
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          image_size=args.image_size, seed=args.seed, precision=args.precision)
-    state = Path(f"{args.out}.state")
+    state = _resumable(args, Path(f"{args.out}.state"))
     run = TrainingRun(config, weights=args.backbone_weights, device=args.device, progress=True,
                       state=state, resume=args.resume and Path(args.resume))
-    try:
-        model, info = train_method(chosen.name, source, run, pretrained=args.pretrained)
-    except KeyboardInterrupt:
-        return _interrupted(state)
+    model, info = train_method(chosen.name, source, run, pretrained=args.pretrained)
     save_method(args.out, chosen.name, model, info)
     state.unlink(missing_ok=True)
     print(training_summary(chosen.name, model, info))
@@ -149,10 +151,7 @@ def cmd_evaluate(args) -> int:
     report = evaluate_checkpoint(args.checkpoint, table.samples, settings)
     print(report_markdown(report))
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(round_floats(report), indent=2) + "\n")
-        print(f"wrote {out}")
+        _write_json(args.json, round_floats(report))
     return 0
 
 
@@ -199,19 +198,15 @@ def cmd_pretrain(args) -> int:
     names = ("epochs", "image_size", "seed", "trainable_from", "temperature", *PRETRAIN_LEVERS)
     overrides = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     config = (PretrainConfig.demo if args.preset == "demo" else PretrainConfig.full)(**overrides)
-    try:
-        history = pretrain_to_file(args.out, src, tgt, config, include_target_good=args.include_target_good,
-                                   weights=args.backbone_weights, device=args.device, resume=args.resume)
-    except KeyboardInterrupt:
-        return _interrupted(Path(f"{args.out}.state"))
+    _resumable(args, Path(f"{args.out}.state"))
+    history = pretrain_to_file(args.out, src, tgt, config, include_target_good=args.include_target_good,
+                               weights=args.backbone_weights, device=args.device, resume=args.resume)
     print(f"loss per epoch {history['loss']}; {history['images_per_s'][-1]:.1f} images/s")
     print(f"saved {args.out}; train a classifier on it with `train --pretrained {args.out}`")
     return 0
 
 
 def cmd_compare(args) -> int:
-    import dataclasses
-
     from visinspect.evaluate import round_floats
     from visinspect.experiments.compare import MODELS, ComparePreset, draw_figures, run_comparison
     from visinspect.experiments.demo import SOURCE, TARGET
@@ -221,15 +216,13 @@ def cmd_compare(args) -> int:
     rows, first = run_comparison(
         _data_roots(args), _csv(args.source) or list(SOURCE), _csv(args.target) or list(TARGET),
         seeds=range(args.first_seed, args.first_seed + args.seeds),
-        preset=dataclasses.replace(ComparePreset.named(args.preset), precision=args.precision),
+        preset=ComparePreset.named(args.preset, precision=args.precision),
         calibrate=calibrate, models=_csv(args.models) or MODELS, weights=args.backbone_weights,
         device=args.device, log=lambda m: print(m, file=sys.stderr),
     )
     print(summary_table(rows))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"rows": round_floats(rows)}, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        _write_json(args.json, {"rows": round_floats(rows)})
     if args.figures:
         draw_figures(rows, first, calibrate, args.figures)
         print(f"wrote figures to {args.figures}")
@@ -237,26 +230,19 @@ def cmd_compare(args) -> int:
 
 
 def cmd_loo(args) -> int:
-    import dataclasses
-
     from visinspect.experiments.compare import ComparePreset
     from visinspect.experiments.loo import LeaveOneOut
     from visinspect.methods.registry import DEFAULT_MODELS
 
-    preset = dataclasses.replace(ComparePreset.named(args.preset), precision=args.precision)
-    if args.source_cap is not None:
-        preset = dataclasses.replace(preset, max_source_per_category=args.source_cap)
+    preset = ComparePreset.named(args.preset, precision=args.precision,
+                                 max_source_per_category=args.source_cap)
     run = LeaveOneOut(
         args.data, args.out, targets=_csv(args.targets) or None, models=_csv(args.models) or DEFAULT_MODELS,
         seeds=args.seeds, calibrate=[int(k) for k in _csv(args.calibrate)], preset=preset,
         weights=args.backbone_weights, device=args.device, log=lambda m: print(m, flush=True),
     )
-    try:
-        run.run()
-    except KeyboardInterrupt:
-        print(f"interrupted: run the same command again to continue (finished jobs are in {args.out})",
-              file=sys.stderr)
-        return 130
+    args.interrupted = f"run the same command again to continue (finished jobs are in {args.out})"
+    run.run()
     print(f"wrote {Path(args.out) / 'rows.json'}, tables.md, budget.json and the figures")
     return 0
 
@@ -439,5 +425,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        hint = getattr(args, "interrupted", "")
+        print(f"interrupted{': ' + hint if hint else ''}", file=sys.stderr)
         return 130

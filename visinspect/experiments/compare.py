@@ -21,6 +21,7 @@ only: their train/good images are what SimCLR ("+target-good") and the calibrati
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,11 +94,12 @@ class ComparePreset:
         return cls("medium", 128, 10, pretrain, max_source_per_category=150, max_test_per_category=150)
 
     @classmethod
-    def named(cls, name: str) -> ComparePreset:
+    def named(cls, name: str, **overrides) -> ComparePreset:
+        """The preset of this name with some fields replaced (None values leave a field as it is)."""
         presets = {"demo": cls.demo, "medium": cls.medium, "full": cls.full}
         if name not in presets:
             raise ValueError(f"preset must be one of {', '.join(presets)}; got {name!r}")
-        return presets[name]()
+        return dataclasses.replace(presets[name](), **{k: v for k, v in overrides.items() if v is not None})
 
 
 @dataclass
