@@ -35,7 +35,8 @@ def load_rows(files: Sequence[Path]) -> tuple[list[dict], list[dict]]:
         data = json.loads(Path(f).read_text())
         rows += data["rows"]
         sources.append({"file": Path(f), "settings": data.get("settings", {}),
-                        "provenance": data.get("provenance")})
+                        "provenance": data.get("provenance"),
+                        "seeds": sorted({r["seed"] for r in data["rows"]})})
     return rows, sources
 
 
@@ -86,11 +87,16 @@ def headline_table(rows: Sequence[dict], k: int) -> str:
     return "\n".join(lines)
 
 
+def _k_targets(rows: Sequence[dict]) -> list[str]:
+    """The targets that have rows with K good images (the others have too few good images)."""
+    return sorted({r["target"] for r in rows if " k=" in r["model"]})
+
+
 def k_against_auroc(rows: Sequence[dict], ks: Sequence[int]) -> str:
     """Each method with good images: mean image AUROC over the targets (of its seeds' means) at each K."""
     methods = dict.fromkeys(r["model"].rsplit(" k=", 1)[0] for r in rows if " k=" in r["model"]
                             and "calibrated" not in r["model"])
-    targets = sorted({r["target"] for r in rows})
+    targets = _k_targets(rows)
     lines = ["| method | " + " | ".join(f"K = {k}" for k in ks) + " |", "|" + " --- |" * (len(ks) + 1)]
     for m in methods:
         cells = []
@@ -109,8 +115,8 @@ def anchors_table(anchors: dict, rows: Sequence[dict], ks: Sequence[int], settin
         lines.append(f"| {a['method']} | {a['source']} | {a['backbone']} | {a['resolution'] or '–'} | "
                      f"{' / '.join(map(str, a['k']))} | MVTec AD (15) | "
                      f"{' / '.join(f'{v:.1f}' for v in a['image_auroc'])} |")
-    targets = sorted({r["target"] for r in rows})
     nested = [chosen_on_other_targets(rows, k) for k in ks]
+    targets = sorted({c["target"] for n in nested for c in n})
     rec = [[_mean(_cells(rows, t, f"{RECOMMENDED} k={k}")) for t in targets] for k in ks]
     ours = {
         "visinspect, chosen without the product's labels": [
@@ -120,7 +126,8 @@ def anchors_table(anchors: dict, rows: Sequence[dict], ks: Sequence[int], settin
     }
     for name, values in ours.items():
         lines.append(f"| {name} | this page's rows | see `python -m visinspect methods` | "
-                     f"{settings.get('image_size')} px | {' / '.join(map(str, ks))} | {', '.join(targets)} | "
+                     f"{settings.get('image_size', '–')} px | {' / '.join(map(str, ks))} | "
+                     f"{', '.join(targets)} | "
                      + " / ".join("–" if v is None else f"{v:.1f}" for v in values) + " |")
     return "\n".join(lines)
 
@@ -130,20 +137,20 @@ def _provenance(source: dict, page_dir: Path) -> list[str]:
     cap, link = s.get("max_source_per_category"), os.path.relpath(source["file"], page_dir)
     return [
         f"- rows: [`{link}`]({link})"
-        f" ({len(s.get('seeds', []))} seeds, every row of the run)",
+        f" (seeds {source['seeds']}: every row of the run)",
         f"- command: `{p.get('command', 'not recorded')}`",
         f"- commit: `{p.get('commit') or 'not recorded'}`; date: {p.get('date', 'not recorded')}",
         f"- machine: {p.get('machine') or s.get('machine', 'not recorded')}",
         f"- precision: {p.get('precision') or s.get('precision')}; {s.get('preset')} preset, "
         f"{s.get('image_size')} px, ≤ {s.get('epochs')} epochs; source categories "
-        + (f"capped at ~{cap} images each" if cap else "uncapped") + f"; seeds {s.get('seeds')}; "
+        + (f"capped at ~{cap} images each" if cap else "uncapped") + "; "
         f"K = {s.get('calibrate')}; threshold rule `{s.get('threshold_rule')}`",
     ]
 
 
 def _bullets(rows: Sequence[dict], k: int, ks: Sequence[int]) -> list[str]:
     """"What this shows", from the numbers of the tables above."""
-    targets = sorted({r["target"] for r in rows})
+    targets = _k_targets(rows)
     chosen = chosen_on_other_targets(rows, k)
     rec = {t: _mean(_cells(rows, t, f"{RECOMMENDED} k={k}")) for t in targets}
     base = {t: _mean(_cells(rows, t, "baseline")) for t in targets}
@@ -180,7 +187,7 @@ def report_markdown(files: Sequence[Path], page_dir: Path, anchors: Path | None 
     ks = sorted({int(r["model"].rsplit(" k=", 1)[1]) for r in rows if " k=" in r["model"]})
     k = headline_k(ks)
     plain = [r for r in rows if " k=" not in r["model"]]
-    simclr = [r for r in rows if "simclr" in r["model"]]
+    simclr = [r for r in rows if "simclr" in r["model"] and "calibrated" not in r["model"]]
     lines = [
         "# Results",
         "",
@@ -219,7 +226,7 @@ def report_markdown(files: Sequence[Path], page_dir: Path, anchors: Path | None 
     lines += ([pivot_table(simclr, "image_auroc"), ""] if simclr else [
         "The rows quoted here hold no SimCLR run, so this page gives no SimCLR figure; the earlier "
         "screens are history in [experiments.md](experiments.md).", ""])
-    lines += ["## K against AUROC", "", "Mean image AUROC over the products:", "",
+    lines += ["## K against AUROC", "", f"Mean image AUROC over {', '.join(_k_targets(rows))}:", "",
               k_against_auroc(rows, ks), "", "![image AUROC against K](loo_image_auroc_vs_k.png)", ""]
     calibrated = [r for r in rows if r["model"].endswith(f" k={k}") or r["model"] == "baseline"]
     lines += ["## Calibrated balanced accuracy", "",
