@@ -123,3 +123,11 @@ def test_readme_names_the_fields_predict_writes(tmp_path, monkeypatch):
                      str(tmp_path / "out"), str(root / "hex_nut" / "test")]) == 0
     rows = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     assert rows and all(list(r) == named for r in rows)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_relative_links_resolve(page):
+    targets = re.findall(r"\]\(<?([^)>#\s]+)", page.read_text())
+    local = [t for t in targets if not re.match(r"^[a-z][a-z0-9+.-]*:", t)]
+    missing = [t for t in local if not (page.parent / t).exists()]
+    assert not missing, f"{page.name} links files that are not in the repository: {missing}"
