@@ -131,3 +131,9 @@ def test_relative_links_resolve(page):
     local = [t for t in targets if not re.match(r"^[a-z][a-z0-9+.-]*:", t)]
     missing = [t for t in local if not (page.parent / t).exists()]
     assert not missing, f"{page.name} links files that are not in the repository: {missing}"
+
+
+def test_every_figure_in_docs_is_linked():
+    text = "".join(page.read_text() for page in PAGES)
+    unlinked = [p.name for p in sorted((REPO / "docs").glob("*.png")) if p.name not in text]
+    assert not unlinked, f"figures no page links (remove them or link them): {unlinked}"
