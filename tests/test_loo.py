@@ -71,6 +71,10 @@ def test_rows_cover_every_target_model_and_k(uninterrupted, tiny_root):
     assert all(r["positive_class"] == "anomaly" for r in rows)
     saved = json.loads((out / "rows.json").read_text())
     assert saved["rows"] == rows and saved["settings"]["image_size"] == 32
+    # Where the rows come from, for the pages that quote them; not a setting (a resumed run may differ).
+    assert sorted(saved["provenance"]) == ["command", "commit", "date", "machine", "precision"]
+    provenance = saved["provenance"]
+    assert provenance["precision"] == saved["settings"]["precision"] and provenance["command"]
     tables = (out / "tables.md").read_text()
     assert "positive class = anomaly" in tables and "| grain_wood |" in tables
     budget = json.loads((out / "budget.json").read_text())

@@ -37,7 +37,7 @@ DEFAULT_RULE = RULES[0]
 # of a handful of scores say little, and on K = 5 the fence set aside ordinary good parts (bottle's
 # calibrated balanced accuracy 0.850 -> 0.775). The cap also matters where scores take few values
 # (the pattern score's counts): there the interquartile range can be ~0. Measured with
-# reference-mobilenet+patterns on the four real targets (3 seeds; docs/results.md): calibrated
+# reference-mobilenet+patterns on the four real targets (3 seeds; docs/experiments.md): calibrated
 # balanced accuracy 0.794 -> 0.823 at K = 20, 0.804 -> 0.844 at K = 50.
 FENCE, OUTLIER_SHARE = 1.5, 0.1
 BOX_THRESHOLD = 0.5  # the heat above which boxes are drawn (see boxes.heatmap_to_boxes)

@@ -247,6 +247,15 @@ def cmd_loo(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from visinspect.experiments.report import write_report
+
+    write_report([Path(f) for f in args.rows], Path(args.out), readme=args.readme and Path(args.readme),
+                 anchors=args.anchors and Path(args.anchors))
+    print(f"wrote {args.out} and its figures" + (f"; the results of {args.readme}" if args.readme else ""))
+    return 0
+
+
 def cmd_cache(args) -> int:
     from visinspect.backbones.store import FeatureStore
 
@@ -281,6 +290,8 @@ SHARED = {
     "calibrate": (("--calibrate",), {"help": "comma-separated K values (good images of a target)"}),
     "models": (("--models",), {"help": "comma-separated method names, as `python -m visinspect methods` "
                                "lists them"}),
+    "loo-models": (("--models",), {"help": "comma-separated method names (default: those `python -m "
+                                   "visinspect methods` marks `loo` default: registry.DEFAULT_MODELS)"}),
 }
 
 
@@ -393,13 +404,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write {'rows': [...]} to this file")
     p.add_argument("--figures", help="write bar charts and side-by-side heatmaps to this folder")
     p = _command(sub, "loo", cmd_loo, "leave-one-out over real products: each in turn is the unknown one",
-                 "models", "calibrate", "preset", "precision", "weights", "device", "store")
+                 "loo-models", "calibrate", "preset", "precision", "weights", "device", "store")
     p.set_defaults(calibrate="5,20,50", preset="full")
     p.add_argument("--data", nargs="+", metavar="ROOT", required=True, help="data roots in MVTec layout")
     p.add_argument("--targets", help="comma-separated (default: each category with both kinds of test image)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1; tables give mean ± std over them")
     p.add_argument("--source-cap", type=int, help="at most ~N images per source category (by defect type)")
     p.add_argument("--out", default="runs/loo", help="jobs, models, rows.json, tables.md, budget, figures")
+    p = _command(sub, "report", cmd_report, "write docs/results.md (tables, figures) from committed loo rows")
+    p.add_argument("--rows", nargs="+", required=True, metavar="ROWS_JSON", help="loo's rows.json files")
+    p.add_argument("--out", default="docs/results.md", help="the page; its figures go beside it")
+    p.add_argument("--readme", help="also rewrite this README's block between the results markers")
+    p.add_argument("--anchors", help="published figures (default: anchors.json beside --out)")
     p = _command(sub, "cache", cmd_cache, "show or empty the feature store", "store")
     p.add_argument("action", choices=("info", "clear"))
     p.add_argument("--json", action="store_true", help="info as one JSON object")

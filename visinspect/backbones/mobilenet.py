@@ -1,7 +1,7 @@
 """MobileNetV2's ImageNet layers as the patch features of the good-reference score.
 
 The nearest-good-patch score (visinspect.methods.memory_bank) only compares features, so it can use any
-frozen ImageNet network. Measured on the real targets (docs/results.md), MobileNetV2's stride-16
+frozen ImageNet network. Measured on the real targets (docs/experiments.md), MobileNetV2's stride-16
 maps (the output of its 13th inverted-residual block: 96 channels, 14 x 14 at 224 px) separate
 good from defective parts of new products far better than VGG16's conv4_3, at a sixty-sixth of
 its cost (0.42 against 27.9 GFLOP per 224 px image), and better still when each image is first
@@ -39,7 +39,7 @@ CHANNELS, STRIDE = 96, 16
 class ImageStandardisation(nn.Module):
     """Each image's channels shifted and scaled to mean 0 and standard deviation 1: the score then
     ignores a part's overall brightness and contrast (lighting), not its local changes. Measured on
-    the real targets (K = 20, 3 seeds, docs/results.md): image AUROC up on all four, magnetic tile
+    the real targets (K = 20, 3 seeds, docs/experiments.md): image AUROC up on all four, magnetic tile
     0.816 -> 0.832 and DeepPCB 0.486 -> 0.510."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

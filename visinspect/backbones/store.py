@@ -89,8 +89,8 @@ LAYERS = {
                           round_up=True),
 }
 # fp32 by default: rounding the classifier's training features to fp16 moved its trained rows by up
-# to 0.018 image AUROC (docs/results.md, "fp16 storage"), above the 0.002 a stored feature may move a
-# reported metric. fp16 halves the disk and is exact enough for the good-reference score alone.
+# to 0.018 image AUROC (docs/experiments.md, "fp16 feature store"), above the 0.002 a stored feature
+# may move a reported metric. fp16 halves the disk and is exact enough for the good-reference score alone.
 # Activations beyond fp16's range are refused, never clipped.
 DTYPES = ("float16", "float32")
 DEFAULT_DTYPE = "float32"

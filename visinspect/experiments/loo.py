@@ -19,8 +19,12 @@ all.
 
 from __future__ import annotations
 
+import datetime
 import json
+import shlex
 import statistics
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -136,7 +140,9 @@ class LeaveOneOut:
         device: str | torch.device = "auto",
         store: FeatureStore | None = None,
         log: Callable[[str], None] = print,
+        command: str | None = None,
     ) -> None:
+        self.command = command
         self.table = build_sample_table(roots).samples
         self.out = Path(out)
         self.categories = sorted({s.category for s in self.table})
@@ -202,6 +208,17 @@ class LeaveOneOut:
             "models": self.models,
             "pretrain": p.pretrain.to_dict() if any(self._pretrains(m) for m in self.models) else None,
             "machine": describe_machine(self.device),
+        }
+
+    def provenance(self) -> dict:
+        """Where the rows come from, for the pages that quote them (not a setting: a resumed run
+        may differ in it): the command, the package's git commit, the date, the machine, the precision."""
+        return {
+            "command": self.command or command_line(),
+            "commit": package_commit(),
+            "date": datetime.date.today().isoformat(),
+            "machine": describe_machine(self.device),
+            "precision": resolve_precision(self.preset.precision),
         }
 
     # ------------------------------------------------------------------ the run
@@ -395,7 +412,8 @@ class LeaveOneOut:
         }
 
     def write(self, rows: list[dict], budget: dict) -> None:
-        _write_json(self.out / "rows.json", {"settings": self.settings(), "rows": rows})
+        _write_json(self.out / "rows.json",
+                    {"settings": self.settings(), "provenance": self.provenance(), "rows": rows})
         _write_json(self.out / "budget.json", budget)
         text = tables_markdown(rows, self.settings())
         with atomic_path(self.out / "tables.md") as tmp:
@@ -404,6 +422,24 @@ class LeaveOneOut:
         self.log(budget_text(budget))
         if rows:
             draw_figures(rows, self.out)
+
+
+def command_line() -> str:
+    """The command that runs this process, as a user would type it."""
+    args = [shlex.quote(a) for a in sys.argv[1:]]
+    if Path(sys.argv[0]).name == "__main__.py" and Path(sys.argv[0]).parent.name == "visinspect":
+        return " ".join(["python -m visinspect", *args])
+    return " ".join([shlex.quote(sys.argv[0]), *args])
+
+
+def package_commit() -> str | None:
+    """`git rev-parse HEAD` of the checkout visinspect runs from, or None outside one."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (done.stdout.strip() or None) if done.returncode == 0 else None
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -206,6 +206,11 @@ def _paired_table(rows: Sequence[dict], base: str = "baseline") -> str:
     return "\n".join(lines)
 
 
+def headline_k(calibrate: Sequence[int]) -> int:
+    """The K the headline tables quote: the largest K up to 20 (a few good parts), else the largest."""
+    return max([k for k in calibrate if k <= 20] or list(calibrate) or [0])
+
+
 def tables_markdown(rows: Sequence[dict], settings: dict) -> str:
     """tables.md: the headline AUROC table, then every metric with and without good images."""
     cap = settings["max_source_per_category"]
@@ -230,7 +235,7 @@ def tables_markdown(rows: Sequence[dict], settings: dict) -> str:
     paired = _paired_table(rows)
     if paired:
         lines += ["### Against the baseline, paired by target and seed", "", paired, ""]
-    k = max([k for k in settings["calibrate"] if k <= 20] or settings["calibrate"] or [0])
+    k = headline_k(settings["calibrate"])
     chosen = _chosen_table(rows, k)
     if chosen:
         lines += [f"### The method chosen on the other targets (K = {k})", "",

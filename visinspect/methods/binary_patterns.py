@@ -3,7 +3,7 @@
 On a binary drawing (copper or not, ink or not) a defect of a few pixels, a spur, a bite, a speck,
 makes 3 x 3 pixel configurations that no good drawing has, whichever board it shows; a patch
 network's stride-16 maps blur such defects away (DeepPCB: image AUROC ~0.51 with MobileNetV2,
-docs/results.md). So, for a product whose good images are binary drawings:
+docs/experiments.md). So, for a product whose good images are binary drawings:
 
 1. each image is read in grey at PATTERN_SIZE px and thresholded at mid-grey;
 2. every pixel's 3 x 3 neighbourhood is one of 2**9 = 512 patterns (a 9-bit code);

@@ -63,7 +63,7 @@ class TopReferenceDetector(ReferenceDetector):
 class MobileNetReferenceDetector(TopReferenceDetector):
     """The same top-5 % nearest good patch on MobileNetV2's stride-16 maps (visinspect.backbones.mobilenet)
     instead of VGG16's conv4_3: the frozen ImageNet features that separated the real targets' good
-    and defective parts best (docs/results.md). The bank keeps every patch: 196 per image at
+    and defective parts best (docs/experiments.md). The bank keeps every patch: 196 per image at
     224 px, so even K = 50 searches fewer multiply-adds than conv4_3's 2048-patch coreset."""
 
     score_name = "mean of the 5 % largest MobileNetV2 good-patch distances minus calibrated threshold"

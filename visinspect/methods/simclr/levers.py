@@ -6,7 +6,7 @@ LEVERS = ("defect_negatives", "rotation_negatives", "dense_weight", "mean_shifte
           "freeze_head_bn")
 # Each lever at the setting measured as a row of `compare` and `loo` (method "simclr+NAME": SimCLR
 # on the source and the target's good images with that lever): name -> PretrainConfig overrides.
-# L2-SP's weight was chosen once, on the real-data screen of docs/results.md (100 harmed least; 1
+# L2-SP's weight was chosen once, on the real-data screen of docs/experiments.md (100 harmed least; 1
 # as much as plain SimCLR), for every target alike.
 LEVER_SETS: dict[str, dict] = {
     "defect-negatives": {"defect_negatives": True},

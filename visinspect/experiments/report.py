@@ -1,0 +1,267 @@
+"""docs/results.md from committed rows files: `python -m visinspect report --rows ... --out ...`.
+
+The page (and the README's results block) is written from the rows of `loo` runs alone, so that
+every number it shows can be regenerated: tests/test_docs.py rewrites it from docs/rows/ and
+fails if it differs from the committed page. Positive class = anomaly everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+
+from visinspect.experiments.tables import (
+    _mean_std,
+    chosen_on_other_targets,
+    draw_figures,
+    headline_k,
+    pivot_table,
+)
+from visinspect.methods.registry import RECOMMENDED
+from visinspect.utils import atomic_path
+
+README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
+FIGURES = ("loo_image_auroc_vs_k.png", "loo_balanced_accuracy_vs_k.png", "loo_image_auroc.png",
+           "loo_balanced_accuracy.png")
+
+
+def load_rows(files: Sequence[Path]) -> tuple[list[dict], list[dict]]:
+    """Every row of the files, and each file's settings and provenance (None where not recorded)."""
+    rows, sources = [], []
+    for f in files:
+        data = json.loads(Path(f).read_text())
+        rows += data["rows"]
+        sources.append({"file": Path(f), "settings": data.get("settings", {}),
+                        "provenance": data.get("provenance"),
+                        "seeds": sorted({r["seed"] for r in data["rows"]})})
+    return rows, sources
+
+
+def _cells(rows: Sequence[dict], target: str, model: str, metric: str = "image_auroc") -> list[float]:
+    return [r[metric] for r in rows
+            if r["target"] == target and r["model"] == model and r[metric] is not None]
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return statistics.mean(values) if values else None
+
+
+def _simclr_best(rows: Sequence[dict], k: int) -> str | None:
+    """The SimCLR model (without good images, or at K = k) with the best mean AUROC over the targets."""
+    names = {r["model"] for r in rows if "simclr" in r["model"] and (" k=" not in r["model"]
+                                                                       or r["model"].endswith(f" k={k}"))}
+    targets = sorted({r["target"] for r in rows})
+    means = {m: statistics.mean(_mean(_cells(rows, t, m)) or 0.0 for t in targets) for m in names}
+    return max(sorted(means), key=means.get) if means else None
+
+
+def headline_table(rows: Sequence[dict], k: int) -> str:
+    """Per target: the method chosen on the other targets (nested), the recommended method, the
+    baseline and the best SimCLR variant; image AUROC at K = k, mean ± std over seeds."""
+    chosen = {c["target"]: c for c in chosen_on_other_targets(rows, k)}
+    rec, simclr = f"{RECOMMENDED} k={k}", _simclr_best(rows, k)
+    seeds = len({r["seed"] for r in rows})
+    lines = [
+        f"| unknown product | test images | chosen without the product's labels (K = {k}) | "
+        f"`{RECOMMENDED}` (recommended), K = {k} | baseline, no good image | "
+        + (f"best SimCLR: `{simclr}` |" if simclr else "SimCLR |"),
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    columns: list[list[float]] = [[], [], [], []]
+    for t in sorted({r["target"] for r in rows if r["model"] == rec} or {r["target"] for r in rows}):
+        n = next(r["n_images"] for r in rows if r["target"] == t)
+        c = chosen.get(t)
+        cells = [_cells(rows, t, rec), _cells(rows, t, "baseline"), _cells(rows, t, simclr) if simclr else []]
+        for column, value in zip(columns, [[c["auroc"]] if c else [], *cells], strict=True):
+            if value:
+                column.append(statistics.mean(value))
+        nested = f"**{c['auroc']:.3f}** (`{c['chosen']}`)" if c else "–"
+        shown = [_mean_std(v, seeds) if v else ("no SimCLR rows" if i == 2 else "–")
+                 for i, v in enumerate(cells)]
+        lines.append(f"| {t} | {n} | {nested} | " + " | ".join(shown) + " |")
+    means = [f"{statistics.mean(col):.3f}" if col else "–" for col in columns]
+    lines.append(f"| mean | | **{means[0]}** | " + " | ".join(means[1:]) + " |")
+    return "\n".join(lines)
+
+
+def _k_targets(rows: Sequence[dict]) -> list[str]:
+    """The targets that have rows with K good images (the others have too few good images)."""
+    return sorted({r["target"] for r in rows if " k=" in r["model"]})
+
+
+def k_against_auroc(rows: Sequence[dict], ks: Sequence[int]) -> str:
+    """Each method with good images: mean image AUROC over the targets (of its seeds' means) at each K."""
+    methods = dict.fromkeys(r["model"].rsplit(" k=", 1)[0] for r in rows if " k=" in r["model"]
+                            and "calibrated" not in r["model"])
+    targets = _k_targets(rows)
+    lines = ["| method | " + " | ".join(f"K = {k}" for k in ks) + " |", "|" + " --- |" * (len(ks) + 1)]
+    for m in methods:
+        cells = []
+        for k in ks:
+            means = [_mean(_cells(rows, t, f"{m} k={k}")) for t in targets]
+            cells.append(f"{statistics.mean(means):.3f}" if all(v is not None for v in means) else "–")
+        lines.append(f"| `{m}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def anchors_table(anchors: dict, rows: Sequence[dict], ks: Sequence[int], settings: dict) -> str:
+    """The published figures (anchors.json) beside this run's nested and recommended means, in %."""
+    lines = ["| method | source | backbone | resolution | K good images | products | image AUROC (%) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for a in anchors["anchors"]:
+        lines.append(f"| {a['method']} | {a['source']} | {a['backbone']} | {a['resolution'] or '–'} | "
+                     f"{' / '.join(map(str, a['k']))} | MVTec AD (15) | "
+                     f"{' / '.join(f'{v:.1f}' for v in a['image_auroc'])} |")
+    nested = [chosen_on_other_targets(rows, k) for k in ks]
+    targets = sorted({c["target"] for n in nested for c in n})
+    rec = [[_mean(_cells(rows, t, f"{RECOMMENDED} k={k}")) for t in targets] for k in ks]
+    ours = {
+        "visinspect, chosen without the product's labels": [
+            statistics.mean(c["auroc"] for c in n) * 100 if n else None for n in nested],
+        f"visinspect `{RECOMMENDED}`": [
+            statistics.mean(v) * 100 if all(x is not None for x in v) else None for v in rec],
+    }
+    for name, values in ours.items():
+        lines.append(f"| {name} | this page's rows | see `python -m visinspect methods` | "
+                     f"{settings.get('image_size', '–')} px | {' / '.join(map(str, ks))} | "
+                     f"{', '.join(targets)} | "
+                     + " / ".join("–" if v is None else f"{v:.1f}" for v in values) + " |")
+    return "\n".join(lines)
+
+
+def _provenance(source: dict, page_dir: Path) -> list[str]:
+    s, p = source["settings"], source["provenance"] or {}
+    cap, link = s.get("max_source_per_category"), os.path.relpath(source["file"], page_dir)
+    return [
+        f"- rows: [`{link}`]({link})"
+        f" (seeds {source['seeds']}: every row of the run)",
+        f"- command: `{p.get('command', 'not recorded')}`",
+        f"- commit: `{p.get('commit') or 'not recorded'}`; date: {p.get('date', 'not recorded')}",
+        f"- machine: {p.get('machine') or s.get('machine', 'not recorded')}",
+        f"- precision: {p.get('precision') or s.get('precision')}; {s.get('preset')} preset, "
+        f"{s.get('image_size')} px, ≤ {s.get('epochs')} epochs; source categories "
+        + (f"capped at ~{cap} images each" if cap else "uncapped") + "; "
+        f"K = {s.get('calibrate')}; threshold rule `{s.get('threshold_rule')}`",
+    ]
+
+
+def _bullets(rows: Sequence[dict], k: int, ks: Sequence[int]) -> list[str]:
+    """"What this shows", from the numbers of the tables above."""
+    targets = _k_targets(rows)
+    chosen = chosen_on_other_targets(rows, k)
+    rec = {t: _mean(_cells(rows, t, f"{RECOMMENDED} k={k}")) for t in targets}
+    base = {t: _mean(_cells(rows, t, "baseline")) for t in targets}
+    out = []
+    if chosen:
+        picks = sorted({c["chosen"] for c in chosen})
+        out.append(f"- Chosen on the other products (what a user without this product's labels can do), "
+                   f"the method is {', '.join(f'`{p}`' for p in picks)}: mean image AUROC "
+                   f"{statistics.mean(c['auroc'] for c in chosen):.3f} at K = {k}, against "
+                   f"{statistics.mean(c['best_auroc'] for c in chosen):.3f} for the best choice made by "
+                   "looking at each product (no user can make it).")
+    if all(v is not None for v in rec.values()):
+        high = [t for t, v in rec.items() if v >= 0.95]
+        low = [t for t, v in rec.items() if v < 0.85]
+        out.append(f"- `{RECOMMENDED}` at K = {k}: ≥ 0.95 on {', '.join(high) or 'no product'}; "
+                   f"below 0.85 on {', '.join(low) or 'no product'}.")
+    if all(v is not None for v in base.values()) and all(v is not None for v in rec.values()):
+        out.append(f"- Without any good image of the product the baseline averages "
+                   f"{statistics.mean(base.values()):.3f}; K = {k} good images lift the mean to "
+                   f"{statistics.mean(rec.values()):.3f} (recommended method).")
+    bal = {t: _mean(_cells(rows, t, f"{RECOMMENDED} k={k}", "balanced_accuracy")) for t in targets}
+    bal0 = {t: _mean(_cells(rows, t, "baseline", "balanced_accuracy")) for t in targets}
+    if all(v is not None for v in [*bal.values(), *bal0.values()]):
+        out.append(f"- The threshold: learnt on the other products, the baseline's balanced accuracy "
+                   f"averages {statistics.mean(bal0.values()):.3f}; calibrated on K = {k} good images, "
+                   f"the recommended method's {statistics.mean(bal.values()):.3f}.")
+    return out
+
+
+def report_markdown(files: Sequence[Path], page_dir: Path, anchors: Path | None = None) -> str:
+    """The whole results page, from the rows files (links relative to page_dir)."""
+    rows, sources = load_rows(files)
+    settings = sources[0]["settings"]
+    ks = sorted({int(r["model"].rsplit(" k=", 1)[1]) for r in rows if " k=" in r["model"]})
+    k = headline_k(ks)
+    plain = [r for r in rows if " k=" not in r["model"]]
+    simclr = [r for r in rows if "simclr" in r["model"] and "calibrated" not in r["model"]]
+    lines = [
+        "# Results",
+        "",
+        "Written by `python -m visinspect report` from the rows files below (do not edit: "
+        "`tests/test_docs.py` regenerates this page and fails if it differs). Leave-one-out: each "
+        "product in turn is the unknown one, every other product the source. **Positive class = "
+        "anomaly**; image AUROC ranks the logit margin or the method's anomaly score; mean ± std "
+        "over seeds. Earlier screens, not kept: [experiments.md](experiments.md).",
+        "",
+        "## Where the numbers come from",
+        "",
+    ]
+    for source in sources:
+        lines += _provenance(source, page_dir)
+    lines += [
+        "",
+        f"## Headline: image AUROC with K = {k} good images of the new product",
+        "",
+        "The first column is the figure to quote: the method chosen on the *other* products (nested "
+        "leave-one-out), as a user without this product's labels would choose it.",
+        "",
+        headline_table(rows, k),
+        "",
+    ]
+    if anchors and anchors.is_file():
+        lines += ["Published few-shot figures beside ours (what differs: backbone, resolution, K, products; "
+                  "theirs are means over MVTec AD's 15 categories):", "",
+                  anchors_table(json.loads(anchors.read_text()), rows, ks, settings), ""]
+    lines += ["## No good image of the product", "", pivot_table(plain, "image_auroc"), "",
+              "![image AUROC per method and product](loo_image_auroc.png)", ""]
+    lines += ["## K good images of the product", ""]
+    for kk in ks:
+        at_k = [r for r in rows if r["model"].endswith(f" k={kk}") and "calibrated" not in r["model"]]
+        lines += [f"K = {kk}: " + pivot_table(at_k, "image_auroc"), ""]
+    lines += ["## SimCLR", ""]
+    lines += ([pivot_table(simclr, "image_auroc"), ""] if simclr else [
+        "The rows quoted here hold no SimCLR run, so this page gives no SimCLR figure; the earlier "
+        "screens are history in [experiments.md](experiments.md).", ""])
+    lines += ["## K against AUROC", "", f"Mean image AUROC over {', '.join(_k_targets(rows))}:", "",
+              k_against_auroc(rows, ks), "", "![image AUROC against K](loo_image_auroc_vs_k.png)", ""]
+    calibrated = [r for r in rows if r["model"].endswith(f" k={k}") or r["model"] == "baseline"]
+    lines += ["## Calibrated balanced accuracy", "",
+              f"The threshold from K = {k} good images of the product (`baseline`: from the other "
+              "products' validation images).", "", pivot_table(calibrated, "balanced_accuracy"), "",
+              "![balanced accuracy against K](loo_balanced_accuracy_vs_k.png)",
+              "![balanced accuracy without good images](loo_balanced_accuracy.png)", ""]
+    lines += ["## What this shows", "", *_bullets(rows, k, ks), ""]
+    return "\n".join(lines)
+
+
+def readme_block(files: Sequence[Path]) -> str:
+    """The README's results in short: the headline table between its markers."""
+    rows, _ = load_rows(files)
+    k = headline_k(sorted({int(r["model"].rsplit(" k=", 1)[1]) for r in rows if " k=" in r["model"]}))
+    return f"{README_START}\n{headline_table(rows, k)}\n{README_END}"
+
+
+def replace_block(text: str, block: str) -> str:
+    """`text` with the part between the results markers (markers included) replaced by `block`."""
+    start, end = text.index(README_START), text.index(README_END) + len(README_END)
+    return text[:start] + block + text[end:]
+
+
+def write_report(files: Sequence[Path], out: Path, *, readme: Path | None = None,
+                 anchors: Path | None = None, figures: bool = True) -> str:
+    """Write the page (and its figures beside it, and the README's block); return the page."""
+    out = Path(out)
+    anchors = anchors or out.parent / "anchors.json"
+    text = report_markdown(files, out.parent, anchors)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        tmp.write_text(text)
+    if figures:
+        draw_figures(load_rows(files)[0], out.parent)
+    if readme:
+        Path(readme).write_text(replace_block(Path(readme).read_text(), readme_block(files)))
+    return text
