@@ -72,7 +72,7 @@ def inputs(tmp: Path, n: int | None) -> tuple[Path, Path, str]:
             for i, f in enumerate(sorted(test.rglob("*.png"))[:n]):
                 (tmp / "test" / f"{i:05d}_{f.name}").symlink_to(f)
             test = tmp / "test"
-        return test, good, f"{test} (real)"
+        return test, good, f"$VISINSPECT_SHARED_DATA/{PRODUCT}/test (real)"
     write_images(good, K, seed=1)
     write_images(tmp / "test", n or 772)
     return tmp / "test", good, "synthetic 256 px PNGs, random weights"
@@ -172,11 +172,60 @@ def run_worker(mode: str, checkpoint: Path, test: Path, good: Path, out: Path) -
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+PAGE_BLOCK = ("<!-- bench_predict:start -->", "<!-- bench_predict:end -->")
+README_BLOCK = ("<!-- bench_predict_short:start -->", "<!-- bench_predict_short:end -->")
+
+
+def markdown(result: dict) -> str:
+    """The benchmark's table and the lines under it, from its result (printed, and the page's block)."""
+    limit = result["serial_limit"]
+    lines = [f"`{result['command']}` on {result['date']} at commit {result['commit']}: {result['machine']}",
+             "", f"Images: {result['images']} from {result['what']}; method: the recommended one at "
+             f"{result['image_size']} px, K = {K}; precision {result['precision']}.", "",
+             "| stage | images/s | share of the serial limit |", "| --- | ---: | ---: |",
+             f"| decode + resize (load_rgb + to_tensor, 1 thread) | {result['decode']:.1f} | |"]
+    for batch, rate in result["network"].items():
+        mark = " (the store's batch)" if int(batch) == result["fill_batch"] else ""
+        lines.append(f"| network, {result['precision']}, channels-last, batch {batch}{mark} | {rate:.1f} | |")
+    batch = result["fill_batch"]
+    lines.append(f"| serial limit 1 / (1/decode + 1/network at batch {batch}) | {limit:.1f} | 100 % |")
+    for r in result["runs"]:
+        rate = r["images"] / r["seconds"]
+        name = "predict, overlays at own resolution" if r["run"] == "overlays" else "predict, --no-overlays"
+        lines.append(f"| {name}, {r['images']} images | {rate:.1f} | {100 * rate / limit:.0f} % |")
+    small, plain, overlays = result["runs"]
+    lines += ["", f"`python -m visinspect --help`: {result['help_seconds']:.2f} s (best of 3). Peak RSS "
+              f"(whole process, model and bank included): --no-overlays {small['images']} images "
+              f"{small['peak_mb']:.0f} MB, {plain['images']} images {plain['peak_mb']:.0f} MB; with overlays "
+              f"{overlays['images']} images {overlays['peak_mb']:.0f} MB; setup (load + adapt) "
+              f"{plain['setup_s']:.1f} s, not counted above."]
+    return "\n".join(lines)
+
+
+def summary(result: dict) -> str:
+    """One sentence for the README: predict's rates as shares of the machine's limit."""
+    limit = result["serial_limit"]
+    _, plain, overlays = (r["images"] / r["seconds"] for r in result["runs"])
+    return (f"On {result['machine'].split(',')[0]} ({result['precision']}), `predict` of the recommended "
+            f"method scored {plain:.0f} images/s without overlays and {overlays:.0f} with overlays at the "
+            f"images' own resolution: {100 * plain / limit:.0f} % and {100 * overlays / limit:.0f} % of that "
+            f"machine's decode + network limit ({limit:.0f} images/s), `benchmarks/bench_predict.py`.")
+
+
+def replace_block(text: str, block: tuple[str, str], body: str) -> str:
+    """`text` with the part between the block's markers replaced by `body`."""
+    start, end = text.index(block[0]) + len(block[0]), text.index(block[1])
+    return text[:start] + "\n" + body + "\n" + text[end:]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, help="images to score (default: the whole real folder, "
                         "else 772 synthetic ones)")
     parser.add_argument("--small", type=int, default=200, help="images of the smaller RSS run")
+    parser.add_argument("--json", help="write the result here (docs/benchmarks/predict.json)")
+    parser.add_argument("--page", help="rewrite this page's bench_predict block (docs/performance.md)")
+    parser.add_argument("--readme", help="rewrite this README's one-sentence bench_predict_short block")
     parser.add_argument("--worker", choices=("plain", "overlays"), help=argparse.SUPPRESS)
     for name in ("--checkpoint", "--good", "--test", "--out"):
         parser.add_argument(name, help=argparse.SUPPRESS)
@@ -209,28 +258,27 @@ def main() -> None:
 
     from visinspect.backbones.store import FILL_BATCH
 
-    network = nets[FILL_BATCH]
-    limit = 1 / (1 / decode + 1 / network)
-    print(f"{describe_machine()}; torch {torch.__version__}")
-    print(f"images: {len(files)} from {what}; method: the recommended one at {image_size} px, "
-          f"K = {K}; precision {precision}")
-    print("| stage | images/s | share of the serial limit |")
-    print("| --- | ---: | ---: |")
-    print(f"| decode + resize (load_rgb + to_tensor, 1 thread) | {decode:.1f} | |")
-    for batch, rate in nets.items():
-        mark = " (the store's batch)" if batch == FILL_BATCH else ""
-        print(f"| network, {precision}, channels-last, batch {batch}{mark} | {rate:.1f} | |")
-    print(f"| serial limit 1 / (1/decode + 1/network at batch {FILL_BATCH}) | {limit:.1f} | 100 % |")
-    for r in runs:
-        rate = r["images"] / r["seconds"]
-        name = "predict, overlays at own resolution" if r["run"] == "overlays" else "predict, --no-overlays"
-        print(f"| {name}, {r['images']} images | {rate:.1f} | {100 * rate / limit:.0f} % |")
-    print(f"\n`python -m visinspect --help`: {help_s:.2f} s (best of 3)")
-    small, plain, overlays = runs
-    print(f"peak RSS (whole process, model and bank included): --no-overlays {small['images']} images "
-          f"{small['peak_mb']:.0f} MB, {plain['images']} images {plain['peak_mb']:.0f} MB; with overlays "
-          f"{overlays['images']} images {overlays['peak_mb']:.0f} MB; setup (load + adapt) "
-          f"{plain['setup_s']:.1f} s, not counted above")
+    result = {
+        "command": "python benchmarks/bench_predict.py" + (f" --n {args.n}" if args.n else ""),
+        "date": time.strftime("%Y-%m-%d"), "commit": commit(), "machine": describe_machine(),
+        "torch": torch.__version__, "images": len(files), "what": what, "image_size": image_size,
+        "precision": precision, "fill_batch": FILL_BATCH, "decode": decode, "network": nets,
+        "serial_limit": 1 / (1 / decode + 1 / nets[FILL_BATCH]), "runs": runs, "help_seconds": help_s,
+    }
+    print(markdown(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    pages = ((args.page, PAGE_BLOCK, markdown(result)), (args.readme, README_BLOCK, summary(result)))
+    for page, block, body in pages:
+        if page:
+            Path(page).write_text(replace_block(Path(page).read_text(), block, body))
+
+
+def commit() -> str | None:
+    """The checkout's commit, if this runs in one."""
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).parent, check=False)
+    return done.stdout.strip() or None
 
 
 if __name__ == "__main__":

@@ -86,8 +86,9 @@ def test_commands_finder():
                               "python -m visinspect info --check"]
 
 
-# Placeholders: they name no command (the README's help line and its library table's `cli` row).
-GENERIC = {"python -m visinspect COMMAND --help", "python -m visinspect ..."}
+# Placeholders: they name no command (the README's help line and its library table's `cli` row),
+# and the top-level help, which argparse answers by exiting.
+GENERIC = {"python -m visinspect COMMAND --help", "python -m visinspect ...", "python -m visinspect --help"}
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
@@ -137,3 +138,18 @@ def test_every_figure_in_docs_is_linked():
     text = "".join(page.read_text() for page in PAGES)
     unlinked = [p.name for p in sorted((REPO / "docs").glob("*.png")) if p.name not in text]
     assert not unlinked, f"figures no page links (remove them or link them): {unlinked}"
+
+
+def test_predict_benchmark_blocks_are_what_the_benchmark_writes_from_its_committed_result():
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("bench_predict", REPO / "benchmarks" / "bench_predict.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    result = json.loads((REPO / "docs" / "benchmarks" / "predict.json").read_text())
+    for page, block, body in ((REPO / "docs" / "performance.md", bench.PAGE_BLOCK, bench.markdown(result)),
+                              (README, bench.README_BLOCK, bench.summary(result))):
+        text = page.read_text()
+        assert bench.replace_block(text, block, body) == text, f"{page.name}: rerun bench_predict.py"
