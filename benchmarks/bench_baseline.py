@@ -26,8 +26,9 @@ from visinspect.backbones.cam import anomaly_cam, upsample
 from visinspect.backbones.store import FeatureStore
 from visinspect.backbones.vgg16 import CONV4_3_END, build_model, describe_backbone
 from visinspect.calibration import select_good_images
+from visinspect.data.drawing import CATEGORIES
 from visinspect.data.samples import DefectDataset, build_sample_table
-from visinspect.data.synthetic import CATEGORIES, generate_synthetic_dataset
+from visinspect.data.synthetic import generate_synthetic_dataset
 from visinspect.methods.memory_bank import PatchMemoryBank, backbone_maps, patch_features
 from visinspect.scoring import forward_features
 from visinspect.training import TrainConfig, train_classifier

@@ -15,7 +15,8 @@ import torch
 
 from visinspect.backbones.store import STORE_ENV
 from visinspect.backbones.vgg16 import VGG16CAM, build_model
-from visinspect.data.synthetic import CATEGORIES, generate_synthetic_dataset
+from visinspect.data.drawing import CATEGORIES
+from visinspect.data.synthetic import generate_synthetic_dataset
 
 # Two products (one texture, one object), 4 train good + 2 test good + 2 per defect type each.
 TINY_CATEGORIES = ("grain_wood", "round_pill")

@@ -13,7 +13,7 @@ from conftest import TINY_CATEGORIES, TINY_PER_CATEGORY
 
 from visinspect.checkpoint import load_classifier
 from visinspect.cli import main
-from visinspect.data.synthetic import CATEGORIES
+from visinspect.data.drawing import CATEGORIES
 
 REQUIRED = {"n_images", "n_anomalous", "positive_class", "threshold", "accuracy", "balanced_accuracy",
             "precision", "recall", "f1", "image_auroc", "average_precision", "confusion_matrix",

@@ -12,6 +12,7 @@ from conftest import TINY, TINY_CATEGORIES, TINY_PER_CATEGORY
 from PIL import Image
 
 from visinspect.data import samples as data  # the module itself: tests patch its constants
+from visinspect.data.drawing import CATEGORIES
 from visinspect.data.samples import (
     DefectDataset,
     Sample,
@@ -26,7 +27,6 @@ from visinspect.data.samples import (
     to_tensor,
     unknown_context_split,
 )
-from visinspect.data.synthetic import CATEGORIES
 from visinspect.errors import DataError
 
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from visinspect.data.drawing import draw_defect
 from visinspect.data.samples import build_sample_table, stratified_split
-from visinspect.data.synthetic import draw_defect
 from visinspect.errors import ConfigError, DataError, VisinspectError
 from visinspect.methods.learnt_fusion import WEIGHTS, choose_weight
 from visinspect.methods.memory_bank import PatchMemoryBank

@@ -20,7 +20,7 @@ from visinspect.data.synthetic import generate_synthetic_dataset
 from visinspect.errors import ConfigError, DataError, VisinspectError
 from visinspect.metrics import classification_metrics
 from visinspect.scoring import Predictions
-from visinspect.viz import plots, widgets
+from visinspect.viz import comparisons, plots, widgets
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +207,7 @@ def test_metric_bars_show_mean_and_std_over_seeds():
         for s, v in enumerate([0.6, 0.8])
     ] + [{"model": "simclr", "target": "bottle", "seed": 0, "auroc": 0.9},
          {"model": "simclr", "target": "screw", "seed": 0, "auroc": None}]
-    (ax,) = plots.plot_metric_bars(rows, "auroc").axes
+    (ax,) = comparisons.plot_metric_bars(rows, "auroc").axes
     (bars,) = [c for c in ax.containers if isinstance(c, BarContainer)]  # "screw": no value
     assert [round(b.get_height(), 6) for b in bars] == [0.7, 0.9]
     segments = bars.errorbar.lines[2][0].get_segments()
@@ -215,22 +215,22 @@ def test_metric_bars_show_mean_and_std_over_seeds():
     np.testing.assert_allclose(spans, [2 * np.std([0.6, 0.8], ddof=1), 0])
     assert "mean ± std over 2 seeds" in ax.get_title()
     with pytest.raises(DataError, match="lacks target"):
-        plots.plot_metric_bars([{"model": "a", "auroc": 1.0}], "auroc")
+        comparisons.plot_metric_bars([{"model": "a", "auroc": 1.0}], "auroc")
 
 
 def test_metric_bars_of_one_seed_say_so_and_draw_the_chance_level():
     rows = [{"model": m, "target": "nut", "seed": 0, "image_auroc": v}
             for m, v in (("baseline", 0.55), ("reference", 0.6))]
-    (ax,) = plots.plot_metric_bars(rows, "image_auroc").axes
+    (ax,) = comparisons.plot_metric_bars(rows, "image_auroc").axes
     assert "one seed (0), no spread" in ax.get_title() and "mean ± std" not in ax.get_title()
     (bars,) = [c for c in ax.containers if isinstance(c, BarContainer)]
     assert bars.errorbar is None  # one seed: no error bars, not empty ones
     (chance,) = ax.lines
     assert list(chance.get_ydata()) == [0.5, 0.5]
     assert "chance (0.5)" in [t.get_text() for t in ax.get_legend().get_texts()]
-    (ax,) = plots.plot_metric_bars(rows, "image_auroc", chance=0.7).axes
+    (ax,) = comparisons.plot_metric_bars(rows, "image_auroc", chance=0.7).axes
     assert list(ax.lines[0].get_ydata()) == [0.7, 0.7]
-    (ax,) = plots.plot_metric_bars([{**r, "f1": 0.5} for r in rows], "f1").axes
+    (ax,) = comparisons.plot_metric_bars([{**r, "f1": 0.5} for r in rows], "f1").axes
     assert not ax.lines  # F1 has no chance level independent of the data
 
 
@@ -240,7 +240,7 @@ def test_model_heatmaps_spell_out_truth_and_prediction_relative_to_each_threshol
     rows = [{"model": "baseline", "target": "all", "threshold": 1.0, "score": "logit margin"},
             {"model": "reference k=5", "target": "all", "threshold": 0.0, "score": "patch distance"}]
     paths = [str(s.path) for s in preds.samples[:2]]
-    fig = plots.plot_model_heatmaps(scored, {"baseline": normalizer, "reference k=5": None}, paths,
+    fig = comparisons.plot_model_heatmaps(scored, {"baseline": normalizer, "reference k=5": None}, paths,
                                     rows=rows)
     *panels, colorbar = fig.axes
     assert len(panels) == 4 and "each model's own" in colorbar.get_ylabel()
@@ -376,7 +376,7 @@ def test_threshold_positions_of_many_scores_move_past_equal_shares_of_images():
 
 
 def test_metric_vs_k_draws_one_line_per_few_good_parts_model():
-    from visinspect.viz.plots import plot_metric_vs_k
+    from visinspect.viz.comparisons import plot_metric_vs_k
 
     rows = [
         {"model": "baseline", "target": "all", "image_auroc": 0.7},

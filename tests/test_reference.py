@@ -11,8 +11,8 @@ import torch
 from visinspect.backbones.cam import anomaly_cam, upsample
 from visinspect.backbones.store import FeatureStore
 from visinspect.backbones.vgg16 import VGG16CAM
+from visinspect.data.drawing import render_sample
 from visinspect.data.samples import Sample, to_tensor
-from visinspect.data.synthetic import render_sample
 from visinspect.errors import ConfigError, DataError, VisinspectError
 from visinspect.methods.fusion import FusedScorer, Standardizer, fit_fusion
 from visinspect.methods.memory_bank import PatchMemoryBank, backbone_maps, greedy_coreset, patch_features

@@ -22,6 +22,7 @@ from visinspect.methods.simclr.augment import (
     defect_left,
     views_on,
 )
+from visinspect.methods.simclr.checkpoints import load_pretrained_encoder, save_pretrained
 from visinspect.methods.simclr.levers import LEVERS
 from visinspect.methods.simclr.loss import (
     defect_views,
@@ -32,15 +33,13 @@ from visinspect.methods.simclr.loss import (
     rotated_views,
 )
 from visinspect.methods.simclr.model import DenseProjectionHead, ProjectionHead, SimCLRModel
+from visinspect.methods.simclr.monitor import knn_monitor
 from visinspect.methods.simclr.pretrain import (
     PretrainConfig,
     _anchors,
     build_simclr_model,
-    knn_monitor,
-    load_pretrained_encoder,
     pretrain,
     pretrain_samples,
-    save_pretrained,
     warmup_cosine,
 )
 from visinspect.utils import autocast, resolve_precision

@@ -10,15 +10,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from visinspect.data import synthetic
-from visinspect.data.synthetic import (
-    CATEGORIES,
-    OBJECTS,
-    STAMP_NAME,
-    TEXTURES,
-    ensure_synthetic_dataset,
-    generate_synthetic_dataset,
-    render_sample,
-)
+from visinspect.data.drawing import CATEGORIES, OBJECTS, TEXTURES, render_sample
+from visinspect.data.synthetic import STAMP_NAME, ensure_synthetic_dataset, generate_synthetic_dataset
 from visinspect.errors import DataError, VisinspectError
 
 SMALL = {"image_size": 64, "n_train_good": 2, "n_test_good": 2, "n_test_per_defect": 2}

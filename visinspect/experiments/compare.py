@@ -46,13 +46,8 @@ from visinspect.methods.simclr.pretrain import PretrainConfig
 from visinspect.scoring import ScoredImages
 from visinspect.training import SourceImages, TrainConfig, TrainingRun
 from visinspect.utils import resolve_device
-from visinspect.viz.plots import (
-    highest_scoring,
-    plot_metric_bars,
-    plot_metric_vs_k,
-    plot_model_heatmaps,
-    save_figure,
-)
+from visinspect.viz.comparisons import plot_metric_bars, plot_metric_vs_k, plot_model_heatmaps
+from visinspect.viz.plots import highest_scoring, save_figure
 
 # The default rows: each classifier as it is and calibrated on K good images, and the two scores
 # that need no training of their own (their VGG16 is the baseline's frozen ImageNet layers).

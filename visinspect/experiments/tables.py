@@ -250,7 +250,8 @@ def draw_figures(rows: Sequence[dict], folder: Path) -> None:
     both against K for the few-good-parts models."""
     import matplotlib.pyplot as plt
 
-    from visinspect.viz.plots import plot_metric_bars, plot_metric_vs_k, save_figure
+    from visinspect.viz.comparisons import plot_metric_bars, plot_metric_vs_k
+    from visinspect.viz.plots import save_figure
 
     plain = [r for r in rows if " k=" not in r["model"]]
     if plain:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from visinspect.backbones.store import LAYERS as STORED_LAYERS
 from visinspect.backbones.store import FeatureStore, Network, StoredFeatures
 from visinspect.backbones.vgg16 import CONV4_3_END, FEATURES_END, VGG16CAM
 from visinspect.calibration import (
@@ -31,9 +32,9 @@ from visinspect.errors import VisinspectError
 from visinspect.utils import autocast, model_device, resolve_precision
 
 LAYERS = ("conv4_3", "conv5_3")
-# The layer choices of a bank: VGG16's conv4_3 (+ conv5_3 from the classifier's block 5), or the
-# stride-16 maps of MobileNetV2 (visinspect.backbones.mobilenet), both read from the feature store.
-LAYER_CHOICES = (LAYERS[:1], LAYERS, ("mobilenet_v2",))
+# The layer choices of a bank: any layer the feature store keeps (VGG16's conv4_3, MobileNetV2's
+# stride-16 maps, ...), or conv4_3 with conv5_3 from the classifier's block 5 on top of it.
+LAYER_CHOICES = (*((name,) for name in STORED_LAYERS), LAYERS)
 # Search cost per image = patches per image x max_patches x feature dim multiply-adds: at 224 px
 # 784 x 2048 x 512 = 0.8 G, about 0.04 s on 2 AVX2 cores (~40 GFLOP/s fp32), well under the
 # backbone's own ~0.2 s. Cost grows linearly with max_patches and with conv5_3 (1024 dims).

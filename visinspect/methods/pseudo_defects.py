@@ -23,8 +23,8 @@ import torch
 from visinspect.backbones.store import FeatureStore
 from visinspect.backbones.vgg16 import VGG16CAM
 from visinspect.calibration import fit_calibration
+from visinspect.data.drawing import DEFECT_KINDS, draw_defect
 from visinspect.data.samples import Sample, load_rgb, to_tensor
-from visinspect.data.synthetic import DEFECT_KINDS, draw_defect
 from visinspect.methods.base import Detector, by_product, calibrated_view
 from visinspect.scoring import ScoredImages, predict
 from visinspect.training import TrainConfig, train_classifier

@@ -29,8 +29,8 @@ from visinspect.methods.nearest_patch import (
 )
 from visinspect.methods.pseudo_defects import PseudoDefectDetector
 from visinspect.methods.residual import ResidualDetector, fit_residual
+from visinspect.methods.simclr.checkpoints import load_pretrained_encoder
 from visinspect.methods.simclr.levers import LEVER_SETS
-from visinspect.methods.simclr.pretrain import load_pretrained_encoder
 from visinspect.methods.simclr.training import SimCLRTraining
 from visinspect.training import SourceImages, TrainingRun
 from visinspect.utils import set_seed

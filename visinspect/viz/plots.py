@@ -8,7 +8,6 @@ Grids take an optional `fig` to draw into, single plots an optional `ax`.
 from __future__ import annotations
 
 import math
-import textwrap
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from itertools import zip_longest
@@ -36,8 +35,8 @@ from visinspect.backbones.cam import HeatmapNormalizer
 from visinspect.boxes import Box, heatmap_to_boxes
 from visinspect.data.samples import Sample, load_mask, load_rgb
 from visinspect.errors import DataError, VisinspectError
-from visinspect.metrics import POSITIVE_CLASS, _labels_scores, seed_spread
-from visinspect.scoring import Predictions, ScoredImages
+from visinspect.metrics import POSITIVE_CLASS, _labels_scores
+from visinspect.scoring import Predictions
 from visinspect.utils import atomic_path
 
 # ColorBrewer Dark2: colour-blind safe and readable in print. Its first two colours are reserved
@@ -81,7 +80,7 @@ def apply_style() -> None:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _grid(fig: Figure | None, nrows: int, ncols: int, panel: tuple[float, float], **kw):
+def figure_grid(fig: Figure | None, nrows: int, ncols: int, panel: tuple[float, float], **kw):
     """A (nrows, ncols) array of axes, in `fig` or in a new figure sized panel-by-panel."""
     apply_style()
     if fig is None:
@@ -89,7 +88,7 @@ def _grid(fig: Figure | None, nrows: int, ncols: int, panel: tuple[float, float]
     return fig, fig.subplots(nrows, ncols, squeeze=False, **kw)
 
 
-def _axes(
+def axes_for(
     ax: Axes | Sequence[Axes] | None,
     nrows: int,
     ncols: int,
@@ -99,7 +98,7 @@ def _axes(
 ) -> tuple[Figure, list[Axes]]:
     """The caller's axes (checked to be nrows * ncols of them) or a new figure's, as a flat list."""
     if ax is None:
-        fig, grid = _grid(None, nrows, ncols, panel, **kw)
+        fig, grid = figure_grid(None, nrows, ncols, panel, **kw)
         return fig, list(grid.flat)
     apply_style()
     axes = [ax] if isinstance(ax, Axes) else list(np.ravel(ax))
@@ -144,7 +143,7 @@ def _as_map(a, shape: tuple[int, int], name: str) -> np.ndarray:
     return m
 
 
-def _load_image(path: Path, size: int) -> np.ndarray:
+def load_image(path: Path, size: int) -> np.ndarray:
     """An image file as RGB uint8 resized to size x size, as the model saw it."""
     return np.asarray(Image.fromarray(load_rgb(path)).resize((size, size), Image.BILINEAR))
 
@@ -170,7 +169,7 @@ def plot_class_balance(
         row = summary[key[0]]["splits"][key[1]] if by_split else summary[key]
         for name in LABEL_NAMES:
             counts[name].append(row[name])
-    fig, (ax,) = _axes(ax, 1, 1, (max(4.0, 0.7 * len(keys) + 1.5), 3.5), "plot_class_balance")
+    fig, (ax,) = axes_for(ax, 1, 1, (max(4.0, 0.7 * len(keys) + 1.5), 3.5), "plot_class_balance")
     x = np.arange(len(keys))
     bottom = np.zeros(len(keys))
     for name in LABEL_NAMES:
@@ -205,7 +204,7 @@ def plot_sample_grid(
     if not samples:
         raise DataError("no samples to show")
     categories = sorted({s.category for s in samples})
-    fig, axes = _grid(fig, len(categories), n_per_category, (2.2, 2.4))
+    fig, axes = figure_grid(fig, len(categories), n_per_category, (2.2, 2.4))
     for row, category in zip(axes, categories, strict=True):
         chosen = _spread_over_types([s for s in samples if s.category == category], n_per_category)
         for ax, s in zip_longest(row, chosen):
@@ -214,7 +213,7 @@ def plot_sample_grid(
                 continue
             size = (image_size, image_size)
             mask = None if s.mask_path is None else load_mask(s.mask_path, size)
-            overlay(ax, _load_image(s.path, image_size), mask=mask)
+            overlay(ax, load_image(s.path, image_size), mask=mask)
             ax.set_title(f"{category} · {s.defect_type}", color=COLORS[LABEL_NAMES[s.label]])
     return fig
 
@@ -298,7 +297,7 @@ def draw_prediction(
     s = preds.samples[index]
     margin = float(preds.margins[index])
     predicted = int(margin > threshold)
-    overlay(ax, _load_image(s.path, preds.image_size), heatmap, boxes, preds.masks([index])[0])
+    overlay(ax, load_image(s.path, preds.image_size), heatmap, boxes, preds.masks([index])[0])
     ax.set_title(
         f"true: {LABEL_NAMES[s.label]} · predicted: {LABEL_NAMES[predicted]}\n"
         f"P(anomaly)={preds.probabilities[index]:.2f} · margin {margin:.1f}"
@@ -338,7 +337,7 @@ def plot_prediction_grid(
     heat = prediction_heatmaps(preds, idx, heat_mode, normalizer)
     predicted = preds.margins > threshold
     ncols = max(1, min(ncols, len(idx)))
-    fig, axes = _grid(fig, math.ceil(len(idx) / ncols), ncols, (3.2, 3.5))
+    fig, axes = figure_grid(fig, math.ceil(len(idx) / ncols), ncols, (3.2, 3.5))
     for ax, i, h in zip_longest(axes.flat, idx, heat):
         if i is None:
             ax.set_axis_off()
@@ -376,7 +375,7 @@ def plot_confusion_matrix(cm: Mapping, ax: Axes | None = None) -> Figure:
     share = np.divide(grid, totals, out=np.zeros(grid.shape), where=totals > 0)
     annot = np.array([f"{n}\n{p:.0%}" for n, p in zip(grid.flat, share.flat, strict=True)])
     annot = annot.reshape(2, 2)
-    fig, (ax,) = _axes(ax, 1, 1, (3.8, 3.4), "plot_confusion_matrix")
+    fig, (ax,) = axes_for(ax, 1, 1, (3.8, 3.4), "plot_confusion_matrix")
     names = [POSITIVE_CLASS, "good"]
     sns.heatmap(
         grid, annot=annot, fmt="", cmap=CONFUSION_CMAP, cbar=False, square=True, linewidths=1,
@@ -393,7 +392,7 @@ def plot_roc_pr(labels, scores, ax: Sequence[Axes] | None = None) -> Figure:
     """ROC and precision-recall curves side by side, with AUROC / AP and chance lines."""
     y, s = _labels_scores(labels, scores)
     _both_classes(y, "a ROC/PR curve")
-    fig, axes = _axes(ax, 1, 2, (3.8, 3.8), "plot_roc_pr")
+    fig, axes = axes_for(ax, 1, 2, (3.8, 3.8), "plot_roc_pr")
     roc_ax, pr_ax = axes
     fpr, tpr, _ = roc_curve(y, s)
     roc_ax.plot(fpr, tpr, color=COLORS["anomaly"], label=f"AUROC = {roc_auc_score(y, s):.3f}")
@@ -427,7 +426,7 @@ def plot_history(
     keys = [k for k in HISTORY_KEYS if k in history or f"val_{k}" in history]
     if not keys:
         raise DataError(f"history has none of {', '.join(HISTORY_KEYS)}; its keys: {sorted(history)}")
-    fig, axes = _axes(ax, 1, len(keys), (4.0, 3.0), "plot_history")
+    fig, axes = axes_for(ax, 1, len(keys), (4.0, 3.0), "plot_history")
     references = references or {}
     for a, key in zip(axes, keys, strict=True):
         # One colour per split in every panel, also where a panel has validation values only.
@@ -471,7 +470,7 @@ def plot_score_distributions(
         if g.shape != y.shape:
             raise DataError(f"need one group per score; got {g.size} groups for {y.size} scores")
         names = sorted(set(g.tolist()))
-    fig, axes = _axes(ax, len(names), 1, (6.0, 2.4), "plot_score_distributions", sharex=True)
+    fig, axes = axes_for(ax, len(names), 1, (6.0, 2.4), "plot_score_distributions", sharex=True)
     edges = np.histogram_bin_edges(s, bins=bins)
     for a, name in zip(axes, names, strict=True):
         for cls, label in enumerate(LABEL_NAMES):
@@ -486,146 +485,7 @@ def plot_score_distributions(
     return fig
 
 
-def plot_metric_bars(
-    rows: Sequence[Mapping],
-    metric: str,
-    by: str = "model",
-    hue: str | None = "target",
-    ax: Axes | None = None,
-    chance: float | None = None,
-) -> Figure:
-    """Bars of one metric: mean ± std over seeds (rows sharing `by` and `hue`), or the single
-    value when the rows hold one seed, with the chance level as a line (`chance`, or the metric's
-    in CHANCE_LEVELS).
-
-    Rows are plain result dicts; groups keep the order in which they first appear. Missing
-    values (None, e.g. AUROC of a one-class split) are left out of the mean.
-    """
-    values: dict[tuple, list[float]] = defaultdict(list)
-    for n, row in enumerate(rows):
-        missing = [k for k in (by, hue, metric) if k is not None and k not in row]
-        if missing:
-            raise DataError(f"result row {n} lacks {', '.join(missing)}; its keys: {sorted(row)}")
-        if row[metric] is not None:
-            values[(row[by], row[hue] if hue else None)].append(float(row[metric]))
-    if not values:
-        raise DataError(f"no values of {metric!r} to plot")
-    xs = list(dict.fromkeys(k[0] for k in values))
-    hues = list(dict.fromkeys(k[1] for k in values))
-    size = (max(4.0, 1.5 + 0.6 * len(xs) * len(hues)), 3.5)
-    fig, (ax,) = _axes(ax, 1, 1, size, "plot_metric_bars")
-    width = 0.8 / len(hues)
-    spread = any(len(a) > 1 for a in values.values())  # else no error bars at all, not empty ones
-    for j, h in enumerate(hues):
-        pos = [i for i, x in enumerate(xs) if (x, h) in values]
-        v = [values[(xs[i], h)] for i in pos]
-        # Sample std over seeds; a single seed has no spread to show.
-        std = [np.std(a, ddof=1) if len(a) > 1 else 0.0 for a in v] if spread else None
-        offset = (j - (len(hues) - 1) / 2) * width
-        ax.bar(np.array(pos) + offset, [np.mean(a) for a in v], width, yerr=std, capsize=3, label=h)
-    chance = CHANCE_LEVELS.get(metric) if chance is None else chance
-    if chance is not None:
-        ax.axhline(chance, ls="--", lw=1.2, color=REFERENCE_GREYS[0], label=f"chance ({chance:g})")
-    rotate = {"rotation": 30, "ha": "right"} if len(xs) > 4 or max(len(str(x)) for x in xs) > 12 else {}
-    ax.set_xticks(range(len(xs)), [str(x) for x in xs], **rotate)
-    ax.set_xlabel(by)
-    ax.set_ylabel(metric)
-    if all(0 <= x <= 1 for a in values.values() for x in a):
-        ax.set_ylim(0, 1.05)
-    ax.set_title(f"{metric} by {by} ({seed_spread([row['seed'] for row in rows if 'seed' in row])})")
-    if hue or chance is not None:
-        ax.legend(title=hue, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # off the bars
-    return fig
-
-
 # ----------------------------------------------------------------------------- files
-
-
-def plot_model_heatmaps(
-    scored: Mapping[str, ScoredImages],
-    normalizers: Mapping[str, HeatmapNormalizer | None],
-    paths: Sequence[str],
-    *,
-    rows: Sequence[Mapping] = (),
-    box_threshold: float = 0.5,
-    min_area: int = 16,
-    fig: Figure | None = None,
-) -> Figure:
-    """The same test images (rows) under each model (columns): heatmap, boxes, mask contour.
-
-    Each model's maps are scaled with its own normaliser (per image if it has none), so the
-    colours mean what that model's boxes mean; the colour bar is that 0..1 scale. Models score
-    on different scales (a logit margin, a patch distance), so each image shows its score minus
-    the model's threshold (above 0: predicted anomaly) and the column names the score; both come
-    from the models' result `rows` (compare.run_seed; without them: threshold 0, "score").
-    """
-    models = list(scored)
-    if not models or not paths:
-        raise DataError("need at least one model and one image path to compare heatmaps")
-    threshold = {r["model"]: float(r["threshold"]) for r in rows if r.get("target") == "all"}
-    score_name = {r["model"]: str(r["score"]) for r in rows if r.get("target") == "all"}
-    fig, axes = _grid(fig, len(paths), len(models), (2.8, 3.0))
-    axes = np.asarray(axes).reshape(len(paths), len(models))
-    for col, name in enumerate(models):
-        s = scored[name]
-        where = {str(x.path): i for i, x in enumerate(s.samples)}
-        missing = [p for p in paths if p not in where]
-        if missing:
-            raise DataError(f"model {name!r} did not score {missing[0]}")
-        idx = [where[p] for p in paths]
-        norm = normalizers.get(name)
-        heat = s.heatmaps(idx, "dataset" if norm else "image", norm).numpy()
-        masks = s.masks(idx)
-        t = threshold.get(name, 0.0)
-        for row, (i, h, m) in enumerate(zip(idx, heat, masks, strict=True)):
-            ax = axes[row, col]
-            boxes = heatmap_to_boxes(h, box_threshold, min_area)
-            overlay(ax, _load_image(s.samples[i].path, s.image_size), h, boxes, m)
-            above = float(s.scores[i]) - t
-            title = (f"true: {LABEL_NAMES[s.samples[i].label]} · predicted: {LABEL_NAMES[int(above > 0)]}\n"
-                     f"score − threshold {above:+.2f}")
-            if row == 0:
-                title = f"{name}\nscore: {textwrap.fill(score_name.get(name, 'score'), 30)}\n{title}"
-            ax.set_title(title, fontsize=FONT_SIZES["label"] - 1)
-    add_heat_colorbar(fig, axes, "each model's own", label="heat (each model's own 0…1 scale)")
-    return fig
-
-
-def plot_metric_vs_k(rows: Sequence[Mapping], metric: str = "image_auroc", target: str = "all",
-                     ax: Axes | None = None) -> Figure:
-    """A metric against K, the number of good images of the new product, for each few-good-parts
-    model (rows named "... k=K"), with the uncalibrated models as horizontal reference lines."""
-    by_model: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    flat: dict[str, list[float]] = defaultdict(list)
-    for row in rows:
-        if row.get("target") != target or row.get(metric) is None:
-            continue
-        name, _, k = str(row["model"]).rpartition(" k=")
-        if name and k.isdigit():
-            by_model[name][int(k)].append(float(row[metric]))
-        else:
-            flat[str(row["model"])].append(float(row[metric]))
-    if not by_model:
-        raise DataError(f"no rows with a K ('... k=K' models) and a {metric!r} for target {target!r}")
-    fig, (ax,) = _axes(ax, 1, 1, (6.0, 3.8), "plot_metric_vs_k")
-    for i, (name, ks) in enumerate(sorted(by_model.items())):
-        xs = sorted(ks)
-        ax.plot(xs, [np.mean(ks[k]) for k in xs], marker="o", color=PALETTE[i % len(PALETTE)], label=name)
-    for j, (name, values) in enumerate(sorted(flat.items())):
-        color = PALETTE[(j + len(by_model)) % len(PALETTE)]
-        ax.axhline(np.mean(values), linestyle="--", linewidth=1, color=color,
-                   label=f"{name} (no good images)")
-    ks = sorted({k for per_k in by_model.values() for k in per_k})
-    ax.set_xticks(ks, [str(k) for k in ks])
-    chance = CHANCE_LEVELS.get(metric)
-    if chance is not None:
-        ax.axhline(chance, color=REFERENCE_GREYS[1], linewidth=0.8, linestyle=":", label=f"chance ({chance})")
-        ax.set_ylim(0.0, 1.02)
-    ax.set_xlabel("K: good images of the new product")
-    ax.set_ylabel(f"{metric} (positive class = {POSITIVE_CLASS})")
-    ax.set_title(f"{metric} against K, target: {target}")
-    ax.legend(fontsize=FONT_SIZES["label"] - 1, loc="best")
-    return fig
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = DPI) -> Path:

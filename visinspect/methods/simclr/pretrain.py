@@ -37,9 +37,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from visinspect import distributed
-from visinspect.backbones.vgg16 import FEATURES_END, FROZEN_END, VGG16CAM, build_model, sha256_file
-from visinspect.checkpoint import load_checkpoint, load_resume_state, save_checkpoint
-from visinspect.data.samples import DefectDataset, Sample
+from visinspect.backbones.vgg16 import FEATURES_END, FROZEN_END, build_model
+from visinspect.checkpoint import load_resume_state, save_checkpoint
+from visinspect.data.samples import Sample
 from visinspect.errors import CheckpointError, ConfigError, DataError, VisinspectError
 from visinspect.methods.simclr.augment import CachedImages, SimCLRTransform, TwoViewDataset, views_on
 from visinspect.methods.simclr.levers import LEVERS
@@ -57,9 +57,9 @@ from visinspect.methods.simclr.model import (
     ProjectionHead,
     SimCLRModel,
 )
+from visinspect.methods.simclr.monitor import representations
 from visinspect.utils import autocast, model_device, resolve_precision, set_seed
 
-KIND = "simclr"
 # ----------------------------------------------------------------------------- configuration
 
 
@@ -444,7 +444,7 @@ def _anchors(model: SimCLRModel, samples: Sequence[Sample], config: PretrainConf
     L2-SP's starting weights."""
     anchors: dict = {}
     if config.mean_shifted or config.freeze_head_bn:
-        h = _representations(model, samples, config.image_size, config.batch_size)
+        h = representations(model, samples, config.image_size, config.batch_size)
         if config.mean_shifted:
             unit, categories = F.normalize(h, dim=1), _category_indices(samples)
             anchors["centers"] = torch.stack([unit[categories == k].mean(dim=0)
@@ -571,91 +571,6 @@ def _restore_state(path, model, optimizer, scheduler, generator, config) -> tupl
     return int(data["epoch"]) + 1, history, data.get("anchors", {})
 
 
-@torch.no_grad()
-def _representations(
-    model: SimCLRModel, samples: Sequence[Sample], image_size: int, batch_size: int
-) -> torch.Tensor:
-    device = model_device(model)
-    loader = DataLoader(DefectDataset(samples, image_size), batch_size=batch_size, shuffle=False)
-    return torch.cat([model.representation(b["image"].to(device)).float().cpu() for b in loader])
 
 
-def knn_monitor(
-    model: SimCLRModel,
-    train_samples: Sequence[Sample],
-    test_samples: Sequence[Sample],
-    k: int = 5,
-    *,
-    image_size: int = 224,
-    batch_size: int = 32,
-) -> float:
-    """Accuracy of a cosine k-nearest-neighbour classifier on h: a cheap "is h getting better?".
 
-    Each test image takes the label with the larger summed cosine similarity among its k
-    nearest train images. Use it only with held-out *source* labels, never target labels:
-    those must stay unseen until the final evaluation.
-    """
-    if not train_samples or not test_samples:
-        raise DataError("knn_monitor needs at least one train and one test image")
-    if not 1 <= k <= len(train_samples):
-        raise ValueError(f"k must be in [1, {len(train_samples)}] (the train images); got {k}")
-    was_training = model.training
-    model.eval()
-    train = F.normalize(_representations(model, train_samples, image_size, batch_size), dim=1)
-    test = F.normalize(_representations(model, test_samples, image_size, batch_size), dim=1)
-    model.train(was_training)
-    train_labels = torch.tensor([s.label for s in train_samples])
-    test_labels = torch.tensor([s.label for s in test_samples])
-    similarity, nearest = (test @ train.T).topk(k, dim=1)
-    votes = torch.zeros(len(test_samples), 2).scatter_add_(1, train_labels[nearest], similarity)
-    return (votes.argmax(dim=1) == test_labels).float().mean().item()
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def save_pretrained(
-    path: str | Path,
-    model: SimCLRModel,
-    config: PretrainConfig,
-    history: dict,
-    backbone_provenance: dict,
-) -> Path:
-    """Save the pre-trained encoder (`features`), the head, config, history and provenance."""
-    payload = {
-        "kind": KIND,
-        "architecture": "vgg16-cam",
-        "encoder": {k: v.detach().cpu() for k, v in model.encoder.features.state_dict().items()},
-        "head": {k: v.detach().cpu() for k, v in model.head.state_dict().items()},
-        "head_config": dict(model.head.config),
-        "config": config.to_dict(),
-        "history": history,
-        "backbone": dict(backbone_provenance),
-    }
-    return save_checkpoint(path, payload)
-
-
-def load_pretrained_encoder(path: str | Path, model: VGG16CAM) -> dict:
-    """Load a SimCLR checkpoint's encoder into a classifier's `features`; return its provenance.
-
-    The provenance (source "simclr:<path>", sha256 of the file, the ImageNet weights the
-    pre-training started from, and its config) belongs in the classifier's checkpoint.
-    """
-    data = load_checkpoint(path, kind=KIND)
-    state = data.get("encoder")
-    expected = model.features.state_dict()
-    if not isinstance(state, dict) or set(state) != set(expected) or any(
-        not isinstance(state[k], torch.Tensor) or state[k].shape != expected[k].shape for k in expected
-    ):
-        raise CheckpointError(
-            f"{path} does not hold VGG16 conv weights (features.0 .. features.28) of the expected "
-            "shapes; was it written by visinspect's save_pretrained?"
-        )
-    model.features.load_state_dict(state)
-    return {
-        "source": f"simclr:{path}",
-        "path": str(path),
-        "sha256": sha256_file(path),
-        "backbone": data.get("backbone"),
-        "config": data.get("config"),
-    }

@@ -13,14 +13,9 @@ import torch
 from visinspect.backbones.vgg16 import FROZEN_END, VGG16CAM
 from visinspect.data.samples import Sample
 from visinspect.errors import ConfigError
+from visinspect.methods.simclr.checkpoints import save_pretrained
 from visinspect.methods.simclr.levers import LEVERS
-from visinspect.methods.simclr.pretrain import (
-    PretrainConfig,
-    build_simclr_model,
-    pretrain,
-    pretrain_samples,
-    save_pretrained,
-)
+from visinspect.methods.simclr.pretrain import PretrainConfig, build_simclr_model, pretrain, pretrain_samples
 from visinspect.training import SourceImages, TrainingRun, train_baseline
 from visinspect.utils import resolve_device
 
