@@ -16,15 +16,18 @@ is the fair baseline for N single-thread processes. With CUDA GPUs: one process 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
 
+from visinspect.experiments.report import replace_between
 from visinspect.utils import describe_machine, resolve_precision
 
 
@@ -60,6 +63,35 @@ def run(world: int, device: str, threads: int, args: argparse.Namespace) -> floa
         return float(result.read_text())
 
 
+PAGE_BLOCK = ("<!-- bench_distributed:start -->", "<!-- bench_distributed:end -->")
+README_BLOCK = ("<!-- bench_distributed_short:start -->", "<!-- bench_distributed_short:end -->")
+
+
+def markdown(result: dict) -> str:
+    """The measurements as a table with the run's command, machine and load (the page's block)."""
+    lines = [f"`{result['command']}` on {result['date']} at commit {result['commit']}: {result['machine']}; "
+             f"load average {result['load_before']:.2f} before, {result['load_after']:.2f} after (other "
+             f"processes share these cores). SimCLR pre-training of a random-weight VGG16 (block 5 trained), "
+             f"{result['images']} synthetic images at {result['image_size']} px, global batch "
+             f"{result['global_batch']}, epochs 2-3 measured, precision {result['precision']}:", "",
+             "| device | processes × threads | batch per process | images/s |", "| --- | --- | --- | --- |"]
+    lines += [f"| {r['device']} | {r['processes']} × {r['threads']} | {r['batch']} | "
+              f"{r['images_per_s']:.1f} |" for r in result["runs"]]
+    return "\n".join(lines)
+
+
+def summary(result: dict) -> str:
+    """One sentence for the README: one process against the most processes on this machine."""
+    cpu = [r for r in result["runs"] if r["device"] == "cpu"]
+    one = max((r for r in cpu if r["processes"] == 1), key=lambda r: r["images_per_s"])
+    most = max(cpu, key=lambda r: r["processes"])
+    cpu_name, cores = (part.strip() for part in result["machine"].split(",")[:2])
+    speed_up = most["images_per_s"] / one["images_per_s"]
+    return (f"SimCLR pre-training on {cpu_name} ({cores}): {one['images_per_s']:.1f} images/s in one "
+            f"process, {most['images_per_s']:.1f} in {most['processes']} processes sharing those cores "
+            f"({speed_up:.2f}×), `benchmarks/bench_distributed.py`.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=64, help="pre-training images (synthetic)")
@@ -67,16 +99,17 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--processes", type=int, default=2, help="the largest N on the CPU")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    parser.add_argument("--json", help="write the result here (docs/benchmarks/distributed.json)")
+    parser.add_argument("--page", help="rewrite this page's bench_distributed block (docs/scaling.md)")
+    parser.add_argument("--readme", help="rewrite this README's bench_distributed_short block")
     args = parser.parse_args()
     from visinspect.data.synthetic import generate_synthetic_dataset
 
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    print("\n".join(line for line in lscpu.splitlines() if line.split(":")[0] in ("Model name", "CPU(s)")))
-    precision = resolve_precision(args.precision)
-    print(f"machine: {describe_machine()}; torch {torch.__version__}; precision {precision}")
-    print(f"load average before: {os.getloadavg()[0]:.2f} (other processes share these cores)")
-    print(f"SimCLR pre-training, {args.images} synthetic images at {args.image_size} px, global batch "
-          f"{args.global_batch}, block 5 trained; epochs 2-3 measured", flush=True)
+    result = {"command": "python benchmarks/bench_distributed.py", "date": time.strftime("%Y-%m-%d"),
+              "commit": commit(), "machine": describe_machine(), "torch": torch.__version__,
+              "precision": resolve_precision(args.precision), "load_before": os.getloadavg()[0],
+              "images": args.images, "image_size": args.image_size, "global_batch": args.global_batch,
+              "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         args.data = generate_synthetic_dataset(Path(tmp) / "data", image_size=args.image_size,
                                                n_train_good=args.images // 2, n_test_good=1,
@@ -86,13 +119,27 @@ def main() -> None:
         runs += [("cpu", n, max(1, cores // n)) for n in range(1, args.processes + 1)]
         runs += [("cuda", n, 1) for n in range(1, torch.cuda.device_count() + 1)]
         for device, world, threads in runs:
-            if args.global_batch % world:
-                continue
-            speed = run(world, device, threads, args)
-            what = torch.cuda.get_device_name(0) if device == "cuda" else f"{threads} thread(s) each"
-            print(f"{device}: {world} process(es), batch {args.global_batch // world} each ({what}): "
-                  f"{speed:.1f} images/s", flush=True)
-    print(f"load average after: {os.getloadavg()[0]:.2f}")
+            if args.global_batch % world == 0:
+                name = torch.cuda.get_device_name(0) if device == "cuda" else device
+                result["runs"].append({"device": name,
+                                       "processes": world, "threads": threads,
+                                       "batch": args.global_batch // world,
+                                       "images_per_s": run(world, device, threads, args)})
+    result["load_after"] = os.getloadavg()[0]
+    print(markdown(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    for page, block, body in ((args.page, PAGE_BLOCK, markdown(result)),
+                              (args.readme, README_BLOCK, summary(result))):
+        if page:
+            Path(page).write_text(replace_between(Path(page).read_text(), block, body))
+
+
+def commit() -> str | None:
+    """The checkout's commit, if this runs in one."""
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).parent, check=False)
+    return done.stdout.strip() or None
 
 
 if __name__ == "__main__":

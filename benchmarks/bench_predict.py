@@ -36,6 +36,7 @@ import cv2
 import numpy as np
 import torch
 
+from visinspect.experiments.report import replace_between
 from visinspect.utils import describe_machine
 
 SHARED_ENV = "VISINSPECT_SHARED_DATA"
@@ -212,12 +213,6 @@ def summary(result: dict) -> str:
             f"machine's decode + network limit ({limit:.0f} images/s), `benchmarks/bench_predict.py`.")
 
 
-def replace_block(text: str, block: tuple[str, str], body: str) -> str:
-    """`text` with the part between the block's markers replaced by `body`."""
-    start, end = text.index(block[0]) + len(block[0]), text.index(block[1])
-    return text[:start] + "\n" + body + "\n" + text[end:]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, help="images to score (default: the whole real folder, "
@@ -271,7 +266,7 @@ def main() -> None:
     pages = ((args.page, PAGE_BLOCK, markdown(result)), (args.readme, README_BLOCK, summary(result)))
     for page, block, body in pages:
         if page:
-            Path(page).write_text(replace_block(Path(page).read_text(), block, body))
+            Path(page).write_text(replace_between(Path(page).read_text(), block, body))
 
 
 def commit() -> str | None:

@@ -140,16 +140,20 @@ def test_every_figure_in_docs_is_linked():
     assert not unlinked, f"figures no page links (remove them or link them): {unlinked}"
 
 
-def test_predict_benchmark_blocks_are_what_the_benchmark_writes_from_its_committed_result():
+@pytest.mark.parametrize(("script", "result", "page"), [
+    ("bench_predict.py", "predict.json", "performance.md"),
+    ("bench_distributed.py", "distributed.json", "scaling.md"),
+])
+def test_benchmark_blocks_are_what_the_benchmark_writes_from_its_committed_result(script, result, page):
     import importlib.util
     import sys
 
-    spec = importlib.util.spec_from_file_location("bench_predict", REPO / "benchmarks" / "bench_predict.py")
+    spec = importlib.util.spec_from_file_location(script[:-3], REPO / "benchmarks" / script)
     bench = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = bench
     spec.loader.exec_module(bench)
-    result = json.loads((REPO / "docs" / "benchmarks" / "predict.json").read_text())
-    for page, block, body in ((REPO / "docs" / "performance.md", bench.PAGE_BLOCK, bench.markdown(result)),
-                              (README, bench.README_BLOCK, bench.summary(result))):
-        text = page.read_text()
-        assert bench.replace_block(text, block, body) == text, f"{page.name}: rerun bench_predict.py"
+    measured = json.loads((REPO / "docs" / "benchmarks" / result).read_text())
+    for path, markers, body in ((REPO / "docs" / page, bench.PAGE_BLOCK, bench.markdown(measured)),
+                                (README, bench.README_BLOCK, bench.summary(measured))):
+        text = path.read_text()
+        assert report.replace_between(text, markers, body) == text, f"{path.name}: rerun benchmarks/{script}"

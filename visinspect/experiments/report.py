@@ -251,6 +251,13 @@ def replace_block(text: str, block: str) -> str:
     return text[:start] + block + text[end:]
 
 
+def replace_between(text: str, markers: tuple[str, str], body: str) -> str:
+    """`text` with what lies between two marker lines replaced by `body`: how a benchmark writes
+    its result into a page (benchmarks/bench_predict.py, bench_distributed.py)."""
+    start, end = text.index(markers[0]) + len(markers[0]), text.index(markers[1])
+    return text[:start] + "\n" + body + "\n" + text[end:]
+
+
 def write_report(files: Sequence[Path], out: Path, *, readme: Path | None = None,
                  anchors: Path | None = None, figures: bool = True) -> str:
     """Write the page (and its figures beside it, and the README's block); return the page."""
