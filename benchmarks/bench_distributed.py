@@ -16,10 +16,8 @@ is the fair baseline for N single-thread processes. With CUDA GPUs: one process 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +25,8 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from visinspect.experiments.report import replace_between
+from visinspect.experiments.loo import package_commit
+from visinspect.experiments.report import publish_benchmark
 from visinspect.utils import describe_machine, resolve_precision
 
 
@@ -106,7 +105,7 @@ def main() -> None:
     from visinspect.data.synthetic import generate_synthetic_dataset
 
     result = {"command": "python benchmarks/bench_distributed.py", "date": time.strftime("%Y-%m-%d"),
-              "commit": commit(), "machine": describe_machine(), "torch": torch.__version__,
+              "commit": package_commit(), "machine": describe_machine(), "torch": torch.__version__,
               "precision": resolve_precision(args.precision), "load_before": os.getloadavg()[0],
               "images": args.images, "image_size": args.image_size, "global_batch": args.global_batch,
               "runs": []}
@@ -127,19 +126,8 @@ def main() -> None:
                                        "images_per_s": run(world, device, threads, args)})
     result["load_after"] = os.getloadavg()[0]
     print(markdown(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-    for page, block, body in ((args.page, PAGE_BLOCK, markdown(result)),
-                              (args.readme, README_BLOCK, summary(result))):
-        if page:
-            Path(page).write_text(replace_between(Path(page).read_text(), block, body))
-
-
-def commit() -> str | None:
-    """The checkout's commit, if this runs in one."""
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          cwd=Path(__file__).parent, check=False)
-    return done.stdout.strip() or None
+    publish_benchmark(result, args.json, ((args.page, PAGE_BLOCK, markdown(result)),
+                                          (args.readme, README_BLOCK, summary(result))))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,8 @@ import cv2
 import numpy as np
 import torch
 
-from visinspect.experiments.report import replace_between
+from visinspect.experiments.loo import package_commit
+from visinspect.experiments.report import publish_benchmark
 from visinspect.utils import describe_machine
 
 SHARED_ENV = "VISINSPECT_SHARED_DATA"
@@ -255,25 +256,14 @@ def main() -> None:
 
     result = {
         "command": "python benchmarks/bench_predict.py" + (f" --n {args.n}" if args.n else ""),
-        "date": time.strftime("%Y-%m-%d"), "commit": commit(), "machine": describe_machine(),
+        "date": time.strftime("%Y-%m-%d"), "commit": package_commit(), "machine": describe_machine(),
         "torch": torch.__version__, "images": len(files), "what": what, "image_size": image_size,
         "precision": precision, "fill_batch": FILL_BATCH, "decode": decode, "network": nets,
         "serial_limit": 1 / (1 / decode + 1 / nets[FILL_BATCH]), "runs": runs, "help_seconds": help_s,
     }
     print(markdown(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-    pages = ((args.page, PAGE_BLOCK, markdown(result)), (args.readme, README_BLOCK, summary(result)))
-    for page, block, body in pages:
-        if page:
-            Path(page).write_text(replace_between(Path(page).read_text(), block, body))
-
-
-def commit() -> str | None:
-    """The checkout's commit, if this runs in one."""
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          cwd=Path(__file__).parent, check=False)
-    return done.stdout.strip() or None
+    publish_benchmark(result, args.json, ((args.page, PAGE_BLOCK, markdown(result)),
+                                          (args.readme, README_BLOCK, summary(result))))
 
 
 if __name__ == "__main__":

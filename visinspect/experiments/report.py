@@ -251,6 +251,17 @@ def replace_block(text: str, block: str) -> str:
     return text[:start] + block + text[end:]
 
 
+def publish_benchmark(result: dict, json_path: str | None,
+                      blocks: Sequence[tuple[str | None, tuple[str, str], str]]) -> None:
+    """A benchmark's `result` as JSON at `json_path`, and each (page, markers, body) block written
+    into its page; None paths are skipped (the benchmark was run only to look)."""
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=1) + "\n")
+    for page, markers, body in blocks:
+        if page:
+            Path(page).write_text(replace_between(Path(page).read_text(), markers, body))
+
+
 def replace_between(text: str, markers: tuple[str, str], body: str) -> str:
     """`text` with what lies between two marker lines replaced by `body`: how a benchmark writes
     its result into a page (benchmarks/bench_predict.py, bench_distributed.py)."""
