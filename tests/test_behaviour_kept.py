@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from visinspect import cli
+from visinspect import cli, load_detector
 from visinspect.backbones.store import STORE_ENV
 from visinspect.data.synthetic import generate_synthetic_dataset
 
@@ -91,3 +91,11 @@ def test_predict_lines_are_unchanged(in_run_dir):
     for name in ("recommended", "baseline", "fused_top5"):
         new = lines(in_run_dir / f"pred_{name}" / "predictions.jsonl")
         same(new, lines(FIXTURES / f"predict_{name}.jsonl"), name)
+
+
+def test_a_checkpoint_written_before_the_move_still_loads(run_dir):
+    """`train` of the recommended method at fd5f0c0 (random weights): a settings checkpoint of a few
+    KB, no weights (so not named *.pt). The same format is read today and the method adapts as it did."""
+    detector = load_detector(FIXTURES / "recommended_fd5f0c0.settings",
+                             reference=[run_dir / "data" / "hex_nut" / "train" / "good"])
+    assert detector.name == "reference-mobilenet+patterns" and detector.product == "good"
