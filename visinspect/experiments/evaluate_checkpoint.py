@@ -31,7 +31,7 @@ from visinspect.evaluate import (
     probability_to_margin,
 )
 from visinspect.methods.base import IDENTITY, Detector
-from visinspect.methods.registry import make_detector
+from visinspect.methods.registry import make_detector, method
 
 
 @dataclass(frozen=True)
@@ -78,8 +78,11 @@ def evaluate_checkpoint(
         detector.threshold = threshold_margin(settings.threshold, info)  # checked before the slow part
     samples, calibration, plain = list(samples), None, None
     if settings.calibrate and not detector.uses_good:  # the classifier, and calibrated on K good images
+        twin = method(name).calibrated
+        if twin is None:
+            raise ConfigError(f"method {name!r} has no form calibrated on good images; leave --calibrate out")
         plain = detector
-        detector = make_detector(f"{name} calibrated", model, info, precision=settings.precision,
+        detector = make_detector(twin, model, info, precision=settings.precision,
                                  false_alarm_rate=settings.false_alarm_rate)
     if detector.uses_good:
         calibration, samples = _adapt(detector, samples, settings.calibrate or DEFAULT_K, checkpoint,

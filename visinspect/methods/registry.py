@@ -75,6 +75,7 @@ class Method:
     about: str
     trains: Training | None = None
     default: bool = False  # one of `loo`'s default --models
+    calibrated: str | None = None  # a classifier's twin with its threshold from K good images
 
     @property
     def min_k(self) -> int:
@@ -87,9 +88,9 @@ def _classifier(
 ) -> tuple[Method, Method]:
     """A trained classifier as two methods: `name` (the threshold from the source validation split)
     and `name calibrated` (threshold and heatmap scale from K good images)."""
-    trains = TRAININGS[name]
-    return (Method(name, ClassifierDetector, about, trains, default),
-            Method(f"{name} calibrated", CalibratedClassifier, calibrated, trains, default))
+    trains, twin = TRAININGS[name], f"{name} calibrated"
+    return (Method(name, ClassifierDetector, about, trains, default, calibrated=twin),
+            Method(twin, CalibratedClassifier, calibrated, trains, default))
 
 
 BASELINE = TRAININGS["baseline"]
