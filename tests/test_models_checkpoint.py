@@ -350,3 +350,19 @@ def test_missing_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist") as err:
         load_classifier(tmp_path / "missing.pt")
     assert one_line_naming(err, tmp_path / "missing.pt")
+
+
+def test_checkpoint_digest_follows_the_weights_not_the_file(tmp_path):
+    """Two saves of the same weights (other settings) share a digest; other weights do not."""
+    from visinspect.backbones.vgg16 import VGG16CAM
+    from visinspect.checkpoint import checkpoint_digest, save_classifier
+
+    torch.manual_seed(0)
+    model = VGG16CAM()
+    a = save_classifier(tmp_path / "a.pt", model, threshold=0.0)
+    b = save_classifier(tmp_path / "b.pt", model, threshold=1.5)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    c = save_classifier(tmp_path / "c.pt", model, threshold=0.0)
+    assert checkpoint_digest(a) == checkpoint_digest(b) != checkpoint_digest(c)
+    assert len(checkpoint_digest(a)) == 12

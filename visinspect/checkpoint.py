@@ -7,6 +7,7 @@ threshold, heatmap normalisation, backbone provenance and library versions.
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import platform
 import zipfile
@@ -196,3 +197,15 @@ def _classifier(path: str | Path, data: dict, image_size: int | None = None) -> 
         raise CheckpointError(f"{path} does not match the VGG16-CAM architecture (e.g. parameter {odd[0]!r})")
     model.load_state_dict(state, assign=True)
     return model.eval(), data
+
+
+def checkpoint_digest(path: str | Path) -> str:
+    """The first 12 hex digits of the SHA-256 of a checkpoint's weights (its state dict, key by
+    key): two notebooks that print the same digest use the same model, whatever versions or
+    settings the file also records."""
+    state = load_checkpoint(path).get("state_dict") or {}
+    h = hashlib.sha256()
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(state[key].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
