@@ -198,3 +198,18 @@ def test_lever_variants_pretrain_with_their_lever_on_the_target_good_images(leve
 def test_unknown_training_names_the_lever_variants(split):
     with pytest.raises(ConfigError, match="simclr\\+mean-shifted"):
         compare.train_variant("simclr+nothing", split, TINY_PRESET, weights="random")
+
+
+def test_a_product_with_fewer_good_images_than_every_k_uses_all_it_has(tiny_root):
+    """K values above a target's good train/ images are dropped; when none is left (MVTec leather:
+    4 good images against K = 5, 20, 50) the target is adapted to all of them instead."""
+    table = build_sample_table([tiny_root]).samples
+    have = sum(s.category == "round_pill" and s.split == "train" and s.label == 0 for s in table)
+    said = []
+    split = compare.make_split(table, ["grain_wood"], ["round_pill"], 0, TINY_PRESET, (have + 1, have + 5),
+                               said.append)
+    assert split.ks == [have] and len(split.good["round_pill"]) == have
+    assert f"K = {have} instead" in said[0]
+    split = compare.make_split(table, ["grain_wood"], ["round_pill"], 0, TINY_PRESET, (2, have + 1),
+                               said.append)
+    assert split.ks == [2] and "left out" in said[-1]  # a K that fits: the larger one is only dropped

@@ -13,7 +13,8 @@ from visinspect import cli
 from visinspect.backbones.store import STORE_ENV
 from visinspect.data.synthetic import generate_synthetic_dataset
 from visinspect.experiments import report
-from visinspect.methods.registry import DEFAULT_MODELS, methods_markdown
+from visinspect.experiments.tables import chosen_on_all_targets, headline_k
+from visinspect.methods.registry import DEFAULT_MODELS, RECOMMENDED, methods_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -48,8 +49,16 @@ def test_report_command_writes_page_and_readme_block(tmp_path):
     assert sorted(p.name for p in out.parent.glob("*.png")) == sorted(report.FIGURES)
     assert readme.read_text() == f"intro\n{report.readme_block(rows)}\nend\n"
     page = out.read_text()
-    assert "`python -m visinspect loo --data /tmp/s" in page and "no SimCLR rows" in page
-    assert "| mean | | **" in page  # the nested figure's mean, the headline
+    assert "`python -m visinspect loo --data /tmp/s" in page and "hold no SimCLR run" in page
+    assert "| mean | | | | **" in page  # the nested figure's mean, the headline
+
+
+def test_the_shipped_method_is_the_one_the_protocol_chooses_on_every_product():
+    """`train` without --method sets up RECOMMENDED: the method with the best mean image AUROC over
+    all the products of the committed rows (each scored as the unknown one), at the headline K."""
+    rows, _ = report.load_rows(ROWS)
+    k = headline_k(sorted({int(r["model"].rsplit(" k=", 1)[1]) for r in rows if " k=" in r["model"]}))
+    assert chosen_on_all_targets(rows, k) == RECOMMENDED
 
 
 def test_results_pages_are_short():

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 import visinspect.training as train_module
 from visinspect import cli
@@ -18,7 +19,12 @@ from visinspect.data.samples import build_sample_table, target_test_images
 from visinspect.errors import ConfigError
 from visinspect.experiments.compare import ComparePreset
 from visinspect.experiments.loo import LeaveOneOut, default_targets, plan_jobs
-from visinspect.experiments.tables import chosen_on_other_targets, paired_against, tables_markdown
+from visinspect.experiments.tables import (
+    chosen_on_all_targets,
+    chosen_on_other_targets,
+    paired_against,
+    tables_markdown,
+)
 from visinspect.methods.registry import DEFAULT_MODELS, METHODS
 from visinspect.methods.simclr.pretrain import PretrainConfig
 
@@ -65,9 +71,9 @@ def test_plan_trains_before_scoring_and_orders_by_seed():
 def test_rows_cover_every_target_model_and_k(uninterrupted, tiny_root):
     out, rows = uninterrupted
     assert {r["target"] for r in rows} == {"grain_wood", "round_pill"}  # each is the unknown once
-    assert {r["model"] for r in rows} == {
-        "baseline", "baseline calibrated k=2", "reference k=2", "fused k=2", "fused-top5 k=2",
-        "reference-mobilenet k=2", "reference-mobilenet+patterns k=2", "fused-mobilenet k=2"}
+    assert {r["model"] for r in rows} == {f"{m} k=2" if METHODS[m].detector.uses_good else m
+                                          for m in DEFAULT_MODELS}
+    assert "baseline" in DEFAULT_MODELS and "reference-mobilenet+patterns" in DEFAULT_MODELS
     assert all(r["positive_class"] == "anomaly" for r in rows)
     saved = json.loads((out / "rows.json").read_text())
     assert saved["rows"] == rows and saved["settings"]["image_size"] == 32
@@ -233,19 +239,26 @@ def test_every_pass_of_a_run_goes_through_its_store(tiny_root, tmp_path, monkeyp
 
 def test_the_method_chosen_on_the_other_targets():
     """Nested leave-one-out: each target gets the method best on the others, not on itself."""
-    def row(target, model, auroc, seed=0):
-        return {"target": target, "model": model, "image_auroc": auroc, "seed": seed}
+    def row(target, model, auroc, seed=0, **more):
+        return {"target": target, "model": model, "image_auroc": auroc, "seed": seed, **more}
 
-    rows = [row(t, "a k=20", 0.9) for t in ("t1", "t2", "t3")] + [row("t4", "a k=20", 0.5)]
+    rows = [row(t, "a k=20", 0.9) for t in ("t1", "t2", "t3")] + [row("t4", "a k=20", 0.5, pixel_auroc=0.7)]
     rows += [row(t, "b k=20", 0.8) for t in ("t1", "t2", "t3", "t4")]
     rows += [row("t1", "c k=20", 1.0), row("t1", "a k=5", 1.0), row("solo", "baseline", 0.7)]
     chosen = {c["target"]: c for c in chosen_on_other_targets(rows, 20)}
     assert set(chosen) == {"t1", "t2", "t3", "t4"}  # "solo" has no K good images; c misses targets
-    assert chosen["t4"]["chosen"] == "a k=20" and chosen["t4"]["auroc"] == 0.5
-    assert chosen["t4"]["best"] == "b k=20" and chosen["t4"]["best_auroc"] == 0.8
+    assert chosen["t4"]["chosen"] == "a" and chosen["t4"]["auroc"] == 0.5 and chosen["t4"]["k"] == 20
+    assert chosen["t4"]["best"] == "b" and chosen["t4"]["best_auroc"] == 0.8
+    assert chosen["t4"]["pixel_auroc"] == 0.7 and chosen["t3"]["pixel_auroc"] is None
     # On t1 the others prefer b (a: 0.9, 0.9, 0.5 against b: 0.8, 0.8, 0.8), though a is better here.
-    assert chosen["t1"]["chosen"] == "b k=20" and chosen["t1"]["best"] == "a k=20"
-    assert chosen_on_other_targets(rows, 50) == []  # no method at K = 50 on every target
+    assert chosen["t1"]["chosen"] == "b" and chosen["t1"]["best"] == "a"
+    rows.append(row("t4", "b k=20", 0.9, seed=1))  # b: 0.8, 0.8, 0.8, 0.85 against a's mean 0.8
+    assert chosen_on_all_targets(rows, 20) == "b"
+    # A product with fewer good images than K counts at the largest K it has.
+    few = [*rows, row("t5", "a k=4", 0.95), row("t5", "b k=4", 0.6)]
+    chosen = {c["target"]: c for c in chosen_on_other_targets(few, 20)}
+    assert chosen["t5"]["k"] == 4 and chosen["t5"]["chosen"] == "b" and chosen["t5"]["auroc"] == 0.6
+    assert chosen_on_other_targets([row("t1", "a k=20", 0.9)], 20) == []  # one target: nothing to nest
 
 
 def test_paired_against_the_baseline():
@@ -272,3 +285,14 @@ def test_paired_against_the_baseline():
     # on all its seeds, so that the two means compare.
     (s, u) = paired_against([*rows, row("t1", "u", 0.7, 0), row("t2", "u", 0.7, 0)])
     assert s["over"] == u["over"] == ["t1"] and u["mean"] == pytest.approx(0.2)
+
+
+def test_rows_keep_what_a_method_learnt_on_the_sources_without_its_weights():
+    from visinspect.experiments.loo import _without_tensors
+
+    learnt = {"patch_contrast": {"blocks": {"a": torch.zeros(2, 3), "b": torch.zeros(4)},
+                                 "config": {"epochs": 2}}, "weights": [torch.zeros(1)], "w": 0.5}
+    assert _without_tensors(learnt) == {"patch_contrast": {"blocks": "2 tensors, 10 numbers",
+                                                           "config": {"epochs": 2}},
+                                        "weights": ["tensor [1]"], "w": 0.5}
+    json.dumps(_without_tensors(learnt))

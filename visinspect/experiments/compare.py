@@ -166,7 +166,8 @@ def make_split(
     calibrate: Sequence[int] = (),
     log: Callable[[str], None] = print,
 ) -> Split:
-    """The split of one seed; K values larger than some target's train/good folder are dropped."""
+    """The split of one seed; K values larger than some target's train/good folder are dropped
+    (all of them: the target is adapted to every good image it has, if it has two)."""
     source, target = unknown_context_split(table, source_names, target_names)
     source = subsample_per_category(source, preset.max_source_per_category, seed)
     train, val = stratified_split(source, 0.2, seed)
@@ -179,7 +180,12 @@ def make_split(
     )
     ks = sorted(k for k in set(calibrate) if k <= available)
     dropped = sorted(set(calibrate) - set(ks))
-    if dropped:
+    if dropped and not ks and available >= 2:  # 2: leave-one-out calibration needs another image
+        # A product with fewer good images than every K asked for (MVTec leather here: 4) is
+        # adapted to all it has, not left out: its rows say so ("k=4").
+        ks = [available]
+        log(f"K = {dropped}: a target has only {available} good train/ images; K = {available} instead")
+    elif dropped:
         log(f"K = {dropped} left out: a target has only {available} good train/ images")
     good = {c: select_good_images(target, c, ks[-1], seed) for c in target_names} if ks else {}
     return Split(seed, source, target, train, val, test, good, ks)

@@ -236,7 +236,9 @@ class LeaveOneOut:
         single = single_class_categories(self.table)
         if single:
             self.log(f"left out of every source (a single class): {', '.join(single)}")
-        jobs = plan_jobs(self.targets, self.models, self.seeds)
+        # A method that adapts to good images has nothing to score on a target without any.
+        jobs = [j for j in plan_jobs(self.targets, self.models, self.seeds) if j.kind == "train"
+                or not METHODS[j.name].detector.uses_good or self.split(j.target, j.seed).ks]
         todo = [j for j in jobs if not j.path(self.out).is_file()]
         self.log(
             f"{len(jobs)} jobs ({len(jobs) - len(todo)} done before); targets {', '.join(self.targets)}; "
@@ -341,7 +343,7 @@ class LeaveOneOut:
         rows = [r for r in result.rows if r["target"] != "all"]
         payload = {"job": str(job), "seconds": round(time.perf_counter() - began, 1), "rows": rows}
         if learnt:
-            payload["learnt_on_sources"] = learnt
+            payload["learnt_on_sources"] = _without_tensors(learnt)
         _write_json(job.path(self.out), payload)
 
     # ------------------------------------------------------------------ results
@@ -440,6 +442,20 @@ def package_commit() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return (done.stdout.strip() or None) if done.returncode == 0 else None
+
+
+def _without_tensors(obj):
+    """What a rows file keeps of what a method learnt on the sources: the numbers and settings, each
+    tensor (adapted weights) replaced by its shape: the weights belong in a checkpoint, not in rows."""
+    if isinstance(obj, torch.Tensor):
+        return f"tensor {list(obj.shape)}"
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return f"{len(obj)} tensors, {sum(v.numel() for v in obj.values())} numbers"
+    if isinstance(obj, dict):
+        return {k: _without_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_without_tensors(v) for v in obj]
+    return obj
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -103,19 +103,50 @@ def budget_text(budget: dict) -> str:
     ])
 
 
-def chosen_on_other_targets(rows: Sequence[dict], k: int) -> list[dict]:
-    """For each target, the method (at K = k, or one that needs no good image) with the best mean
-    image AUROC over the *other* targets, and what it gets on this one: the method a user would
-    pick on the products they have (nested leave-one-out), against the best one picked by
-    looking at this target. Only methods with rows on every target (that has K good images) compete."""
-    auroc: dict[tuple[str, str], list[float]] = {}
+def method_name(model: str) -> str:
+    """A row's method without its " k=K" suffix ("reference k=20" -> "reference")."""
+    return model.rsplit(" k=", 1)[0]
+
+
+def _k_of(model: str) -> int | None:
+    return int(model.rsplit(" k=", 1)[1]) if " k=" in model else None
+
+
+def _competition(rows: Sequence[dict], k: int) -> tuple[dict, dict, list[str], list[str]]:
+    """Per (target, method): the mean image AUROC over seeds at the target's K (the largest K up to
+    `k` it has rows of: a product with fewer good images is scored with all it has; a method that
+    uses no good image has one K); each target's K; the targets; the methods with rows on all."""
+    ks: dict[str, set[int]] = {}
     for r in rows:
-        if r["image_auroc"] is not None and (" k=" not in r["model"] or r["model"].endswith(f" k={k}")):
-            auroc.setdefault((r["target"], r["model"]), []).append(r["image_auroc"])
-    mean = {key: statistics.mean(v) for key, v in auroc.items()}
-    # Targets without K good images (no "k=" rows) would leave only the baseline to compare.
-    targets = sorted({t for t, m in mean if " k=" in m} or {t for t, _ in mean})
+        if (rk := _k_of(r["model"])) is not None and rk <= k:
+            ks.setdefault(r["target"], set()).add(rk)
+    own_k = {t: max(v) for t, v in ks.items()}
+    values: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        rk = _k_of(r["model"])
+        if r["image_auroc"] is not None and (rk is None or rk == own_k.get(r["target"])):
+            values.setdefault((r["target"], method_name(r["model"])), []).append(r["image_auroc"])
+    mean = {key: statistics.mean(v) for key, v in values.items()}
+    targets = sorted(own_k or {t for t, _ in mean})
     models = sorted(m for m in {m for _, m in mean} if all((t, m) in mean for t in targets))
+    return mean, own_k, targets, models
+
+
+def _metric_at(rows: Sequence[dict], target: str, model: str, metric: str) -> float | None:
+    values = [r[metric] for r in rows if r["target"] == target and r["model"] == model
+              and r.get(metric) is not None]
+    return statistics.mean(values) if values else None
+
+
+def chosen_on_other_targets(rows: Sequence[dict], k: int) -> list[dict]:
+    """For each target, the method (at K = k good images, or one that needs none) with the best mean
+    image AUROC over the *other* targets, and what it gets on this one: the method a user would
+    pick on the products they have (nested leave-one-out), against the best one picked by looking
+    at this target. A target with fewer than k good train/ images counts at the largest K it has
+    (`k` in each result). Only methods with rows on every target (that has good images) compete.
+    Each result also holds the chosen method's pixel AUROC and balanced accuracy there (None when
+    the target has no masks)."""
+    mean, own_k, targets, models = _competition(rows, k)
     if len(targets) < 2 or not models:
         return []
     out = []
@@ -123,9 +154,23 @@ def chosen_on_other_targets(rows: Sequence[dict], k: int) -> list[dict]:
         others = [o for o in targets if o != t]
         chosen = max(models, key=lambda m: (statistics.mean(mean[o, m] for o in others), m))
         best = max(models, key=lambda m: (mean[t, m], m))
-        out.append({"target": t, "chosen": chosen, "auroc": mean[t, chosen],
-                    "best": best, "best_auroc": mean[t, best]})
+        row = f"{chosen} k={own_k[t]}" if _uses_good(rows, chosen) else chosen
+        out.append({"target": t, "k": own_k.get(t), "chosen": chosen, "auroc": mean[t, chosen],
+                    "best": best, "best_auroc": mean[t, best],
+                    "pixel_auroc": _metric_at(rows, t, row, "pixel_auroc"),
+                    "balanced_accuracy": _metric_at(rows, t, row, "balanced_accuracy")})
     return out
+
+
+def chosen_on_all_targets(rows: Sequence[dict], k: int) -> str | None:
+    """The method with the best mean image AUROC over every target (each at its K, as in
+    `chosen_on_other_targets`): the one to ship, chosen on all the products there are."""
+    mean, _, targets, models = _competition(rows, k)
+    return max(models, key=lambda m: (statistics.mean(mean[t, m] for t in targets), m)) if models else None
+
+
+def _uses_good(rows: Sequence[dict], method: str) -> bool:
+    return any(method_name(r["model"]) == method and _k_of(r["model"]) is not None for r in rows)
 
 
 def _chosen_table(rows: Sequence[dict], k: int) -> str:

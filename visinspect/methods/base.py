@@ -18,8 +18,9 @@ in `methods.METHODS`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from visinspect.backbones.cam import HeatmapNormalizer, upsample
 from visinspect.backbones.vgg16 import VGG16CAM, describe_backbone
 from visinspect.calibration import Calibration, outlier_note
 from visinspect.data.samples import Sample, list_images
-from visinspect.errors import DataError
+from visinspect.errors import ConfigError, DataError
 from visinspect.scoring import ScoredImages
 
 # Scores relative to a product's calibrated threshold: 0 is the decision threshold, and maps are
@@ -70,6 +71,8 @@ class Detector:
     score_name = ""
     # The feature-store layers (features.LAYERS) it reads: what `loo`'s frozen pass fills first.
     stored_layers: tuple[str, ...] = ("conv4_3",)
+    # What `fit_sources` learns from the source products' images ("" : nothing), for the method table.
+    learns_on_sources = ""
 
     def __init__(
         self,
@@ -80,7 +83,14 @@ class Detector:
         precision: str = "auto",
         false_alarm_rate: float = 0.01,
         seed: int = 0,
+        options: Mapping[str, Any] | None = None,
     ) -> None:
+        # A method's named settings (registry.Method.options) replace the class's defaults first,
+        # so that each subclass's __init__ already sees them.
+        for key, value in (options or {}).items():
+            if not hasattr(type(self), key) or callable(getattr(type(self), key)):
+                raise ConfigError(f"{type(self).__name__} has no setting {key!r}")
+            setattr(self, key, value)
         self.model, self.info, self.name = model, info, name
         self.image_size = int(info["image_size"])
         self.precision, self.false_alarm_rate, self.seed = precision, false_alarm_rate, seed

@@ -46,7 +46,7 @@ _BANKS: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # see
 _DISTANCES: dict[tuple, torch.Tensor] = {}  # see PatchMemoryBank.score
 
 
-def _remember(cache: dict, key: tuple | None, compute: Callable[[], Any]) -> Any:
+def remember(cache: dict, key: tuple | None, compute: Callable[[], Any]) -> Any:
     """compute() once per key, the last MEMORY results kept (key None: computed, not kept)."""
     if key is None:
         return compute()
@@ -268,13 +268,40 @@ class PatchMemoryBank:
                        category)
             return bank.bank, bank.owners, bank.nearest(patches, exclude=owners)[0].view(n, h, w)
 
-        patches, owners, good_maps = _remember(_BANKS, key, build)
+        patches, owners, good_maps = remember(_BANKS, key, build)
         bank = cls(
             patches, owners, layers, image_size, category, [str(s.path) for s in good_samples], top=top
         )
         bank.good_maps = good_maps.clone()  # a copy: a caller may change its maps in place
         bank.good_scores = bank.image_scores(bank.good_maps)
         return bank
+
+    def left_out_scores(self, feats: torch.Tensor, owners: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+        """Image scores (N,) and maps (N, h, w) of patch features (N, C, h, w) of images made from
+        good image `owners` (N,) of the bank, each against the patches of the *other* good images
+        (what `fit` does for the good images themselves)."""
+        n, _, h, w = feats.shape
+        maps = self.nearest(_patches(feats.float()), exclude=owners.repeat_interleave(h * w))[0].view(n, h, w)
+        return self.image_scores(maps), maps
+
+    def with_patches(
+        self, feats: torch.Tensor, owners: torch.Tensor, originals: torch.Tensor
+    ) -> PatchMemoryBank:
+        """This bank plus every patch of `feats` (N, C, h, w), each image owned by the good image it
+        was made from (`owners`, N), so that leave-one-out leaves those out too; the good images'
+        maps are scored again, from their patch features `originals`, against the larger bank.
+        Only for a bank that keeps every patch (no coreset): its patches are then `originals`'."""
+        if len(self.bank) != originals.shape[0] * originals.shape[2] * originals.shape[3]:
+            raise VisinspectError("with_patches needs a bank that keeps every patch (max_patches=None)")
+        h, w = feats.shape[-2:]
+        bigger = PatchMemoryBank(
+            torch.cat([self.bank, _patches(feats.float()).to(self.bank.device)]),
+            torch.cat([self.owners, owners.repeat_interleave(h * w).to(self.owners.device)]),
+            self.layers, self.image_size, self.category, list(self.images), top=self.top,
+        )
+        own = torch.arange(originals.shape[0])
+        bigger.good_scores, bigger.good_maps = bigger.left_out_scores(originals, own)
+        return bigger
 
     def calibrate(
         self, false_alarm_rate: float = 0.01, rule: str = DEFAULT_RULE, margin: float = 0.0
@@ -347,7 +374,7 @@ class PatchMemoryBank:
         key = None
         if stored.identity is not None and "conv5_3" not in self.layers:
             key = (hashlib.blake2b(self.bank.cpu().numpy().tobytes()).hexdigest(), stored.identity)
-        maps = _remember(_DISTANCES, key, lambda: torch.cat([
+        maps = remember(_DISTANCES, key, lambda: torch.cat([
             self.score_features(f)[1]
             for f in _patch_batches(model, stored, self.layers, batch_size, precision)
         ]))

@@ -9,14 +9,16 @@ of a trained model (e.g. a fusion weight) is its `Detector.fit_sources`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from visinspect.backbones.vgg16 import VGG16CAM, build_model, describe_backbone
 from visinspect.calibration import load_calibration
 from visinspect.checkpoint import load_classifier, load_method_checkpoint, save_classifier, save_settings
 from visinspect.errors import ConfigError
+from visinspect.methods.augmented_references import PosedReferenceDetector
 from visinspect.methods.base import Detector, reference_samples
 from visinspect.methods.binary_patterns import PatternReferenceDetector
 from visinspect.methods.classifier import CalibratedClassifier, ClassifierDetector, fit_baseline
@@ -31,6 +33,7 @@ from visinspect.methods.pseudo_defects import PseudoDefectDetector
 from visinspect.methods.residual import ResidualDetector, fit_residual
 from visinspect.methods.simclr.checkpoints import load_pretrained_encoder
 from visinspect.methods.simclr.levers import LEVER_SETS
+from visinspect.methods.simclr.patch_network import ContrastReferenceDetector
 from visinspect.methods.simclr.training import SimCLRTraining
 from visinspect.training import SourceImages, TrainingRun
 from visinspect.utils import set_seed
@@ -76,6 +79,7 @@ class Method:
     trains: Training | None = None
     default: bool = False  # one of `loo`'s default --models
     calibrated: str | None = None  # a classifier's twin with its threshold from K good images
+    options: Mapping[str, Any] = field(default_factory=dict)  # the detector's settings (class attributes)
 
     @property
     def min_k(self) -> int:
@@ -115,6 +119,18 @@ METHODS: dict[str, Method] = {
         Method("reference-mobilenet+patterns", PatternReferenceDetector,
                "reference-mobilenet, or on binary drawings (PCB scans) the unseen 3x3 pixel patterns",
                default=True),
+        Method("reference-mobilenet+patterns+poses", PosedReferenceDetector,
+               "reference-mobilenet+patterns, the K good images also turned and mirrored where the good "
+               "parts say it is safe (AnomalyDINO's augmentation, checked on pseudo-defects)", default=True),
+        Method("reference-mobilenet+patterns+poses-always", PosedReferenceDetector,
+               "the same, the turned and mirrored good images always added: what the check is worth",
+               options={"check": False}, default=True),
+        Method("reference-mobilenet+patterns@256", PatternReferenceDetector,
+               "reference-mobilenet+patterns with the images read at 256 px (the data's size), not 224",
+               options={"input_size": 256}, default=True),
+        Method("reference-mobilenet+patterns+simclr", ContrastReferenceDetector,
+               "reference-mobilenet+patterns on MobileNetV2 adapted by dense contrast (DenseCL, defect "
+               "negatives, L2-SP) on the source products' unlabelled images", default=True),
         Method("fused-mobilenet", FusedMobileNetDetector,
                "fused-top5 with the reference part on MobileNetV2's maps (reference-mobilenet)",
                BASELINE, default=True),
@@ -161,7 +177,7 @@ def methods_markdown() -> str:
              "| --- | --- | --- | --- | --- |"]
     for m in METHODS.values():
         name = f"**`{m.name}`** (recommended)" if m.name == RECOMMENDED else f"`{m.name}`"
-        trains = f"`{m.trains.name}`" if m.trains else "no"
+        trains = f"`{m.trains.name}`" if m.trains else (m.detector.learns_on_sources or "no")
         good = f"yes, K ≥ {m.min_k}" if m.detector.uses_good else "no"
         lines.append(f"| {name} | {trains} | {good} | {'yes' if m.default else ''} | {m.about} |")
     return "\n".join(lines)
@@ -236,9 +252,9 @@ def make_detector(
             f"method {name!r} needs a VGG16 model, and this checkpoint holds none (`train --method "
             f"{info.get('method')}` keeps only settings): train one with `train --method {name}`"
         )
-    return method(name).detector(
-        model, info, name=name, precision=precision, false_alarm_rate=false_alarm_rate, seed=seed
-    )
+    chosen = method(name)
+    return chosen.detector(model, info, name=name, precision=precision, false_alarm_rate=false_alarm_rate,
+                           seed=seed, options=chosen.options)
 
 
 def train_method(name: str, source: SourceImages, run: TrainingRun,
@@ -250,8 +266,9 @@ def train_method(name: str, source: SourceImages, run: TrainingRun,
     size, seed = run.config.image_size, run.config.seed
     if chosen.trains is None:
         model, info = untrained(name, size, run.weights, seed)
-        patches = make_detector(name, model, info).patch_provenance  # fails early without weights
-        return model, (info if model is not None else backbone_info(size, patches))
+        detector = make_detector(name, model, info, precision=run.config.precision, seed=seed)
+        info = info if model is not None else backbone_info(size, detector.patch_provenance)
+        return model, info | detector.fit_sources(source.train, source.val)
     encoder = None
     if pretrained:
         encoder = VGG16CAM()

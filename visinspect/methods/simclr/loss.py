@@ -83,7 +83,12 @@ def mean_shift(h: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
 
 
 def dense_nt_xent_loss(
-    d1: torch.Tensor, d2: torch.Tensor, f1: torch.Tensor, f2: torch.Tensor, temperature: float = 0.2
+    d1: torch.Tensor,
+    d2: torch.Tensor,
+    f1: torch.Tensor,
+    f2: torch.Tensor,
+    temperature: float = 0.2,
+    negatives: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense (patch-level) NT-Xent on maps of two views, DenseCL's loss without its queue.
 
@@ -95,6 +100,8 @@ def dense_nt_xent_loss(
     the batch, those of its own image included, so a defect's patch must differ from the rest
     of its part. The same with the views swapped; the loss is the mean over all 2 N h w anchors.
     Cost: two (N h w) x (N h w) similarity matrices (39 M entries for 32 images at 224 px).
+    `negatives` (M, D): more dense projections (e.g. of a pseudo-defect's positions) that join
+    every anchor's negatives, of both views.
     """
     same_grid = f1.ndim == 4 and f1.shape[0] == d1.shape[0] and f1.shape[2:] == d1.shape[2:]
     if d1.ndim != 4 or d1.shape != d2.shape or f1.shape != f2.shape or not same_grid:
@@ -114,7 +121,11 @@ def dense_nt_xent_loss(
         to1 = (match.argmax(dim=1) + offset).flatten()  # view-2 position -> its view-1 match
     q1, q2 = positions(d1).flatten(0, 1), positions(d2).flatten(0, 1)  # (N h w, D)
     logits = q1 @ q2.T / temperature
-    return 0.5 * (F.cross_entropy(logits, to2) + F.cross_entropy(logits.T, to1))
+    if negatives is None or not len(negatives):
+        return 0.5 * (F.cross_entropy(logits, to2) + F.cross_entropy(logits.T, to1))
+    extra = F.normalize(negatives.float(), dim=1).T / temperature
+    return 0.5 * (F.cross_entropy(torch.cat([logits, q1 @ extra], 1), to2)
+                  + F.cross_entropy(torch.cat([logits.T, q2 @ extra], 1), to1))
 
 
 def l2sp_penalty(parameters: Sequence[torch.Tensor], start: Sequence[torch.Tensor]) -> torch.Tensor:

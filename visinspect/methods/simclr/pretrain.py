@@ -261,7 +261,8 @@ def pretrain_samples(
     return sorted(dict.fromkeys(chosen), key=lambda s: (s.category, str(s.path)))
 
 
-def _subset(samples: Sequence[Sample], max_images: int | None, seed: int) -> list[Sample]:
+def subset(samples: Sequence[Sample], max_images: int | None, seed: int) -> list[Sample]:
+    """At most `max_images` of the samples, drawn with `seed`, in their order."""
     if max_images is None or len(samples) <= max_images:
         return list(samples)
     keep = np.random.default_rng(seed).permutation(len(samples))[:max_images]
@@ -318,7 +319,7 @@ def pretrain(
             f"dense_weight={config.dense_weight} with {world} processes: the dense loss's negatives "
             "are positions of one process's batch, not yet of the global batch; run it in one process"
         )
-    samples = _subset(samples, config.max_images, config.seed)
+    samples = subset(samples, config.max_images, config.seed)
     if len(samples) < config.batch_size * world:
         raise DataError(
             f"only {len(samples)} images to pre-train on, fewer than one batch of "
