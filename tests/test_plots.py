@@ -18,7 +18,7 @@ from visinspect.boxes import Box, heatmap_to_boxes
 from visinspect.data.samples import build_sample_table, summarize
 from visinspect.data.synthetic import generate_synthetic_dataset
 from visinspect.errors import ConfigError, DataError, VisinspectError
-from visinspect.metrics import classification_metrics
+from visinspect.metrics import box_hit_rate, classification_metrics
 from visinspect.scoring import Predictions
 from visinspect.viz import comparisons, plots, widgets
 
@@ -392,3 +392,32 @@ def test_metric_vs_k_draws_one_line_per_few_good_parts_model():
     assert list(lines["fused"].get_ydata()) == [0.65, 0.9]
     assert lines["baseline (no good images)"].get_ydata()[0] == 0.7
     assert list(lines["chance (0.5)"].get_ydata()) == [0.5, 0.5]
+
+
+def test_box_threshold_on_defect_is_the_highest_that_boxes_the_defect(preds):
+    defective = [i for i, s in enumerate(preds.samples) if s.mask_path is not None]
+    good = next(i for i, s in enumerate(preds.samples) if s.label == 0)
+    assert widgets.box_threshold_on_defect(preds, good, 4, "image") is None  # no mask, no defect
+    for i in defective:
+        t = widgets.box_threshold_on_defect(preds, i, 4, "image")
+        assert t is not None and 0 <= t < 1 and abs(t / widgets.BOX_STEP - round(t / widgets.BOX_STEP)) < 1e-9
+        mask = preds.masks([i])
+        assert box_hit_rate(mask, [widgets.boxes_at(preds, i, t, 4, "image")])["box_hit_rate"] > 0
+        for higher in np.arange(t + widgets.BOX_STEP, 1 - 1e-9, widgets.BOX_STEP):
+            found = widgets.boxes_at(preds, i, float(higher), 4, "image")
+            assert not found or box_hit_rate(mask, [found])["box_hit_rate"] == 0
+
+
+def test_heatmap_explorer_opens_on_a_box_on_the_defect(preds):
+    i = next(i for i, s in enumerate(preds.samples) if s.mask_path is not None)
+    mode, t = widgets.explorer_start(preds, i, min_area=4)
+    image, heat_mode, sliders, summary, _ = widgets.heatmap_explorer(preds, index=i, min_area=4).children
+    assert (image.value, heat_mode.value, sliders.children[0].value) == (i, mode, t)
+    drawn = widgets.boxes_at(preds, i, t, 4, mode)
+    assert drawn and summary.value.startswith(f"<b>{len(drawn)} box(es)</b>")
+    assert box_hit_rate(preds.masks([i]), [drawn])["box_hit_rate"] > 0
+    # Given settings win; an image without a defect opens at the dataset scale and 0.5.
+    given = widgets.heatmap_explorer(preds, index=i, heat_mode="image", box_threshold=0.7).children
+    assert (given[1].value, given[2].children[0].value) == ("image", 0.7)
+    good = next(i for i, s in enumerate(preds.samples) if s.label == 0)
+    assert widgets.explorer_start(preds, good) == ("dataset", 0.5)
