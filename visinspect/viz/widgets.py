@@ -67,18 +67,21 @@ def box_threshold_on_defect(
     normalizer: HeatmapNormalizer | None = None,
     step: float = BOX_STEP,
 ) -> float | None:
-    """The highest box threshold on the slider's grid (multiples of `step` below 1) at which a box
-    of image `index` overlaps its defect mask: where the explorer opens, so that it shows a box on
-    the defect. None when the image has no defect mask or no threshold gives such a box."""
+    """The box threshold on the slider's grid (multiples of `step` below 1) whose boxes of image
+    `index` best match its defect: a box touches the defect mask, and the boxes' IoU with the
+    defect regions (metrics.box_hit_rate's mean_iou) is the highest (the higher threshold on a
+    tie). Where the explorer opens. None when the image has no defect mask or no box touches it."""
     mask = preds.masks([index])
     if not mask.any():
         return None
     heat = prediction_heatmaps(preds, [index], heat_mode, normalizer)[0]
+    best, best_iou = None, -1.0
     for k in range(round(1 / step) - 1, -1, -1):
         found = heatmap_to_boxes(heat, round(k * step, 10), min_area)
-        if found and box_hit_rate(mask, [found])["box_hit_rate"] > 0:
-            return round(k * step, 10)
-    return None
+        match = box_hit_rate(mask, [found]) if found else {"box_hit_rate": 0}
+        if match["box_hit_rate"] > 0 and match["mean_iou"] > best_iou:
+            best, best_iou = round(k * step, 10), match["mean_iou"]
+    return best
 
 
 def explorer_start(
