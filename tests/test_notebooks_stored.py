@@ -3,9 +3,11 @@
 `pytest --nbval` compares fresh outputs with the stored ones, so a notebook committed without
 outputs would pass vacuously, and one with an error, a path of the author's machine or widget
 state would mislead its readers. nbval never compares Markdown, so a number typed into prose can
-drift from the run: results are stated by code (a cell displaying Markdown built from the run's
-variables, or next to an `assert`), and no Markdown cell of a results section holds a decimal
-number. These checks read the JSON only (no kernel): they are fast.
+drift from the run: a person writes the prose, each number it rests on is printed by a code cell
+next to it (which nbval compares) or asserted, and no Markdown cell of a results section holds a
+decimal number. The notebooks are one run of one model: every notebook that trains or loads the
+course's checkpoint stores the digest of its weights, and the digests agree. These checks read the
+JSON only (no kernel): they are fast.
 """
 
 import json
@@ -129,7 +131,7 @@ def results_problems(cells: list[dict]) -> list[str]:
         for cell in section:
             if cell["cell_type"] == "markdown" and (match := DECIMAL.search(_source(cell))):
                 found.append(f"results section {title!r}: a Markdown cell states the number "
-                             f"{match.group()!r}; produce it from the run (display(Markdown(...)))")
+                             f"{match.group()!r}; print it from a code cell next to the prose")
     return found
 
 
