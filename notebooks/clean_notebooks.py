@@ -1,15 +1,22 @@
-"""Strip what changes from run to run out of executed notebooks, keeping outputs and counts.
+"""Re-execute the notebooks in order in one run and strip what changes from run to run.
 
-Re-execute every notebook in order and clean it, ready to commit, in one command (from the
-repository root; CI's main run has the ImageNet weights, so give them)::
+Every notebook, in order, in one run, ready to commit (from the repository root)::
 
-    VISINSPECT_BACKBONE_WEIGHTS=../shared/weights/vgg16_features_imagenet.pth \
-        python notebooks/clean_notebooks.py --execute     # or name some notebooks
+    python notebooks/clean_notebooks.py --execute     # or name some notebooks
 
-Without `--execute` it only cleans notebooks already executed top to bottom (e.g. with
-`jupyter nbconvert --to notebook --execute --inplace`).
+Notebook 02 trains the checkpoint weights/demo_baseline.pt that every later notebook loads, so the
+stored outputs of all notebooks come from one model (each prints its digest; the tests check that
+they agree). The run has the environment of CI's run with ../shared (.ci/run), where nbval
+compares the stored outputs: the ImageNet weights of VGG16 and MobileNetV2
+(VISINSPECT_BACKBONE_WEIGHTS and VISINSPECT_MOBILENET_WEIGHTS if set, else
+../shared/weights/vgg16_features_imagenet.pth and mobilenet_v2_imagenet.pth), fp32, no download,
+the synthetic data (VISINSPECT_DATA is ignored), ../shared/data as VISINSPECT_SHARED_DATA when it is
+there, and a fresh feature store. Without the weights it refuses and says what is missing. It
+prints how long each notebook took (a Run All from a cold feature store).
 
-What it does: cell ids become "cell-01", "cell-02", ...; per-cell timing metadata goes; the
+Without `--execute` it only cleans notebooks already executed top to bottom.
+
+What cleaning does: cell ids become "cell-01", "cell-02", ...; per-cell timing metadata goes; the
 notebook metadata keeps only a stable `python3` kernelspec and the language name (no Python
 version, no widget state); consecutive stream outputs are merged; widget views, whose state is
 not stored, are replaced by a one-line note. It fails, naming the notebook, if an absolute path
@@ -21,7 +28,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import nbformat
@@ -84,19 +94,45 @@ def unexplained_ignores(nb: nbformat.NotebookNode) -> list[int]:
             and not str(c["metadata"].get(REASON_KEY, "")).strip()]
 
 
-def execute(path: Path) -> None:
-    """Run a notebook top to bottom in a fresh kernel, in its own folder, and store its outputs."""
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+WEIGHT_FILES = {  # the environment variable and where CI finds the file (.ci/run)
+    "VISINSPECT_BACKBONE_WEIGHTS": SHARED / "weights" / "vgg16_features_imagenet.pth",
+    "VISINSPECT_MOBILENET_WEIGHTS": SHARED / "weights" / "mobilenet_v2_imagenet.pth",
+}
+
+
+def run_environment(environ: dict[str, str]) -> dict[str, str]:
+    """The environment of CI's run with ../shared, where the stored outputs are compared (see the
+    module's docstring); a SystemExit that says what is missing when a weights file is."""
+    env = {k: v for k, v in environ.items() if k != "VISINSPECT_DATA"}
+    for name, default in WEIGHT_FILES.items():
+        path = Path(env.get(name) or default).expanduser().resolve()
+        if not path.is_file():
+            raise SystemExit(
+                f"--execute needs the ImageNet weights the stored outputs come from: {name} "
+                f"({path} is not a file). Set {name}=FILE or put the file there (weights/README.md "
+                "says where to get it); without them every number would change."
+            )
+        env[name] = str(path)
+    env.update(VISINSPECT_PRECISION="fp32", VISINSPECT_OFFLINE="1")
+    if (SHARED / "data").is_dir():
+        env.setdefault("VISINSPECT_SHARED_DATA", str(SHARED / "data"))
+    return env
+
+
+def execute(path: Path) -> float:
+    """Run a notebook top to bottom in a fresh kernel, in its own folder, store its outputs and
+    return the seconds it took (the kernel inherits this process's environment)."""
     from nbclient import NotebookClient  # installed with jupyterlab (the dev extra)
 
-    # The kernel runs in the notebook's folder: a file named relative to where this script was
-    # started (VISINSPECT_BACKBONE_WEIGHTS=../shared/..., as the README writes it) is made absolute.
-    for name, value in os.environ.items():
-        if name.startswith("VISINSPECT_") and value and Path(value).exists():
-            os.environ[name] = str(Path(value).resolve())
     nb = nbformat.read(path, as_version=4)
+    start = time.monotonic()
     NotebookClient(nb, timeout=None, kernel_name="python3",
                    resources={"metadata": {"path": str(path.parent)}}).execute()
+    seconds = time.monotonic() - start
     nbformat.write(nb, path)
+    return seconds
 
 
 def main(args: list[str]) -> int:
@@ -104,24 +140,38 @@ def main(args: list[str]) -> int:
     paths = [a for a in args if a != "--execute"]
     notebooks = [Path(p) for p in paths] or sorted(Path(__file__).parent.glob("*.ipynb"))
     failed = False
-    for path in notebooks:
-        if run:
-            print(f"executing {path} ...", file=sys.stderr)
-            execute(path)
-        nb = clean(nbformat.read(path, as_version=4))
-        nbformat.write(nb, path)
-        text = path.read_text(encoding="utf-8")
-        if found := ABSOLUTE_PATH.search(text):
-            line = text[: found.start()].count("\n") + 1
-            print(f"{path}:{line}: absolute path {found.group()!r} in the notebook: print paths "
-                  "relative to the data root or the repository", file=sys.stderr)
-            failed = True
-        for n in unexplained_ignores(nb):
-            print(f"{path}: code cell {n} is tagged {IGNORE_TAG} without saying why: add "
-                  f'"{REASON_KEY}": "<why>" to its metadata', file=sys.stderr)
-            failed = True
-    return int(failed)
+    store = None
+    if run:
+        env = run_environment(dict(os.environ))
+        os.environ.pop("VISINSPECT_DATA", None)
+        os.environ.update(env)
+        store = tempfile.mkdtemp(prefix="visinspect-notebook-store-")
+        os.environ["VISINSPECT_FEATURE_STORE"] = store  # every notebook's features computed here
+        from visinspect.experiments.demo import outputs_not_reproducible
 
+        if why := outputs_not_reproducible():  # the rule under which nbval compares (conftest.py)
+            raise SystemExit(f"the stored outputs would not be compared in this environment: {why}")
+    try:
+        for path in notebooks:
+            if run:
+                print(f"executing {path} ...", file=sys.stderr)
+                print(f"{path.name}: {execute(path):.0f} s", file=sys.stderr)
+            nb = clean(nbformat.read(path, as_version=4))
+            nbformat.write(nb, path)
+            text = path.read_text(encoding="utf-8")
+            if found := ABSOLUTE_PATH.search(text):
+                line = text[: found.start()].count("\n") + 1
+                print(f"{path}:{line}: absolute path {found.group()!r} in the notebook: print paths "
+                      "relative to the data root or the repository", file=sys.stderr)
+                failed = True
+            for n in unexplained_ignores(nb):
+                print(f"{path}: code cell {n} is tagged {IGNORE_TAG} without saying why: add "
+                      f'"{REASON_KEY}": "<why>" to its metadata', file=sys.stderr)
+                failed = True
+    finally:
+        if store is not None:
+            shutil.rmtree(store, ignore_errors=True)
+    return int(failed)
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -53,3 +53,37 @@ def test_course_setup_trains_the_model_once_then_loads_it(tiny_root, tmp_path, m
                               log=said.append)
     assert said[6].startswith("trained the baseline now")
     assert other.info["train_categories"] == ["round_pill"]
+
+
+def test_course_names_its_products(tiny_root, monkeypatch):
+    monkeypatch.delenv(demo.DATA_ENV, raising=False)
+    course = demo.course_setup(tiny_root, ["grain_wood"], ["round_pill"])
+    assert (course.source_products, course.target_products) == (["grain_wood"], ["round_pill"])
+
+
+def test_checkpoint_line_names_the_file_and_the_digest_of_its_weights(tmp_path, pristine_model):
+    from visinspect.checkpoint import checkpoint_digest, save_classifier
+
+    path = save_classifier(tmp_path / "weights" / "demo_baseline.pt", pristine_model, threshold=0.0)
+    digest = checkpoint_digest(path)
+    assert demo.checkpoint_line(path) == f"weights/demo_baseline.pt (weights digest {digest})"
+
+
+def test_outputs_are_reproducible_only_with_both_imagenet_weights_fp32_and_the_synthetic_data(
+        tmp_path, monkeypatch):
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"")  # only whether a file is there is asked
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-hub"))
+    monkeypatch.setenv("VISINSPECT_BACKBONE_WEIGHTS", str(weights))
+    monkeypatch.setenv("VISINSPECT_MOBILENET_WEIGHTS", str(weights))
+    monkeypatch.setenv("VISINSPECT_PRECISION", "fp32")
+    monkeypatch.delenv(demo.DATA_ENV, raising=False)
+    assert demo.outputs_not_reproducible() is None
+    monkeypatch.setenv("VISINSPECT_PRECISION", "bf16")
+    monkeypatch.setenv(demo.DATA_ENV, str(tmp_path))
+    monkeypatch.delenv("VISINSPECT_BACKBONE_WEIGHTS")
+    monkeypatch.setenv("VISINSPECT_MOBILENET_WEIGHTS", str(tmp_path / "missing.pth"))
+    reasons = demo.outputs_not_reproducible()
+    for part in ("no ImageNet VGG16 weights", "no ImageNet MobileNetV2 weights", "precision bf16",
+                 demo.DATA_ENV):
+        assert part in reasons

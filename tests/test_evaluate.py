@@ -134,6 +134,8 @@ def test_markdown_table_states_the_positive_class(preds):
     assert "| image_auroc |" in text and "| pixel_auroc |" in text
     assert "| cat_a | 8 | 4 |" in text and "| cat_b | 8 | 4 |" in text
     assert "confusion (TP / FN / FP / TN)" in text
+    alone = markdown_table(evaluate_predictions(preds, heat_mode="image"), per_category=False)
+    assert "| cat_a |" not in alone and alone in text
 
 
 def test_round_floats():

@@ -3,9 +3,11 @@
 `pytest --nbval` compares fresh outputs with the stored ones, so a notebook committed without
 outputs would pass vacuously, and one with an error, a path of the author's machine or widget
 state would mislead its readers. nbval never compares Markdown, so a number typed into prose can
-drift from the run: results are stated by code (a cell displaying Markdown built from the run's
-variables, or next to an `assert`), and no Markdown cell of a results section holds a decimal
-number. These checks read the JSON only (no kernel): they are fast.
+drift from the run: a person writes the prose, each number it rests on is printed by a code cell
+next to it (which nbval compares) or asserted, and no Markdown cell of a results section holds a
+decimal number. The notebooks are one run of one model: every notebook that trains or loads the
+course's checkpoint stores the digest of its weights, and the digests agree. These checks read the
+JSON only (no kernel): they are fast.
 """
 
 import json
@@ -26,6 +28,9 @@ ABSOLUTE_PATH = re.compile(
     r"(?<![\w.])/(?:work|tmp|root|home|Users|private|var|opt|mnt|srv)/|\b[A-Za-z]:\\\\"
 )
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+CHECKPOINT = "weights/demo_baseline.pt"  # trained by notebook 02, loaded by the later ones
+DIGEST = re.compile(r"(\S+\.pt) \(weights digest ([0-9a-f]{12})\)")  # demo.checkpoint_line
+USES_CHECKPOINT = re.compile(r"model=True|course\.checkpoint|demo_baseline\.pt")
 
 
 def _source(cell: dict) -> str:
@@ -65,6 +70,35 @@ def problems(nb: dict, text: str) -> list[str]:
     return found
 
 
+def _outputs_text(cell: dict) -> str:
+    """What a code cell printed or displayed, as text."""
+    parts = []
+    for out in cell.get("outputs", []):
+        data = out.get("data", {})
+        texts = [out.get("text", ""), data.get("text/plain", ""), data.get("text/markdown", "")]
+        parts += ["".join(t) if isinstance(t, list) else t for t in texts]
+    return "\n".join(parts)
+
+
+def checkpoint_problems(notebooks: dict[str, dict]) -> list[str]:
+    """The course is one run of one model: every notebook that trains or loads the course's
+    checkpoint prints its digest (demo.checkpoint_line), and all the stored digests agree."""
+    found, names_by_digest = [], {}
+    for name, nb in notebooks.items():
+        code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+        digests = {d for c in code for path, d in DIGEST.findall(_outputs_text(c)) if path == CHECKPOINT}
+        if any(USES_CHECKPOINT.search(_source(c)) for c in code) and not digests:
+            found.append(f"{name} trains or loads {CHECKPOINT} but its stored outputs show no digest "
+                         "of it (print demo.checkpoint_line)")
+        for digest in digests:
+            names_by_digest.setdefault(digest, []).append(name)
+    if len(names_by_digest) > 1:
+        found.append("the stored outputs come from different checkpoints ("
+                     + "; ".join(f"{d}: {', '.join(n)}" for d, n in sorted(names_by_digest.items()))
+                     + "): re-execute them in one run, python notebooks/clean_notebooks.py --execute")
+    return found
+
+
 def results_sections(cells: list[dict]) -> list[tuple[str, list[dict]]]:
     """(heading, cells) of each results section: from a Markdown heading that names results
     ("What the numbers show", "Results") to the next heading of the same or a higher level
@@ -97,7 +131,7 @@ def results_problems(cells: list[dict]) -> list[str]:
         for cell in section:
             if cell["cell_type"] == "markdown" and (match := DECIMAL.search(_source(cell))):
                 found.append(f"results section {title!r}: a Markdown cell states the number "
-                             f"{match.group()!r}; produce it from the run (display(Markdown(...)))")
+                             f"{match.group()!r}; print it from a code cell next to the prose")
     return found
 
 
@@ -137,6 +171,11 @@ def test_notebooks_that_measure_state_their_results_from_code(path):
     # 01 only looks at the data; every later notebook trains or scores models, and says what its
     # numbers show in a results section (its Markdown is checked in problems()).
     assert results_sections(json.loads(path.read_text(encoding="utf-8"))["cells"])
+
+
+def test_the_notebooks_show_one_checkpoint():
+    notebooks = {p.name: json.loads(p.read_text(encoding="utf-8")) for p in NOTEBOOKS}
+    assert checkpoint_problems(notebooks) == []
 
 
 def _notebook(cells: list[dict], metadata: dict | None = None) -> tuple[dict, str]:
@@ -226,3 +265,31 @@ def test_results_sections_end_at_the_next_heading_of_their_level():
     assert (first, second) == ("3. Results", "What the numbers show")
     assert section == cells[:4] and rest == cells[4:]
     assert "'0.5'" in results_problems(cells)[0]
+
+
+def _printed(count, source, text):
+    return _code(count, source, outputs=[{"output_type": "stream", "name": "stdout", "text": text}])
+
+
+SAVED = "weights/demo_baseline.pt (weights digest 0123456789ab)"
+
+
+@pytest.mark.parametrize(
+    ("notebooks", "expected"),
+    [
+        ({"01": [_code(1, "course = demo.course_setup()")],
+          "02": [_printed(1, "save(course.checkpoint)", SAVED)],
+          "03": [_printed(1, "demo.course_setup(model=True)",
+                          "loaded: weights/demo_baseline.pt (weights digest 0123456789ab)\n")]}, []),
+        ({"02": [_printed(1, "save(course.checkpoint)", SAVED)],
+          "03": [_printed(1, "demo.course_setup(model=True)",
+                          "loaded: weights/demo_baseline.pt (weights digest ba9876543210)")]},
+         ["different checkpoints (0123456789ab: 02; ba9876543210: 03)"]),
+        ({"04": [_printed(1, "demo.course_setup(model=True)", "loaded weights/demo_baseline.pt")]},
+         ["04 trains or loads weights/demo_baseline.pt but its stored outputs show no digest"]),
+    ],
+    ids=["one-model", "two-models", "no-digest"],
+)
+def test_checkpoint_problems(notebooks, expected):
+    found = checkpoint_problems({name: {"cells": cells} for name, cells in notebooks.items()})
+    assert len(found) == len(expected) and all(e in f for e, f in zip(expected, found, strict=True)), found

@@ -18,7 +18,7 @@ from visinspect.boxes import Box, heatmap_to_boxes
 from visinspect.data.samples import build_sample_table, summarize
 from visinspect.data.synthetic import generate_synthetic_dataset
 from visinspect.errors import ConfigError, DataError, VisinspectError
-from visinspect.metrics import classification_metrics
+from visinspect.metrics import box_hit_rate, classification_metrics
 from visinspect.scoring import Predictions
 from visinspect.viz import comparisons, plots, widgets
 
@@ -81,8 +81,8 @@ def test_sample_grid_spreads_over_defect_types_and_draws_masks(preds):
     fig = plots.plot_sample_grid(preds.samples, n_per_category=5, image_size=64)
     assert len(fig.axes) == 5  # one category x 5
     titles = [ax.get_title() for ax in fig.axes]
-    types = [t.split(" · ")[1] for t in titles]
-    assert types == ["good", "contamination", "crack", "stain", "good"]
+    assert titles == ["good", "contamination", "crack", "stain", "good"]
+    assert [t.get_text() for t in fig.axes[0].texts] == ["round_pill"]  # the row's product
     has_contour = [bool(ax.collections) for ax in fig.axes]
     assert has_contour == [False, True, True, True, False]
 
@@ -180,7 +180,10 @@ def test_history_draws_reference_lines_and_a_validation_only_panel():
     loss_ax, acc_ax, recall_ax = plots.plot_history(history, references=references).axes
     assert list(loss_ax.lines[-1].get_ydata()) == [3.43, 3.43]
     assert list(acc_ax.lines[-1].get_ydata()) == [0.64, 0.64]
-    assert "always 'good' (0.64)" in [t.get_text() for t in acc_ax.get_legend().get_texts()]
+    (legend,) = acc_ax.figure.legends  # one legend for the figure, each label once
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert "always 'good' (0.64)" in labels and len(labels) == len(set(labels))
+    assert all(a.get_legend() is None for a in (loss_ax, acc_ax, recall_ax))
     assert [line.get_ydata().tolist() for line in recall_ax.lines] == [history["val_recall"]]
     # Validation has one colour in every panel, whether or not training is drawn next to it.
     assert recall_ax.lines[0].get_color() == acc_ax.lines[1].get_color() != acc_ax.lines[0].get_color()
@@ -191,7 +194,8 @@ def test_score_distributions_per_group():
     scores = np.array([-2.0, -1.0, 1.0, 3.0, 4.0, 5.0, 0.5])
     groups = ["bottle", "bottle", "bottle", "screw", "screw", "screw", "screw"]
     fig = plots.plot_score_distributions(labels, scores, threshold=0.7, groups=groups, bins=5)
-    assert [ax.get_title() for ax in fig.axes] == ["bottle", "screw"]
+    assert [ax.get_title() for ax in fig.axes] == ["bottle (2 good, 1 anomaly)", "screw (1 good, 3 anomaly)"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["good", "anomaly", "threshold 0.70"]
     for ax, name in zip(fig.axes, ["bottle", "screw"], strict=True):
         sel = np.array(groups) == name
         heights = [p.get_height() for p in ax.patches]
@@ -392,3 +396,35 @@ def test_metric_vs_k_draws_one_line_per_few_good_parts_model():
     assert list(lines["fused"].get_ydata()) == [0.65, 0.9]
     assert lines["baseline (no good images)"].get_ydata()[0] == 0.7
     assert list(lines["chance (0.5)"].get_ydata()) == [0.5, 0.5]
+
+
+def test_box_threshold_on_defect_gives_the_boxes_that_best_match_the_defect(preds):
+    defective = [i for i, s in enumerate(preds.samples) if s.mask_path is not None]
+    good = next(i for i, s in enumerate(preds.samples) if s.label == 0)
+    assert widgets.box_threshold_on_defect(preds, good, 4, "image") is None  # no mask, no defect
+    grid = [round(k * widgets.BOX_STEP, 10) for k in range(round(1 / widgets.BOX_STEP))]
+    for i in defective:
+        mask = preds.masks([i])
+        t = widgets.box_threshold_on_defect(preds, i, 4, "image")
+        assert t in grid
+        chosen = box_hit_rate(mask, [widgets.boxes_at(preds, i, t, 4, "image")])
+        assert chosen["box_hit_rate"] > 0
+        for other in grid:
+            found = widgets.boxes_at(preds, i, other, 4, "image")
+            match = box_hit_rate(mask, [found]) if found else {"box_hit_rate": 0, "mean_iou": 0}
+            assert match["box_hit_rate"] == 0 or match["mean_iou"] <= chosen["mean_iou"]
+
+
+def test_heatmap_explorer_opens_on_a_box_on_the_defect(preds):
+    i = next(i for i, s in enumerate(preds.samples) if s.mask_path is not None)
+    mode, t = widgets.explorer_start(preds, i, min_area=4)
+    image, heat_mode, sliders, summary, _ = widgets.heatmap_explorer(preds, index=i, min_area=4).children
+    assert (image.value, heat_mode.value, sliders.children[0].value) == (i, mode, t)
+    drawn = widgets.boxes_at(preds, i, t, 4, mode)
+    assert drawn and summary.value.startswith(f"<b>{len(drawn)} box(es)</b>")
+    assert box_hit_rate(preds.masks([i]), [drawn])["box_hit_rate"] > 0
+    # Given settings win; an image without a defect opens at the dataset scale and 0.5.
+    given = widgets.heatmap_explorer(preds, index=i, heat_mode="image", box_threshold=0.7).children
+    assert (given[1].value, given[2].children[0].value) == ("image", 0.7)
+    good = next(i for i, s in enumerate(preds.samples) if s.label == 0)
+    assert widgets.explorer_start(preds, good) == ("dataset", 0.5)

@@ -110,8 +110,9 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def markdown_table(report: dict, title: str = "") -> str:
-    """The report as a markdown table a person can read (rounded; positive class stated)."""
+def markdown_table(report: dict, title: str = "", per_category: bool = True) -> str:
+    """The report as a markdown table a person can read (rounded; positive class stated), and
+    below it the table per category unless `per_category` is False."""
     cm = report["confusion_matrix"]
     keys = ["image_auroc", "average_precision", "accuracy", "balanced_accuracy", "precision",
             "recall", "f1", "pixel_auroc", "aupro", "box_hit_rate", "mean_iou"]
@@ -126,7 +127,8 @@ def markdown_table(report: dict, title: str = "") -> str:
     ]
     lines += [f"| {k} | {_fmt(report[k])} |" for k in keys if k in report]
     lines.append(f"| confusion (TP / FN / FP / TN) | {cm['tp']} / {cm['fn']} / {cm['fp']} / {cm['tn']} |")
-    lines += ["", per_group_table(report["per_category"], "category")]
+    if per_category:
+        lines += ["", per_group_table(report["per_category"], "category")]
     return "\n".join(lines)
 
 

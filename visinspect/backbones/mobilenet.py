@@ -23,7 +23,13 @@ import torch
 import torchvision
 from torch import nn
 
-from visinspect.backbones.vgg16 import hub_checkpoint, read_weights_file, sha256_file, warn_random_weights
+from visinspect.backbones.vgg16 import (
+    hub_checkpoint,
+    imagenet_weights_here,
+    read_weights_file,
+    sha256_file,
+    warn_random_weights,
+)
 from visinspect.errors import CheckpointError, VisinspectError
 
 MOBILENET_ENV = "VISINSPECT_MOBILENET_WEIGHTS"
@@ -92,6 +98,11 @@ def _load_file(model: MobileNetPatches, path: Path) -> None:
 def _provenance(source: str, path: Path | None) -> dict:
     return {"network": "MobileNetV2", "source": source, "path": path and str(path),
             "sha256": path and sha256_file(path)}
+
+
+def mobilenet_available() -> bool:
+    """Whether `build_mobilenet("auto")` would find ImageNet weights without downloading."""
+    return imagenet_weights_here(MOBILENET_ENV, MOBILENET_URL)
 
 
 def build_mobilenet(

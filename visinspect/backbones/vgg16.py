@@ -225,10 +225,16 @@ def pretrained_available(weights: str | Path | None = "auto") -> bool:
         return False
     if weights not in ("auto", "torchvision"):
         return Path(weights).expanduser().is_file()
-    env = os.environ.get(WEIGHTS_ENV)
-    if env and weights == "auto" and Path(env).expanduser().is_file():
+    return imagenet_weights_here(WEIGHTS_ENV if weights == "auto" else None, TORCHVISION_URL)
+
+
+def imagenet_weights_here(env: str | None, url: str) -> bool:
+    """Whether ImageNet weights can be had without downloading: the file that the environment
+    variable `env` names, or torchvision's file of `url` in the torch hub cache."""
+    value = os.environ.get(env) if env else None
+    if value and Path(value).expanduser().is_file():
         return True
-    return (Path(torch.hub.get_dir()) / "checkpoints" / Path(TORCHVISION_URL).name).is_file()
+    return (Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name).is_file()
 
 
 def build_model(weights: str | Path | None = "auto", frozen_end: int = FROZEN_END) -> tuple[VGG16CAM, dict]:

@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from visinspect.backbones.cam import HeatmapNormalizer
-from visinspect.backbones.vgg16 import VGG16CAM, describe_backbone, pretrained_available
-from visinspect.checkpoint import load_classifier, save_classifier
+from visinspect.backbones.mobilenet import MOBILENET_ENV, mobilenet_available
+from visinspect.backbones.vgg16 import VGG16CAM, WEIGHTS_ENV, describe_backbone, pretrained_available
+from visinspect.checkpoint import checkpoint_digest, load_classifier, save_classifier
 from visinspect.data.samples import (
     Sample,
     build_sample_table,
@@ -36,7 +37,7 @@ from visinspect.evaluate import (
 )
 from visinspect.scoring import predict
 from visinspect.training import TrainConfig, train_baseline
-from visinspect.utils import set_seed
+from visinspect.utils import PRECISION_ENV, resolve_precision, set_seed
 from visinspect.viz.plots import highest_scoring, plot_prediction_grid, save_figure
 
 SOURCE = ("grain_wood", "grain_leather", "round_pill", "bottle_top")
@@ -64,6 +65,34 @@ class DemoSettings:
 def default_weights_dir() -> Path:
     """`weights/` of the source checkout (git-ignored), where notebooks keep their checkpoints."""
     return default_synthetic_root().parents[1] / "weights"
+
+
+def checkpoint_line(path: str | Path) -> str:
+    """"weights/demo_baseline.pt (weights digest 0123456789ab)": the checkpoint and the digest of
+    its weights, as every course notebook that trains or loads it prints it (two notebooks that
+    print the same digest use the same model)."""
+    path = Path(path)
+    return f"{path.parent.name}/{path.name} (weights digest {checkpoint_digest(path)})"
+
+
+def outputs_not_reproducible() -> str | None:
+    """Why this environment cannot reproduce the notebooks' stored outputs, or None if it can.
+
+    They come from one run with the ImageNet weights of VGG16 and MobileNetV2, fp32 and the
+    synthetic data (notebooks/clean_notebooks.py --execute, CI's run with ../shared): random
+    weights, bf16 or real data change every number the notebooks print."""
+    reasons = []
+    if not pretrained_available("auto"):
+        reasons.append(f"no ImageNet VGG16 weights ({WEIGHTS_ENV} unset and none in the torch hub "
+                       "cache): the backbone is random")
+    if not mobilenet_available():
+        reasons.append(f"no ImageNet MobileNetV2 weights ({MOBILENET_ENV} unset and none in the "
+                       "torch hub cache)")
+    if (precision := resolve_precision("auto")) != "fp32":
+        reasons.append(f"precision {precision}, not fp32 (set {PRECISION_ENV}=fp32)")
+    if os.environ.get(DATA_ENV):
+        reasons.append(f"{DATA_ENV} is set: the notebooks read real data, not the synthetic set")
+    return "; ".join(reasons) or None
 
 
 def _split(
@@ -148,6 +177,16 @@ class Course:
     info: dict | None = None
 
     @property
+    def source_products(self) -> list[str]:
+        """The products the model learns on, sorted."""
+        return sorted({s.category for s in self.source})
+
+    @property
+    def target_products(self) -> list[str]:
+        """The new products it is tested on, sorted."""
+        return sorted({s.category for s in self.target})
+
+    @property
     def unlabelled_good(self) -> list[Sample]:
         """The targets' train/ images: good parts of the new products, never scored."""
         return [s for s in self.target if s.split == "train"]
@@ -181,8 +220,13 @@ def course_setup(
     """The start of every course notebook: seed, data, split, settings and, with `model=True`,
     the baseline that notebook 02 saved (trained and saved here first if it is missing).
 
-    `data_root` None reads the environment variable VISINSPECT_DATA, else the embedded synthetic
-    dataset (generated on first use). `full` gives the seed's settings (224 px, 10 epochs).
+    - `data_root`: a folder of real images in the MVTec AD layout (then every notebook says loudly
+      that it reads real data); None reads the environment variable VISINSPECT_DATA, else uses
+      the embedded synthetic dataset (made-up images, generated into data/synthetic/ on first use).
+    - `source`, `target`: the products the model learns on and the new products it is tested on
+      (with real data: your categories, e.g. ("bottle",) and ("pill",)).
+    - `full`: the seed's settings (224 px, 10 epochs) instead of the course's small ones: slow on
+      a CPU.
     """
     settings = DemoSettings.full() if full else DemoSettings()
     set_seed(settings.seed)
@@ -196,9 +240,9 @@ def course_setup(
         course.model, course.info, trained = _load_or_train(
             course.checkpoint, settings, train, val, weights=weights, retrain=False, progress=True
         )
-        where = course.checkpoint.relative_to(course.checkpoint.parents[1])
+        where = checkpoint_line(course.checkpoint)
         log(f"trained the baseline now and saved it to {where} (notebook 02 had not)" if trained
-            else f"loaded the baseline that notebook 02 saved to {where}")
+            else f"loaded the baseline that notebook 02 saved: {where}")
         log(f"backbone weights: {course.info['backbone']['source']}")
         log(f"decision threshold (logit margin): {course.info['threshold']:.3f}")
     return course

@@ -72,6 +72,9 @@ _STYLE = {
 }
 
 
+PAGE_WIDTH = 8.4  # inches: a notebook page (about 850 px at the inline backend's 100 dpi)
+
+
 def apply_style() -> None:
     """Set the project's matplotlib rcParams (idempotent; every plot function calls it)."""
     mpl.rcParams.update(_STYLE)
@@ -169,7 +172,8 @@ def plot_class_balance(
         row = summary[key[0]]["splits"][key[1]] if by_split else summary[key]
         for name in LABEL_NAMES:
             counts[name].append(row[name])
-    fig, (ax,) = axes_for(ax, 1, 1, (max(4.0, 0.7 * len(keys) + 1.5), 3.5), "plot_class_balance")
+    width = min(PAGE_WIDTH, max(4.0, 0.7 * len(keys) + 1.5))  # a notebook page's width at most
+    fig, (ax,) = axes_for(ax, 1, 1, (width, 3.5), "plot_class_balance")
     x = np.arange(len(keys))
     bottom = np.zeros(len(keys))
     for name in LABEL_NAMES:
@@ -180,7 +184,7 @@ def plot_class_balance(
     ax.set_xticks(x, [f"{c} · {s}" for c, s in keys] if by_split else keys, **rotate)
     ax.set_ylabel("images")
     ax.set_title(f"Images per category (positive class: {POSITIVE_CLASS})")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never on them
     return fig
 
 
@@ -200,12 +204,16 @@ def plot_sample_grid(
     image_size: int = 128,
     fig: Figure | None = None,
 ) -> Figure:
-    """One row per category: images with their ground-truth defect contours, titled by type."""
+    """One row per category, named at its left: images with their ground-truth defect contours,
+    titled by defect type."""
     if not samples:
         raise DataError("no samples to show")
     categories = sorted({s.category for s in samples})
-    fig, axes = figure_grid(fig, len(categories), n_per_category, (2.2, 2.4))
+    fig, axes = figure_grid(fig, len(categories), n_per_category,
+                            (min(2.1, PAGE_WIDTH / n_per_category), 2.2))
     for row, category in zip(axes, categories, strict=True):
+        row[0].text(-0.06, 0.5, category, transform=row[0].transAxes, rotation=90, ha="right",
+                    va="center", fontsize=FONT_SIZES["title"])  # the row's product, at its left
         chosen = _spread_over_types([s for s in samples if s.category == category], n_per_category)
         for ax, s in zip_longest(row, chosen):
             if s is None:
@@ -214,7 +222,7 @@ def plot_sample_grid(
             size = (image_size, image_size)
             mask = None if s.mask_path is None else load_mask(s.mask_path, size)
             overlay(ax, load_image(s.path, image_size), mask=mask)
-            ax.set_title(f"{category} · {s.defect_type}", color=COLORS[LABEL_NAMES[s.label]])
+            ax.set_title(s.defect_type, color=COLORS[LABEL_NAMES[s.label]])
     return fig
 
 
@@ -426,7 +434,7 @@ def plot_history(
     keys = [k for k in HISTORY_KEYS if k in history or f"val_{k}" in history]
     if not keys:
         raise DataError(f"history has none of {', '.join(HISTORY_KEYS)}; its keys: {sorted(history)}")
-    fig, axes = axes_for(ax, 1, len(keys), (4.0, 3.0), "plot_history")
+    fig, axes = axes_for(ax, 1, len(keys), (PAGE_WIDTH / 3, 2.8), "plot_history")
     references = references or {}
     for a, key in zip(axes, keys, strict=True):
         # One colour per split in every panel, also where a panel has validation values only.
@@ -445,8 +453,18 @@ def plot_history(
         a.xaxis.set_major_locator(MaxNLocator(integer=True))
         if key != "loss":
             a.set_ylim(0, 1.02)
-        a.legend(fontsize=FONT_SIZES["legend"] - 1)
+    figure_legend(fig, axes)
     return fig
+
+
+def figure_legend(fig: Figure, axes: Sequence[Axes]) -> None:
+    """One legend for the whole figure, below its panels (outside the data): each label once."""
+    entries: dict[str, object] = {}
+    for a in axes:
+        for handle, label in zip(*a.get_legend_handles_labels(), strict=True):
+            entries.setdefault(label, handle)
+    fig.legend(list(entries.values()), list(entries), loc="outside lower center",
+               ncols=min(len(entries), 3))
 
 
 def plot_score_distributions(
@@ -470,18 +488,21 @@ def plot_score_distributions(
         if g.shape != y.shape:
             raise DataError(f"need one group per score; got {g.size} groups for {y.size} scores")
         names = sorted(set(g.tolist()))
-    fig, axes = axes_for(ax, len(names), 1, (6.0, 2.4), "plot_score_distributions", sharex=True)
+    fig, axes = axes_for(ax, len(names), 1, (6.0, 2.0), "plot_score_distributions", sharex=True)
     edges = np.histogram_bin_edges(s, bins=bins)
     for a, name in zip(axes, names, strict=True):
+        n = []
         for cls, label in enumerate(LABEL_NAMES):
             v = s[(g == name) & (y == cls)]
-            a.hist(v, bins=edges, color=COLORS[label], alpha=0.6, label=f"{label} (n={v.size})")
+            a.hist(v, bins=edges, color=COLORS[label], alpha=0.6, label=label)
+            n.append(f"{v.size} {label}")
         if threshold is not None:
             a.axvline(threshold, color="black", ls="--", lw=1.2, label=f"threshold {threshold:.2f}")
-        a.set_title(name)
+        a.set_title(f"{name} ({', '.join(n)})")
         a.set_ylabel("images")
-        a.legend()
+        a.yaxis.set_major_locator(MaxNLocator(integer=True))
     axes[-1].set_xlabel("ranking score (logit margin); anomaly if > threshold")
+    figure_legend(fig, axes)
     return fig
 
 

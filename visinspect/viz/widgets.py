@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from visinspect.backbones.cam import HeatmapNormalizer
 from visinspect.boxes import Box, heatmap_to_boxes
 from visinspect.errors import ConfigError, DataError
-from visinspect.metrics import POSITIVE_CLASS, classification_metrics
+from visinspect.metrics import POSITIVE_CLASS, box_hit_rate, classification_metrics
 from visinspect.scoring import Predictions
 from visinspect.viz.plots import (
     LABEL_NAMES,
@@ -54,6 +54,47 @@ def boxes_at(
 ) -> list[Box]:
     """The boxes of image `index` at these settings: exactly what the heatmap explorer draws."""
     return _heat_and_boxes(preds, index, box_threshold, min_area, heat_mode, normalizer)[1]
+
+
+BOX_STEP = 0.05  # the box-threshold slider's step
+
+
+def box_threshold_on_defect(
+    preds: Predictions,
+    index: int,
+    min_area: int = 16,
+    heat_mode: str = "dataset",
+    normalizer: HeatmapNormalizer | None = None,
+    step: float = BOX_STEP,
+) -> float | None:
+    """The box threshold on the slider's grid (multiples of `step` below 1) whose boxes of image
+    `index` best match its defect: a box touches the defect mask, and the boxes' IoU with the
+    defect regions (metrics.box_hit_rate's mean_iou) is the highest (the higher threshold on a
+    tie). Where the explorer opens. None when the image has no defect mask or no box touches it."""
+    mask = preds.masks([index])
+    if not mask.any():
+        return None
+    heat = prediction_heatmaps(preds, [index], heat_mode, normalizer)[0]
+    best, best_iou = None, -1.0
+    for k in range(round(1 / step) - 1, -1, -1):
+        found = heatmap_to_boxes(heat, round(k * step, 10), min_area)
+        match = box_hit_rate(mask, [found]) if found else {"box_hit_rate": 0}
+        if match["box_hit_rate"] > 0 and match["mean_iou"] > best_iou:
+            best, best_iou = round(k * step, 10), match["mean_iou"]
+    return best
+
+
+def explorer_start(
+    preds: Predictions, index: int, normalizer: HeatmapNormalizer | None = None, min_area: int = 16
+) -> tuple[str, float]:
+    """(heat mode, box threshold) at which the heatmap explorer opens on image `index`: a box on
+    its defect, on the dataset scale if a threshold puts one there, else per image (min-max);
+    ("dataset", 0.5) for an image without a defect mask, or when neither does."""
+    for mode in ("dataset", "image"):
+        found = box_threshold_on_defect(preds, index, min_area, mode, normalizer)
+        if found is not None:
+            return mode, found
+    return "dataset", 0.5
 
 
 def render_heatmap_view(
@@ -100,28 +141,46 @@ def _boxes_html(boxes: Sequence[Box], box_threshold: float, min_area: int) -> st
 
 
 def heatmap_explorer(
-    preds: Predictions, normalizer: HeatmapNormalizer | None = None, threshold: float = 0.0
+    preds: Predictions,
+    normalizer: HeatmapNormalizer | None = None,
+    threshold: float = 0.0,
+    *,
+    index: int = 0,
+    heat_mode: str | None = None,
+    box_threshold: float | None = None,
+    min_area: int = 16,
 ) -> widgets.VBox:
     """Pick an image, the heatmap normalisation, the box threshold and minimum box area; see the
-    overlay and boxes live. `threshold` (logit margin) only decides the verdict in the title."""
+    overlay and boxes live. `threshold` (logit margin) only decides the verdict in the title.
+
+    It opens on image `index`; where `heat_mode` or `box_threshold` is None, at a state that
+    shows a box on the image's defect (`explorer_start`, `box_threshold_on_defect`).
+    """
     if not preds.samples:
         raise DataError("no predictions to explore: predict on at least one image")
+    if box_threshold is None:
+        if heat_mode is None:
+            heat_mode, box_threshold = explorer_start(preds, index, normalizer, min_area)
+        else:
+            found = box_threshold_on_defect(preds, index, min_area, heat_mode, normalizer)
+            box_threshold = 0.5 if found is None else found
+    heat_mode = heat_mode or "dataset"
     options = [
         (f"{s.category}/{s.defect_type}/{s.path.name} (true: {LABEL_NAMES[s.label]})", i)
         for i, s in enumerate(preds.samples)
     ]
     # Wide enough for the longest file name: a fixed-width drop-down would cut it.
-    image = widgets.Dropdown(options=options, value=0, description="image", style=READABLE,
+    image = widgets.Dropdown(options=options, value=index, description="image", style=READABLE,
                              layout=widgets.Layout(width="max-content", max_width="100%"))
-    mode = widgets.Dropdown(options=HEAT_MODES, value="dataset", description="normalise",
+    mode = widgets.Dropdown(options=HEAT_MODES, value=heat_mode, description="normalise",
                             style=READABLE, layout=widgets.Layout(width="max-content"))
     wide = {"style": READABLE, "layout": widgets.Layout(width="30em")}  # room for label and track
     box_threshold = widgets.FloatSlider(
-        value=0.5, min=0.0, max=1.0, step=0.05, description="box threshold: heat >",
+        value=box_threshold, min=0.0, max=1.0, step=BOX_STEP, description="box threshold: heat >",
         continuous_update=False, **wide,
     )
     min_area = widgets.IntSlider(
-        value=16, min=1, max=max(16, preds.image_size**2 // 16), description="min box area (px)",
+        value=min_area, min=1, max=max(16, preds.image_size**2 // 16), description="min box area (px)",
         continuous_update=False, **wide,
     )
     summary = widgets.HTML()
