@@ -92,7 +92,6 @@ def cmd_train(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from visinspect.evaluate import round_floats
     from visinspect.experiments.demo import target_table
     from visinspect.experiments.evaluate_checkpoint import (
         EvaluationSettings,
@@ -106,7 +105,7 @@ def cmd_evaluate(args) -> None:
     report = evaluate_checkpoint(args.checkpoint, table.samples, settings)
     print(report_markdown(report))
     if args.json:
-        print(f"wrote {write_json(args.json, round_floats(report))}")
+        print(f"wrote {write_json(args.json, report, digits=6)}")
 
 
 def cmd_predict(args) -> int:
@@ -126,7 +125,6 @@ def cmd_predict(args) -> int:
 
 
 def cmd_demo(args) -> None:
-    """Train on the synthetic source categories, evaluate on the held-out ones, draw a grid."""
     from visinspect.experiments.demo import DemoSettings, run_demo
 
     settings = DemoSettings(**_given(DemoSettings, args))
@@ -142,16 +140,14 @@ def cmd_pretrain(args) -> None:
     from visinspect.methods.simclr.training import pretrain_to_file
 
     source, target = unknown_context_images(args.data, args.source, args.target)
-    preset = PretrainConfig.demo if args.preset == "demo" else PretrainConfig.full
+    config = PretrainConfig.named(args.preset, **_given(PretrainConfig, args))
     _resumable(args)
-    pretrain_to_file(args.out, source, target, preset(**_given(PretrainConfig, args)), resume=args.resume,
-                     include_target_good=args.include_target_good, weights=args.weights,
-                     device=args.device)
+    pretrain_to_file(args.out, source, target, config, include_target_good=args.include_target_good,
+                     weights=args.weights, device=args.device, resume=args.resume)
     print(f"saved {args.out}; train a classifier on it with `train --pretrained {args.out}`")
 
 
 def cmd_compare(args) -> None:
-    from visinspect.evaluate import round_floats
     from visinspect.experiments.compare import MODELS, ComparePreset, draw_figures, run_comparison
     from visinspect.experiments.tables import summary_table
     from visinspect.utils import write_json
@@ -164,7 +160,7 @@ def cmd_compare(args) -> None:
     )
     print(summary_table(rows))
     if args.json:
-        print(f"wrote {write_json(args.json, {'rows': round_floats(rows)})}")
+        print(f"wrote {write_json(args.json, {'rows': rows}, digits=6)}")
     if args.figures:
         draw_figures(rows, first, args.calibrate, args.figures)
         print(f"wrote figures to {args.figures}")
@@ -221,8 +217,7 @@ SHARED = {
     "--calibrate": {"type": _ints, "default": "",
                     "help": "comma-separated K values (good images of a target)"},
     "--checkpoint": {"required": True},
-    "--method": {"help": "use this method instead of the checkpoint's (`python -m visinspect methods` "
-                         "lists them)"},
+    "--method": {"help": "a method instead of the checkpoint's (`python -m visinspect methods` lists them)"},
     "--resume": {"type": Path, "help": "continue from OUT.state, written as it trains"},
     # The seed's training recipe; None leaves the library's default (TrainConfig's, DemoSettings').
     "--epochs": {"type": int},
@@ -276,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
 
     p = _command(sub, "pretrain", cmd_pretrain, "SimCLR pre-training of the VGG16 backbone (labels unused)",
-                 "--data", "--backbone-weights", "--device", "--resume", "--epochs", "--image-size")
+                 "--data", "--seed", "--backbone-weights", "--device", "--resume", "--epochs", "--image-size")
     p.add_argument("--source", type=_csv,
                    help="comma-separated source categories (default: all but --target)")
     p.add_argument("--target", type=_csv, help="comma-separated target categories (never their test images)")
@@ -284,7 +279,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also pre-train on the targets' unlabeled train/good images")
     p.add_argument("--out", default="weights/simclr.pt")
     p.add_argument("--preset", default="demo", choices=("demo", "full"))
-    p.add_argument("--seed", type=int)
     p.add_argument("--temperature", type=float)
     p.add_argument("--trainable-from", type=int, help="first trainable layer index of VGG16 features")
     for name in PRETRAIN_LEVERS:  # PretrainConfig's anomaly levers (methods/simclr/levers.py), all off

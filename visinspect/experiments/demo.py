@@ -8,7 +8,6 @@ with which every course notebook gets its data, split, settings and (when asked)
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -33,11 +32,10 @@ from visinspect.evaluate import (
     DEFAULT_MIN_AREA,
     evaluate_predictions,
     markdown_table,
-    round_floats,
 )
 from visinspect.scoring import predict
 from visinspect.training import SourceImages, TrainConfig, train_baseline
-from visinspect.utils import set_seed
+from visinspect.utils import set_seed, write_json
 from visinspect.viz.plots import highest_scoring, plot_prediction_grid, save_figure
 
 SOURCE = ("grain_wood", "grain_leather", "round_pill", "bottle_top")
@@ -261,7 +259,7 @@ def run_demo(
              f"(synthetic, {settings.image_size} px). ")
     table = markdown_table(report, title=title) + "\n\n" + describe_backbone(info["backbone"])
     (out / "metrics.md").write_text(table + "\n")
-    (out / "metrics.json").write_text(json.dumps(round_floats(report), indent=2) + "\n")
+    write_json(out / "metrics.json", report, digits=6)
     picks = highest_scoring(preds.labels, preds.margins, per_class=6)
     fig = plot_prediction_grid(preds, picks, threshold, normalizer=normalizer, box_threshold=box_threshold,
                                min_area=min_area, ncols=4)
