@@ -31,8 +31,7 @@ from torch import nn
 
 from visinspect.backbones.store import FILL_BATCH, FeatureStore
 from visinspect.backbones.vgg16 import CONV4_3_END, build_model, describe_backbone
-from visinspect.data.samples import default_synthetic_root
-from visinspect.data.synthetic import ensure_synthetic_dataset
+from visinspect.data.synthetic import data_roots
 from visinspect.experiments.compare import ComparePreset
 from visinspect.experiments.loo import LeaveOneOut
 from visinspect.utils import autocast, describe_machine, resolve_precision, set_seed
@@ -144,7 +143,7 @@ def main() -> None:
           f"{rate:.2f} images/s x {gflop:.1f} GFLOP = {rate * gflop:.0f} GFLOP/s; matrix-multiply "
           f"peak here {peak:.0f} GFLOP/s -> {rate * gflop / peak:.0%} of peak")
 
-    roots = args.data or [ensure_synthetic_dataset(default_synthetic_root())]
+    roots = data_roots(args.data)
     targets = args.targets.split(",") if args.data else ["hex_nut", "woven_fabric"]
     preset = dataclasses.replace(ComparePreset.full(), image_size=args.image_size, precision=precision,
                                  max_source_per_category=args.source_cap)

@@ -23,19 +23,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
-from pathlib import Path
 
-from visinspect.data.samples import build_sample_table, default_synthetic_root
-from visinspect.data.synthetic import ensure_synthetic_dataset
-from visinspect.evaluate import round_floats
+from visinspect.data.samples import build_sample_table
+from visinspect.data.synthetic import data_roots
 from visinspect.experiments.compare import ComparePreset, run_seed
 from visinspect.experiments.demo import SOURCE, TARGET
 from visinspect.experiments.tables import pivot_table, summary_table
 from visinspect.methods.simclr.levers import LEVER_SETS
 from visinspect.methods.simclr.pretrain import PretrainConfig
+from visinspect.utils import write_json
 
 SMALL = ComparePreset("small", 96, 6, PretrainConfig(image_size=64, epochs=4, max_images=200),
                       max_source_per_category=100, max_test_per_category=100)
@@ -70,7 +68,7 @@ def main() -> int:
     course = args.data is None and args.target is None  # the synthetic course split
     if args.data is not None and args.target is None:
         p.error("--target is required with --data")
-    table = build_sample_table(args.data or [ensure_synthetic_dataset(default_synthetic_root())]).samples
+    table = build_sample_table(data_roots(args.data)).samples
     target = list(TARGET) if course else args.target.split(",")
     if args.source:
         source = args.source.split(",")
@@ -96,8 +94,7 @@ def main() -> int:
     print()
     print(pivot_table(per_target))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"rows": round_floats(rows)}, indent=1) + "\n")
+        write_json(args.json, {"rows": rows}, indent=1, digits=6)
     return 0
 
 

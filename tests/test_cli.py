@@ -8,12 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from conftest import TINY_CATEGORIES, TINY_PER_CATEGORY
 
-from visinspect.checkpoint import load_classifier
+from visinspect.calibration import fit_calibration, save_calibration
+from visinspect.checkpoint import load_classifier, save_classifier
 from visinspect.cli import main
 from visinspect.data.drawing import CATEGORIES
+from visinspect.experiments.demo import unknown_context_images
+from visinspect.methods.registry import backbone_info, load_detector
 
 REQUIRED = {"n_images", "n_anomalous", "positive_class", "threshold", "accuracy", "balanced_accuracy",
             "precision", "recall", "f1", "image_auroc", "average_precision", "confusion_matrix",
@@ -132,6 +137,46 @@ def test_train_of_a_simclr_method_says_to_pretrain_first(capsys, tiny_root, tmp_
     line = fails(capsys, "train", "--data", tiny_root, "--method", name, "--out", tmp_path / "m.pt")
     assert "`pretrain`" in line and "then `train --pretrained FILE` with the same --method" in line
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_train_refuses_a_simclr_encoder_for_a_method_that_trains_nothing(capsys, tmp_path):
+    line = fails(capsys, "train", "--method", "reference", "--pretrained", tmp_path / "simclr.pt",
+                 "--out", tmp_path / "m.pt")
+    assert "'reference' trains nothing" in line and "--pretrained" in line
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_pretrain_sources_default_to_every_category_but_the_targets(tiny_root):
+    source, target = unknown_context_images([tiny_root], target=["round_pill"])
+    assert {s.category for s in source} == set(TINY_CATEGORIES) - {"round_pill"}
+    assert {s.category for s in target} == {"round_pill"}
+
+
+@pytest.fixture
+def calibration(tmp_path) -> Path:
+    """A calibration file for product "x" (what `evaluate --calibrate K` writes)."""
+    cams = torch.rand(10, 4, 4, generator=torch.Generator().manual_seed(0))
+    images = [f"x/train/good/{i:03d}.png" for i in range(10)]
+    return save_calibration(tmp_path / "x.json", [fit_calibration(np.arange(10.0), cams, category="x",
+                                                                   images=images)])
+
+
+@pytest.mark.parametrize(("name", "twin"), [("simclr-source", "simclr-source calibrated"),
+                                            ("baseline calibrated", "baseline calibrated")])
+def test_predict_calibration_takes_the_calibrated_twin_of_the_checkpoints_method(
+    pristine_model, tmp_path, calibration, name, twin
+):
+    checkpoint = save_classifier(tmp_path / "m.pt", pristine_model, **backbone_info(32, {}), method=name)
+    detector = load_detector(checkpoint, calibration=calibration)
+    assert detector.name == twin and detector.product == "x"
+
+
+def test_predict_calibration_refuses_a_method_without_a_calibrated_twin(capsys, pristine_model, tmp_path,
+                                                                         calibration):
+    checkpoint = save_classifier(tmp_path / "m.pt", pristine_model, **backbone_info(32, {}), method="fused")
+    line = fails(capsys, "predict", "--checkpoint", checkpoint, "--calibration", calibration, tmp_path,
+                 "--out", tmp_path / "out")
+    assert "'fused' has no form calibrated on good images; leave --calibration out" in line
 
 
 def test_missing_checkpoint(capsys, tiny_root, tmp_path):

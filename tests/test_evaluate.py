@@ -17,11 +17,11 @@ from visinspect.evaluate import (
     localisation_metrics,
     markdown_table,
     probability_to_margin,
-    round_floats,
     validation_threshold,
 )
 from visinspect.metrics import best_f1_threshold
 from visinspect.scoring import Predictions
+from visinspect.utils import round_floats
 
 SIZE = 32
 REQUIRED = {"n_images", "n_anomalous", "positive_class", "threshold", "accuracy", "balanced_accuracy",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 
@@ -72,6 +73,14 @@ def init_from_env(device: str | torch.device = "auto") -> torch.device | None:
         dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
         atexit.register(destroy)
     return target
+
+
+def init_command(device: str | torch.device = "auto") -> None:
+    """What a data-parallel command does first: `init_from_env`; then rank 0 alone prints (every
+    rank's errors still reach stderr)."""
+    init_from_env(device)
+    if not is_main():
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (for the rest of the process)
 
 
 def destroy() -> None:

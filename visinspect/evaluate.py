@@ -10,8 +10,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import numpy as np
-
 from visinspect.backbones.cam import HeatmapNormalizer
 from visinspect.boxes import heatmap_to_boxes
 from visinspect.errors import ConfigError
@@ -144,14 +142,3 @@ def per_group_table(groups: dict[str, dict], name: str, keys: Sequence[str] = (
             + " |"
         )
     return "\n".join(rows)
-
-
-def round_floats(obj, digits: int = 6):
-    """Round every float in a nested structure (stable JSON across runs and machines)."""
-    if isinstance(obj, float):
-        return round(obj, digits) if np.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: round_floats(v, digits) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [round_floats(v, digits) for v in obj]
-    return obj

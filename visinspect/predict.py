@@ -191,6 +191,12 @@ def predict_images(
     return counts
 
 
+def describe_counts(counts: dict, out: str | Path) -> str:
+    """`predict_images`'s counts in one line a person reads."""
+    return (f"{counts['n_images']} images: {counts['n_anomalous']} predicted anomalous, "
+            f"{counts['n_failed']} failed; results in {out}")
+
+
 def auto_batch_size(image_size: int) -> int:
     """Images per batch: about BATCH_PIXELS of model input, a multiple of the feature store's
     FILL_BATCH (the network's own batch), at least one of those."""

@@ -75,6 +75,11 @@ class SourceImages:
         train, val = stratified_split(source, val_fraction, seed)
         return cls(train, val, source)
 
+    def describe(self) -> str:
+        """One line on what a method trains on (what `train` prints first)."""
+        products = ", ".join(sorted({s.category for s in self.source}))
+        return f"training on {len(self.train)} images of {products}; {len(self.val)} validation images"
+
 
 @dataclass(frozen=True)
 class TrainingRun:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import tempfile
@@ -126,3 +127,23 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def round_floats(obj, digits: int = 6):
+    """Round every float in a nested structure (stable JSON across runs and machines)."""
+    if isinstance(obj, float):
+        return round(obj, digits) if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: round_floats(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [round_floats(v, digits) for v in obj]
+    return obj
+
+
+def write_json(path: str | Path, data, indent: int = 2, digits: int | None = None) -> Path:
+    """`data` as a JSON file at `path` (floats rounded to `digits` when given), written atomically,
+    its folder made if missing."""
+    data = data if digits is None else round_floats(data, digits)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=indent) + "\n")
+    return Path(path)

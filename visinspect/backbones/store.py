@@ -395,9 +395,14 @@ class FeatureStore:
 
     # --------------------------------------------------------------------- the user's view
 
-    def describe(self) -> str:
-        """`info` as text a person reads: the store, then a table of datasets per namespace."""
+    def describe(self, as_json: bool = False) -> str:
+        """`info` as text a person reads (the store, then a table of datasets per namespace), or as
+        one JSON object."""
+        if not self.enabled:
+            return f"the feature store is off ({STORE_ENV}=off): nothing is kept"
         info = self.info()
+        if as_json:
+            return json.dumps(info, indent=2)
         lines = [f"feature store: {info['root']} (set with --feature-store or {STORE_ENV})",
                  f"{info['entries']} entries, {info['bytes'] / 2**20:.1f} MiB"]
         for ns in info["namespaces"]:

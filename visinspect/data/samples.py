@@ -13,10 +13,11 @@ Nothing under a data root is ever written.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,12 +183,13 @@ def build_sample_table(
     if split != "all":
         table.samples = [s for s in table.samples if s.split == split]
     if table.missing_masks:
-        warnings.warn(
-            f"{len(table.missing_masks)} defective image(s) have no mask (first: "
-            f"{table.missing_masks[0]}); localisation metrics skip them",
-            stacklevel=2,
-        )
+        warnings.warn(_missing_masks(table), stacklevel=2)
     return table
+
+
+def _missing_masks(table: SampleTable) -> str:
+    return (f"{len(table.missing_masks)} defective image(s) have no mask (first: {table.missing_masks[0]}); "
+            "localisation metrics skip them")
 
 
 # ----------------------------------------------------------------------------- splits
@@ -336,6 +338,33 @@ def summary_markdown(table: SampleTable) -> str:
     lines.append(f"{len(table)} images; {len(table.stray_files)} stray files ignored; "
                  f"{len(table.missing_masks)} defective images without mask")
     return "\n".join(lines)
+
+
+def describe_data(
+    roots: str | Path | Iterable[str | Path], categories: Sequence[str] | None = None, as_json: bool = False
+) -> tuple[SampleTable, str]:
+    """The table of the `roots` and what `info` prints of it: `summary_markdown` with the warning on
+    missing masks after it (not as a Python warning), or the counts per category as one JSON object
+    (without the per-split counts)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # told after the table instead
+        table = build_sample_table(roots, categories or None)
+    if as_json:
+        summary = summarize(table.samples)
+        counts = {c: {k: v for k, v in s.items() if k != "splits"} for c, s in summary.items()}
+        return table, json.dumps(counts, indent=2)
+    warning = f"\nwarning: {_missing_masks(table)}" if table.missing_masks else ""
+    return table, summary_markdown(table) + warning
+
+
+def check_readable(table: SampleTable, log: Callable[[str], None] = print) -> bool:
+    """Open every image and mask of the table (`info --check`): log each that cannot be read, then
+    the count; True if all can."""
+    bad = unreadable(table)
+    for line in bad:
+        log(f"bad: {line}")
+    log(f"checked {len(table)} images and their masks: {len(bad)} unreadable")
+    return not bad
 
 
 def unreadable(table: SampleTable) -> list[str]:

@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 
 from visinspect.data.drawing import CATEGORIES, TEXTURES, check_category, check_seed_and_size, render_sample
+from visinspect.data.samples import default_synthetic_root
 from visinspect.errors import VisinspectError
 
 GENERATOR_VERSION = 1
@@ -215,3 +216,11 @@ def ensure_synthetic_dataset(root: str | Path, seed: int = 0) -> Path:
     else:  # an outdated synthetic dataset: ours replaces it
         _swap(tmp, root)
     return root
+
+
+def data_roots(roots: Sequence[str | Path] | None = None) -> list[Path]:
+    """`roots` as paths or, when none is given, the embedded synthetic dataset (generated on first
+    use): what the commands read without --data."""
+    if roots:
+        return [Path(r) for r in roots]
+    return [ensure_synthetic_dataset(default_synthetic_root())]

@@ -39,7 +39,9 @@ from visinspect.data.samples import (
     target_test_images,
     unknown_context_split,
 )
+from visinspect.data.synthetic import data_roots
 from visinspect.evaluate import evaluate_scored
+from visinspect.experiments.demo import SOURCE, TARGET
 from visinspect.methods.base import Detector
 from visinspect.methods.registry import make_detector, method, training, untrained
 from visinspect.methods.simclr.pretrain import PretrainConfig
@@ -276,9 +278,9 @@ def run_seed(
 
 
 def run_comparison(
-    roots: Sequence[str | Path],
-    source: Sequence[str],
-    target: Sequence[str],
+    roots: Sequence[str | Path] | None = None,
+    source: Sequence[str] = (),
+    target: Sequence[str] = (),
     *,
     seeds: Sequence[int] = (0,),
     preset: ComparePreset | None = None,
@@ -289,9 +291,12 @@ def run_comparison(
     progress: bool = False,
     log: Callable[[str], None] = print,
 ) -> tuple[list[dict], SeedResult]:
-    """All seeds; returns every row and the first seed's result (for the heatmap figure)."""
+    """All seeds on the `roots` (default: the synthetic dataset), from the `source` to the `target`
+    categories (default: the demo's); returns every row and the first seed's result (for the
+    heatmap figure)."""
     preset = preset or ComparePreset.demo()
-    table = build_sample_table(roots).samples
+    table = build_sample_table(data_roots(roots)).samples
+    source, target = list(source or SOURCE), list(target or TARGET)
     rows, first = [], None
     for seed in seeds:
         result = run_seed(

@@ -8,7 +8,6 @@ with which every course notebook gets its data, split, settings and (when asked)
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -20,24 +19,24 @@ from visinspect.backbones.vgg16 import VGG16CAM, WEIGHTS_ENV, describe_backbone,
 from visinspect.checkpoint import checkpoint_digest, load_classifier, save_classifier
 from visinspect.data.samples import (
     Sample,
+    SampleTable,
     build_sample_table,
     default_synthetic_root,
     stratified_split,
     target_test_images,
     unknown_context_split,
 )
-from visinspect.data.synthetic import ensure_synthetic_dataset
+from visinspect.data.synthetic import data_roots, ensure_synthetic_dataset
 from visinspect.errors import CheckpointError
 from visinspect.evaluate import (
     DEFAULT_BOX_THRESHOLD,
     DEFAULT_MIN_AREA,
     evaluate_predictions,
     markdown_table,
-    round_floats,
 )
 from visinspect.scoring import predict
-from visinspect.training import TrainConfig, train_baseline
-from visinspect.utils import PRECISION_ENV, resolve_precision, set_seed
+from visinspect.training import SourceImages, TrainConfig, train_baseline
+from visinspect.utils import PRECISION_ENV, resolve_precision, set_seed, write_json
 from visinspect.viz.plots import highest_scoring, plot_prediction_grid, save_figure
 
 SOURCE = ("grain_wood", "grain_leather", "round_pill", "bottle_top")
@@ -110,6 +109,38 @@ def demo_split(
     """(train, validation, test): source categories split 80/20; the targets' test/ images."""
     root = ensure_synthetic_dataset(default_synthetic_root()) if root is None else Path(root)
     return _split(build_sample_table(root).samples, SOURCE, TARGET, settings)[2:]
+
+
+def unknown_context_images(
+    data: Sequence[str | Path] | None, source: Sequence[str] = (), target: Sequence[str] | None = None
+) -> tuple[list[Sample], list[Sample]]:
+    """The source and target products' images in the `data` roots. Without `data`: the synthetic
+    dataset split as the demo's (SOURCE, TARGET); on real data the source is every category not in
+    `target`, and `target` none. What `train` and `pretrain` learn from."""
+    table = build_sample_table(data_roots(data))
+    if target is None:
+        target = () if data else TARGET
+    if not source:
+        source = [c for c in table.categories if c not in target] if data else SOURCE
+    return unknown_context_split(table.samples, source, target)
+
+
+def source_images(
+    data: Sequence[str | Path] | None, categories: Sequence[str] = (), val_fraction: float = 0.2,
+    seed: int = 0,
+) -> SourceImages:
+    """What `train` learns from: the labelled images of `categories` (default as in
+    `unknown_context_images`), split into train and validation."""
+    source, _ = unknown_context_images(data, categories, target=())
+    return SourceImages.split(source, val_fraction, seed)
+
+
+def target_table(
+    data: Sequence[str | Path] | None, categories: Sequence[str] = (), split: str = "all"
+) -> SampleTable:
+    """What `evaluate` scores: `categories` of the `data` roots; by default every category of real
+    data, or the demo's TARGET on the synthetic dataset."""
+    return build_sample_table(data_roots(data), categories or (None if data else TARGET), split=split)
 
 
 def _load_or_train(
@@ -272,7 +303,7 @@ def run_demo(
              f"(synthetic, {settings.image_size} px). ")
     table = markdown_table(report, title=title) + "\n\n" + describe_backbone(info["backbone"])
     (out / "metrics.md").write_text(table + "\n")
-    (out / "metrics.json").write_text(json.dumps(round_floats(report), indent=2) + "\n")
+    write_json(out / "metrics.json", report, digits=6)
     picks = highest_scoring(preds.labels, preds.margins, per_class=6)
     fig = plot_prediction_grid(preds, picks, threshold, normalizer=normalizer, box_threshold=box_threshold,
                                min_area=min_area, ncols=4)

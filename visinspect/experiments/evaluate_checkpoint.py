@@ -31,7 +31,7 @@ from visinspect.evaluate import (
     probability_to_margin,
 )
 from visinspect.methods.base import IDENTITY, Detector
-from visinspect.methods.registry import make_detector, method
+from visinspect.methods.registry import calibrated_twin, make_detector
 
 
 @dataclass(frozen=True)
@@ -78,10 +78,7 @@ def evaluate_checkpoint(
         detector.threshold = threshold_margin(settings.threshold, info)  # checked before the slow part
     samples, calibration, plain = list(samples), None, None
     if settings.calibrate and not detector.uses_good:  # the classifier, and calibrated on K good images
-        twin = method(name).calibrated
-        if twin is None:
-            raise ConfigError(f"method {name!r} has no form calibrated on good images; leave --calibrate out")
-        plain = detector
+        plain, twin = detector, calibrated_twin(name, "--calibrate")
         detector = make_detector(twin, model, info, precision=settings.precision,
                                  false_alarm_rate=settings.false_alarm_rate)
     if detector.uses_good:

@@ -48,7 +48,7 @@ from visinspect.experiments.compare import (
 )
 from visinspect.experiments.tables import budget_text, draw_figures, hms, tables_markdown
 from visinspect.methods.registry import DEFAULT_MODELS, METHODS, make_detector, training, untrained
-from visinspect.utils import atomic_path, describe_machine, resolve_device, resolve_precision
+from visinspect.utils import atomic_path, describe_machine, resolve_device, resolve_precision, write_json
 
 MODELS = tuple(METHODS)
 # A run's folder holds jobs of one setting: these must not change when a run is resumed or extended
@@ -344,7 +344,7 @@ class LeaveOneOut:
         payload = {"job": str(job), "seconds": round(time.perf_counter() - began, 1), "rows": rows}
         if learnt:
             payload["learnt_on_sources"] = _without_tensors(learnt)
-        _write_json(job.path(self.out), payload)
+        write_json(job.path(self.out), payload, indent=1)
 
     # ------------------------------------------------------------------ results
 
@@ -379,7 +379,7 @@ class LeaveOneOut:
                     "another --out, or the same settings"
                 )
         else:
-            _write_json(path, fixed)
+            write_json(path, fixed, indent=1)
 
     def budget(self, fill: dict, timings: dict[str, list[float]], wall: float) -> dict:
         """Where the time went, this run and (from the job files) every run of this OUT."""
@@ -414,9 +414,9 @@ class LeaveOneOut:
         }
 
     def write(self, rows: list[dict], budget: dict) -> None:
-        _write_json(self.out / "rows.json",
-                    {"settings": self.settings(), "provenance": self.provenance(), "rows": rows})
-        _write_json(self.out / "budget.json", budget)
+        write_json(self.out / "rows.json",
+                   {"settings": self.settings(), "provenance": self.provenance(), "rows": rows}, indent=1)
+        write_json(self.out / "budget.json", budget, indent=1)
         text = tables_markdown(rows, self.settings())
         with atomic_path(self.out / "tables.md") as tmp:
             tmp.write_text(text)
@@ -456,10 +456,3 @@ def _without_tensors(obj):
     if isinstance(obj, (list, tuple)):
         return [_without_tensors(v) for v in obj]
     return obj
-
-
-def _write_json(path: Path, data: dict) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-
-

@@ -281,11 +281,11 @@ def replace_between(text: str, markers: tuple[str, str], body: str) -> str:
     return text[:start] + "\n" + body + "\n" + text[end:]
 
 
-def write_report(files: Sequence[Path], out: Path, *, readme: Path | None = None,
-                 anchors: Path | None = None, figures: bool = True) -> str:
+def write_report(files: Sequence[str | Path], out: str | Path, *, readme: str | Path | None = None,
+                 anchors: str | Path | None = None, figures: bool = True) -> str:
     """Write the page (and its figures beside it, and the README's block); return the page."""
     out = Path(out)
-    anchors = anchors or out.parent / "anchors.json"
+    anchors = Path(anchors) if anchors else out.parent / "anchors.json"
     text = report_markdown(files, out.parent, anchors)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:

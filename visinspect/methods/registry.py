@@ -16,7 +16,7 @@ from typing import Any
 
 from visinspect.backbones.vgg16 import VGG16CAM, build_model, describe_backbone
 from visinspect.calibration import load_calibration
-from visinspect.checkpoint import load_classifier, load_method_checkpoint, save_classifier, save_settings
+from visinspect.checkpoint import load_method_checkpoint, save_classifier, save_settings
 from visinspect.errors import ConfigError
 from visinspect.methods.augmented_references import PosedReferenceDetector
 from visinspect.methods.base import Detector, reference_samples
@@ -190,6 +190,17 @@ def method(name: str) -> Method:
     return METHODS[name]
 
 
+def calibrated_twin(name: str, option: str) -> str:
+    """The form of classifier `name` whose threshold and heatmap scale come from K good images (itself
+    if it is one), or a one-line error naming `option`, the command's option that asked for it."""
+    chosen = method(name)
+    if issubclass(chosen.detector, CalibratedClassifier):
+        return name
+    if chosen.calibrated is None:
+        raise ConfigError(f"method {name!r} has no form calibrated on good images; leave {option} out")
+    return chosen.calibrated
+
+
 def training(name: str) -> Training:
     """The training of this name, or a one-line error listing them."""
     if name not in TRAININGS:
@@ -264,6 +275,10 @@ def train_method(name: str, source: SourceImages, run: TrainingRun,
     method that trains nothing, the backbone it starts from (None: it reads no VGG16)."""
     chosen = method(name)
     size, seed = run.config.image_size, run.config.seed
+    if chosen.trains is None and pretrained:
+        raise ConfigError(f"method {name!r} trains nothing, so it has no use for a SimCLR encoder "
+                          "(--pretrained): leave it out, or choose a method `python -m visinspect methods` "
+                          "marks as trained on the source products")
     if chosen.trains is None:
         model, info = untrained(name, size, run.weights, seed)
         detector = make_detector(name, model, info, precision=run.config.precision, seed=seed)
@@ -307,6 +322,23 @@ def training_summary(name: str, model: VGG16CAM | None, info: dict) -> str:
     return "\n".join(lines)
 
 
+def train_to_file(path: str | Path, name: str, source: SourceImages | None, run: TrainingRun,
+                  pretrained: str | Path | None = None, log: Callable[[str], None] = print
+                  ) -> tuple[VGG16CAM | None, dict]:
+    """What `train` runs: `train_method` (`source` None for a method that trains nothing), saved as
+    checkpoint `path`; the run's resumable state goes once it is written. Logs what it trains on
+    and `training_summary`."""
+    if source is not None:
+        log(source.describe())
+    model, info = train_method(name, source or SourceImages([], []), run, pretrained)
+    save_method(path, name, model, info)
+    if run.state is not None:
+        run.state.unlink(missing_ok=True)
+    log(training_summary(name, model, info))
+    log(f"saved {path}")
+    return model, info
+
+
 def load_detector(
     checkpoint: str | Path,
     *,
@@ -320,10 +352,10 @@ def load_detector(
     """A checkpoint (written by `train`) as the detector of its method (or `method`), adapted to
     the good images in `reference` (files or folders) when the method uses them, or, for a
     classifier, to a product's `calibration` file (written by `evaluate --calibrate K`)."""
-    if calibration is not None:
-        return _calibrated_classifier(checkpoint, calibration, category, precision)
     model, info = load_method_checkpoint(checkpoint)
     name = method or info.get("method", "baseline")
+    if calibration is not None:
+        return _calibrated_classifier(name, model, info, calibration, category, precision)
     detector = make_detector(name, model, info, precision=precision, false_alarm_rate=false_alarm_rate)
     if detector.uses_good:
         if not reference:
@@ -337,10 +369,11 @@ def load_detector(
     return detector
 
 
-def _calibrated_classifier(checkpoint: str | Path, calibration: str | Path, category: str | None,
-                           precision: str) -> CalibratedClassifier:
-    """The checkpoint's classifier with one product's threshold and heatmap scale from its
-    calibration file instead of the ones learnt on other products."""
+def _calibrated_classifier(name: str, model: VGG16CAM | None, info: dict, calibration: str | Path,
+                           category: str | None, precision: str) -> CalibratedClassifier:
+    """Classifier `name` as its calibrated twin, with one product's threshold and heatmap scale from
+    its calibration file instead of the ones learnt on other products."""
+    twin = calibrated_twin(name, "--calibration")
     calibrations = load_calibration(calibration)
     if category is None and len(calibrations) == 1:
         category = next(iter(calibrations))
@@ -349,7 +382,6 @@ def _calibrated_classifier(checkpoint: str | Path, calibration: str | Path, cate
             f"{calibration} holds calibrations for {', '.join(sorted(calibrations))}: name the product "
             "of these images with --category"
         )
-    model, info = load_classifier(checkpoint)
-    detector = make_detector("baseline calibrated", model, info, precision=precision)
+    detector = make_detector(twin, model, info, precision=precision)
     detector.calibrations[category], detector.product = calibrations[category], category
     return detector

@@ -204,6 +204,13 @@ class PretrainConfig:
         """
         return cls(**overrides)
 
+    @classmethod
+    def named(cls, preset: str, **overrides) -> PretrainConfig:
+        """The preset `demo` or `full` with some fields replaced (what `pretrain --preset` picks)."""
+        if preset not in ("demo", "full"):
+            raise VisinspectError(f"PretrainConfig preset must be 'demo' or 'full'; got {preset!r}")
+        return cls.demo(**overrides) if preset == "demo" else cls.full(**overrides)
+
     def make_transform(self) -> SimCLRTransform:
         """The augmentation this config asks for, at `image_size` (without rotations and vertical
         flips when they are negatives)."""

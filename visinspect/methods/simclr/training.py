@@ -87,4 +87,5 @@ def pretrain_to_file(
     history = pretrain(model, images, config, checkpoint_path=state, resume=resume)
     save_pretrained(out, model, config, history, provenance)
     state.unlink(missing_ok=True)
+    log(f"loss per epoch {history['loss']}; {history['images_per_s'][-1]:.1f} images/s")
     return history
