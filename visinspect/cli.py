@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,9 +50,7 @@ def cmd_info(args) -> int:
 
     table, text = describe_data(data_roots(args.data), args.categories, as_json=args.json)
     print(text)
-    if args.check and not check_readable(table, log=lambda m: print(m, file=sys.stderr)):
-        return 1
-    return 0
+    return int(args.check and not check_readable(table, log=lambda m: print(m, file=sys.stderr)))
 
 
 def cmd_synth(args) -> None:
@@ -83,27 +80,22 @@ def cmd_train(args) -> None:
     from visinspect.training import TrainConfig, TrainingRun
 
     chosen = method(args.method or RECOMMENDED)
-    source = None  # a method that trains nothing reads no source image
-    if chosen.trains:
-        source = source_images(args.data, args.categories, args.val_fraction, args.seed)
+    source = (source_images(args.data, args.categories, args.val_fraction, args.seed)
+              if chosen.reads_sources else None)
     run = TrainingRun(TrainConfig(**_given(TrainConfig, args)), weights=args.weights,
                       device=args.device, progress=True, state=_resumable(args), resume=args.resume)
     train_to_file(args.out, chosen.name, source, run, args.pretrained)
 
 
 def cmd_evaluate(args) -> None:
+    from visinspect.experiments import evaluate_checkpoint as ev
     from visinspect.experiments.demo import target_table
-    from visinspect.experiments.evaluate_checkpoint import (
-        EvaluationSettings,
-        evaluate_checkpoint,
-        report_markdown,
-    )
     from visinspect.utils import write_json
 
-    settings = EvaluationSettings(**_given(EvaluationSettings, args), progress=not args.quiet)
-    table = target_table(args.data, args.categories, args.split)
-    report = evaluate_checkpoint(args.checkpoint, table.samples, settings)
-    print(report_markdown(report))
+    settings = ev.EvaluationSettings(**_given(ev.EvaluationSettings, args), progress=not args.quiet)
+    samples = target_table(args.data, args.categories, args.split).samples
+    report = ev.evaluate_checkpoint(args.checkpoint, samples, settings)
+    print(ev.report_markdown(report))
     if args.json:
         print(f"wrote {write_json(args.json, report, digits=6)}")
 
@@ -169,10 +161,9 @@ def cmd_compare(args) -> None:
 def cmd_loo(args) -> None:
     from visinspect.experiments.compare import ComparePreset
     from visinspect.experiments.loo import LeaveOneOut
-    from visinspect.methods.registry import DEFAULT_MODELS
 
     run = LeaveOneOut(
-        args.data, args.out, targets=args.targets, models=args.models or DEFAULT_MODELS, seeds=args.seeds,
+        args.data, args.out, targets=args.targets, models=args.models, seeds=args.seeds,
         calibrate=args.calibrate, preset=ComparePreset.named(args.preset, **_given(ComparePreset, args)),
         weights=args.weights, device=args.device, log=lambda m: print(m, flush=True),
     )
@@ -217,7 +208,14 @@ SHARED = {
     "--calibrate": {"type": _ints, "default": "",
                     "help": "comma-separated K values (good images of a target)"},
     "--checkpoint": {"required": True},
-    "--method": {"help": "a method instead of the checkpoint's (`python -m visinspect methods` lists them)"},
+    "--categories": {"type": _csv, "help": "comma-separated categories (default: all)"},
+    "--source": {"type": _csv, "help": "comma-separated source (training) categories (default: the rest)"},
+    "--target": {"type": _csv, "help": "comma-separated target (unknown) categories"},
+    "--models": {"type": _csv, "help": "comma-separated method names, as `python -m visinspect methods` "
+                 "lists them (loo's default: those it marks `loo` default)"},
+    "--json": {"action": "store_true", "help": "print one JSON object"},
+    "--method": {"help": "a method (`python -m visinspect methods` lists them); default: the checkpoint's, "
+                 "for train the recommended one"},
     "--resume": {"type": Path, "help": "continue from OUT.state, written as it trains"},
     # The seed's training recipe; None leaves the library's default (TrainConfig's, DemoSettings').
     "--epochs": {"type": int},
@@ -244,9 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m visinspect", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = _command(sub, "info", cmd_info, "count images per category, split and defect type", "--data")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--categories", type=_csv, help="comma-separated categories (default: all)")
+    p = _command(sub, "info", cmd_info, "count images per category, split and defect type", "--data",
+                 "--json", "--categories")
     p.add_argument("--check", action="store_true", help="also open every image and mask")
     p = _command(sub, "synth", cmd_synth, "write the embedded synthetic dataset (MVTec layout)", "--seed")
     p.add_argument("out")
@@ -260,21 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
     _command(sub, "methods", cmd_methods, "every method: what it trains, whether it adapts to K good images")
 
     p = _command(sub, "train", cmd_train, "set up a method for new products (default: the recommended one)",
-                 "--data", "--seed", *RUN, "--resume", *RECIPE)
-    p.add_argument("--categories", type=_csv, help="comma-separated training (source) categories")
+                 "--data", "--categories", "--method", "--seed", *RUN, "--resume", *RECIPE)
     p.add_argument("--out", default="weights/baseline.pt")
-    p.add_argument("--method", help="the method the checkpoint is for (default: the recommended one; "
-                   "`python -m visinspect methods` lists them)")
     p.add_argument("--pretrained", help="start from a SimCLR checkpoint (pretrain --out)")
     p = _command(sub, "demo", cmd_demo, "train + evaluate + figure on synthetic data", "--seed",
                  "--backbone-weights", "--precision", *BOXES, "--feature-store", *RECIPE)
     p.add_argument("--out", default="runs/demo")
 
     p = _command(sub, "pretrain", cmd_pretrain, "SimCLR pre-training of the VGG16 backbone (labels unused)",
-                 "--data", "--seed", "--backbone-weights", "--device", "--resume", "--epochs", "--image-size")
-    p.add_argument("--source", type=_csv,
-                   help="comma-separated source categories (default: all but --target)")
-    p.add_argument("--target", type=_csv, help="comma-separated target categories (never their test images)")
+                 "--data", "--source", "--target", "--seed", "--backbone-weights", "--device", "--resume",
+                 "--epochs", "--image-size")
     p.add_argument("--include-target-good", action="store_true",
                    help="also pre-train on the targets' unlabeled train/good images")
     p.add_argument("--out", default="weights/simclr.pt")
@@ -286,8 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--" + name.replace("_", "-"), help=f"PretrainConfig.{name}", **kind)
 
     p = _command(sub, "evaluate", cmd_evaluate, "metrics of a checkpoint on some categories", "--data",
-                 *SCORING)
-    p.add_argument("--categories", type=_csv, help="comma-separated test (target) categories")
+                 "--categories", *SCORING)
     p.add_argument("--split", default="all", choices=("all", "train", "test"))
     p.add_argument("--threshold", default="val", help="'val' (the checkpoint's) or a P(anomaly) such as 0.5")
     p.add_argument("--heat-mode", default="dataset", choices=("dataset", "image"))
@@ -313,21 +304,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--category", help="with --calibration: which product these images show")
 
     p = _command(sub, "compare", cmd_compare, "baseline vs SimCLR vs few good parts on one split", "--data",
-                 "--calibrate", "--preset", *RUN)
-    p.add_argument("--models", type=_csv, help="comma-separated method names, as `python -m visinspect "
-                   "methods` lists them")
-    p.add_argument("--source", type=_csv, help="comma-separated source (training) categories")
-    p.add_argument("--target", type=_csv, help="comma-separated target (unknown) categories")
+                 "--models", "--source", "--target", "--calibrate", "--preset", *RUN)
     p.add_argument("--seeds", type=int, default=1, help="N seeds from --first-seed; mean ± std over them")
     p.add_argument("--first-seed", type=int, default=0, help="run seeds S..S+N-1 (to split runs up)")
     p.add_argument("--json", help="write {'rows': [...]} to this file")
     p.add_argument("--figures", help="write bar charts and side-by-side heatmaps to this folder")
     p = _command(sub, "loo", cmd_loo, "leave-one-out over real products: each in turn is the unknown one",
-                 "--calibrate", "--preset", *RUN)
+                 "--models", "--calibrate", "--preset", *RUN)
     p.set_defaults(calibrate="5,20,50", preset="full")
     p.add_argument("--data", nargs="+", metavar="ROOT", required=True, help="data roots in MVTec layout")
-    p.add_argument("--models", type=_csv, help="comma-separated method names (default: those `python -m "
-                   "visinspect methods` marks `loo` default: registry.DEFAULT_MODELS)")
     p.add_argument("--targets", type=_csv,
                    help="comma-separated (default: each category with both kinds of test image)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1; tables give mean ± std over them")
@@ -339,19 +324,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="docs/results.md", help="the page; its figures go beside it")
     p.add_argument("--readme", help="also rewrite this README's block between the results markers")
     p.add_argument("--anchors", help="published figures (default: anchors.json beside --out)")
-    p = _command(sub, "cache", cmd_cache, "show or empty the feature store", "--feature-store")
+    p = _command(sub, "cache", cmd_cache, "show or empty the feature store", "--feature-store", "--json")
     p.add_argument("action", choices=("info", "clear"))
-    p.add_argument("--json", action="store_true", help="info as one JSON object")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "feature_store", None):
-        from visinspect.backbones.store import STORE_ENV
+        from visinspect.backbones.store import use_everywhere
 
-        # Through the environment: every library call (and any subprocess) then uses that store.
-        os.environ[STORE_ENV] = args.feature_store
+        use_everywhere(args.feature_store)
     try:
         if args.func in (cmd_pretrain, cmd_train, cmd_predict):  # data-parallel under torchrun
             from visinspect.distributed import init_command

@@ -100,6 +100,12 @@ DEFAULT_DTYPE = "float32"
 FILL_BATCH = 8
 
 
+def use_everywhere(root: str | Path) -> None:
+    """Make `root` the store of every later `FeatureStore.default()`, in this process and in the
+    processes it starts (torchrun's, a loader's workers): through the environment."""
+    os.environ[STORE_ENV] = str(root)
+
+
 def default_store_root() -> Path | None:
     """Where the store lives: $VISINSPECT_FEATURE_STORE, else the user's cache folder; None = off."""
     env = os.environ.get(STORE_ENV, "").strip()

@@ -132,7 +132,7 @@ class LeaveOneOut:
         out: str | Path,
         *,
         targets: Sequence[str] | None = None,
-        models: Sequence[str] = DEFAULT_MODELS,
+        models: Sequence[str] | None = None,  # None: registry.DEFAULT_MODELS
         seeds: int = 3,
         calibrate: Sequence[int] = (5, 20, 50),
         preset: ComparePreset | None = None,
@@ -154,7 +154,7 @@ class LeaveOneOut:
                 f"target(s) {', '.join(bad)} have no good and defective test/ images; targets "
                 f"can be: {', '.join(known)}"
             )
-        self.models = _check_models(models)
+        self.models = _check_models(models or DEFAULT_MODELS)
         if seeds < 1:
             raise ConfigError(f"--seeds must be at least 1; got {seeds}")
         self.seeds = list(range(seeds))

@@ -15,9 +15,11 @@ from pathlib import Path
 
 from visinspect.experiments.tables import (
     _mean_std,
+    chosen_on_all_targets,
     chosen_on_other_targets,
     draw_figures,
     headline_k,
+    method_name,
     pivot_table,
 )
 from visinspect.methods.registry import RECOMMENDED
@@ -49,15 +51,6 @@ def _mean(values: Sequence[float]) -> float | None:
     return statistics.mean(values) if values else None
 
 
-def _simclr_best(rows: Sequence[dict], k: int) -> str | None:
-    """The SimCLR model (without good images, or at K = k) with the best mean AUROC over the targets."""
-    names = {r["model"] for r in rows if "simclr" in r["model"] and (" k=" not in r["model"]
-                                                                       or r["model"].endswith(f" k={k}"))}
-    targets = sorted({r["target"] for r in rows})
-    means = {m: statistics.mean(_mean(_cells(rows, t, m)) or 0.0 for t in targets) for m in names}
-    return max(sorted(means), key=means.get) if means else None
-
-
 def _fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
 
@@ -65,37 +58,73 @@ def _fmt(value: float | None) -> str:
 def headline_table(rows: Sequence[dict], k: int) -> str:
     """Per target, the nested figures: the method chosen on the *other* targets at K = k (a target
     with fewer good images at the K it has) and its image AUROC, pixel AUROC and calibrated
-    balanced accuracy there; beside them the best method picked by looking at the target itself
-    (the figure that flatters), the baseline without good images and the best SimCLR variant."""
+    balanced accuracy there; beside them the best method's AUROC picked by looking at the target
+    itself (the figure that flatters) and the baseline's without good images."""
     chosen = chosen_on_other_targets(rows, k)
-    simclr = _simclr_best(rows, k)
     seeds = len({r["seed"] for r in rows})
     lines = [
         "| unknown product | test images | K | chosen on the other products | **image AUROC** | "
-        "pixel AUROC | balanced accuracy | best on this product, chosen on it (flatters) | "
-        "baseline, no good image | " + (f"best SimCLR: `{simclr}` |" if simclr else "SimCLR |"),
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "pixel AUROC | balanced accuracy | best, chosen on this product (flatters) | "
+        "baseline, no good image |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     columns: dict[str, list[float]] = {}
     for c in chosen:
         t = c["target"]
         n = next(r["n_images"] for r in rows if r["target"] == t)
         base = _cells(rows, t, "baseline")
-        sim = _cells(rows, t, simclr) if simclr else []
         values = {"auroc": c["auroc"], "pixel": c["pixel_auroc"], "balanced": c["balanced_accuracy"],
-                  "best": c["best_auroc"], "base": _mean(base), "simclr": _mean(sim)}
+                  "best": c["best_auroc"], "base": _mean(base)}
         for key, v in values.items():
             if v is not None:
                 columns.setdefault(key, []).append(v)
         lines.append(
             f"| {t} | {n} | {c['k']} | `{c['chosen']}` | **{c['auroc']:.3f}** | {_fmt(c['pixel_auroc'])} | "
-            f"{_fmt(c['balanced_accuracy'])} | {c['best_auroc']:.3f} (`{c['best']}`) | "
-            f"{_mean_std(base, seeds) if base else '–'} | {_mean_std(sim, seeds) if sim else '–'} |"
+            f"{_fmt(c['balanced_accuracy'])} | {c['best_auroc']:.3f} | "
+            f"{_mean_std(base, seeds) if base else '–'} |"
         )
     mean = {key: _fmt(statistics.mean(v)) for key, v in columns.items()}
     lines.append(f"| mean | | | | **{mean.get('auroc', '–')}** | {mean.get('pixel', '–')} | "
-                 f"{mean.get('balanced', '–')} | {mean.get('best', '–')} | {mean.get('base', '–')} | "
-                 f"{mean.get('simclr', '–')} |")
+                 f"{mean.get('balanced', '–')} | {mean.get('best', '–')} | {mean.get('base', '–')} |")
+    return "\n".join(lines)
+
+
+def lever_pairs(rows: Sequence[dict]) -> list[tuple[str, str]]:
+    """(method, its lever variant) for each method of the rows named as another one plus a lever
+    ("+poses", "@256", "+simclr", ...): the variant against the longest method name it extends."""
+    names = {method_name(r["model"]) for r in rows}
+    pairs = []
+    for m in sorted(names):
+        bases = [b for b in names if m.startswith(b) and len(m) > len(b) and m[len(b)] in "+@"]
+        if bases:
+            pairs.append((max(bases, key=len), m))
+    return pairs
+
+
+def levers_table(rows: Sequence[dict], k: int) -> str:
+    """Each lever (a method's variant) against the method it extends: image AUROC difference per
+    target at K = k (or the target's K), paired by seed, and whether the nested protocol picks it."""
+    chosen = chosen_on_other_targets(rows, k)
+    shipped = chosen_on_all_targets(rows, k)
+    targets = [(c["target"], c["k"]) for c in chosen]
+    lines = ["| lever (method) | against | " + " | ".join(t for t, _ in targets) + " | mean | chosen |",
+             "|" + " --- |" * (len(targets) + 4)]
+    for base, variant in lever_pairs(rows):
+        diffs = []
+        for t, kt in targets:
+            a, b = ({r["seed"]: r["image_auroc"] for r in rows if r["target"] == t
+                     and r["model"] in (m, f"{m} k={kt}") and r["image_auroc"] is not None}
+                    for m in (base, variant))
+            both = sorted(set(a) & set(b))
+            diffs.append(statistics.mean(b[s] - a[s] for s in both) if both else None)
+        if all(d is None for d in diffs):
+            continue
+        picked = sum(c["chosen"] == variant for c in chosen)
+        where = ", ".join([*(["shipped"] if variant == shipped else []),
+                           *([f"nested: {picked} of {len(chosen)}"] if picked else [])]) or "no"
+        known = [d for d in diffs if d is not None]
+        cells = " | ".join("–" if d is None else f"{d:+.3f}" for d in diffs)
+        lines.append(f"| `{variant}` | `{base}` | {cells} | {statistics.mean(known):+.3f} | {where} |")
     return "\n".join(lines)
 
 
@@ -199,7 +228,7 @@ def report_markdown(files: Sequence[Path], page_dir: Path, anchors: Path | None 
     ks = sorted({int(r["model"].rsplit(" k=", 1)[1]) for r in rows if " k=" in r["model"]})
     k = headline_k(ks)
     plain = [r for r in rows if " k=" not in r["model"]]
-    simclr = [r for r in rows if "simclr" in r["model"] and "calibrated" not in r["model"]]
+    simclr = [r for r in rows if "simclr" in r["model"] and " k=" not in r["model"]]
     lines = [
         "# Results",
         "",
@@ -234,6 +263,11 @@ def report_markdown(files: Sequence[Path], page_dir: Path, anchors: Path | None 
     for kk in ks:
         at_k = [r for r in rows if r["model"].endswith(f" k={kk}") and "calibrated" not in r["model"]]
         lines += [f"K = {kk}: " + pivot_table(at_k, "image_auroc"), ""]
+    lines += ["## Levers", "",
+              f"Each lever against the method it extends: image AUROC difference at K = {k} (a product "
+              "with fewer good images at its K), paired by seed; \"chosen\": whether the nested "
+              "protocol picks it (for how many products), \"shipped\": chosen on all products, what "
+              "`train` sets up.", "", levers_table(rows, k), ""]
     lines += ["## SimCLR", ""]
     lines += ([pivot_table(simclr, "image_auroc"), ""] if simclr else [
         "The rows quoted here hold no SimCLR run, so this page gives no SimCLR figure; the earlier "

@@ -82,6 +82,11 @@ class Method:
     options: Mapping[str, Any] = field(default_factory=dict)  # the detector's settings (class attributes)
 
     @property
+    def reads_sources(self) -> bool:
+        """Whether it learns anything from the source products' images (a training or fit_sources)."""
+        return self.trains is not None or bool(self.detector.learns_on_sources)
+
+    @property
     def min_k(self) -> int:
         """The fewest good images of the product it adapts to."""
         return self.detector.min_good
@@ -268,7 +273,7 @@ def make_detector(
                            seed=seed, options=chosen.options)
 
 
-def train_method(name: str, source: SourceImages, run: TrainingRun,
+def train_method(name: str, source: SourceImages | None, run: TrainingRun,
                  pretrained: str | Path | None = None) -> tuple[VGG16CAM | None, dict]:
     """What method `name` brings to a new product: its training on the labelled source images and
     what it fits on top (from a SimCLR encoder saved by `pretrain` when `pretrained`), or, for a
@@ -281,15 +286,19 @@ def train_method(name: str, source: SourceImages, run: TrainingRun,
                           "marks as trained on the source products")
     if chosen.trains is None:
         model, info = untrained(name, size, run.weights, seed)
-        detector = make_detector(name, model, info, precision=run.config.precision, seed=seed)
-        info = info if model is not None else backbone_info(size, detector.patch_provenance)
-        return model, info | detector.fit_sources(source.train, source.val)
-    encoder = None
-    if pretrained:
-        encoder = VGG16CAM()
-        encoder = (encoder, load_pretrained_encoder(pretrained, encoder))
-    model, info = chosen.trains.fit(source, run, encoder)
+    else:
+        encoder = None
+        if pretrained:
+            encoder = VGG16CAM()
+            encoder = (encoder, load_pretrained_encoder(pretrained, encoder))
+        model, info = chosen.trains.fit(source, run, encoder)
     detector = make_detector(name, model, info, precision=run.config.precision, seed=seed)
+    if model is None:  # settings only: they record where its own network's weights came from
+        info = backbone_info(size, detector.patch_provenance)
+    if source is None:
+        if chosen.reads_sources:
+            raise ConfigError(f"method {name!r} learns from the source products' images: give them")
+        return model, info
     return model, info | detector.fit_sources(source.train, source.val)
 
 
