@@ -1,10 +1,11 @@
 """Tests for visinspect.experiments.demo: the one setup call every course notebook starts with."""
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
-from visinspect.data.samples import build_sample_table
+from visinspect.data.samples import build_sample_table, default_synthetic_root
 from visinspect.experiments import demo
 
 
@@ -53,3 +54,9 @@ def test_course_setup_trains_the_model_once_then_loads_it(tiny_root, tmp_path, m
                               log=said.append)
     assert said[6].startswith("trained the baseline now")
     assert other.info["train_categories"] == ["round_pill"]
+
+
+def test_a_source_checkout_keeps_its_data_and_weights_in_the_checkout():
+    repo = Path(__file__).resolve().parents[1]
+    assert default_synthetic_root() == repo / "data" / "synthetic"
+    assert demo.default_weights_dir() == repo / "weights"
