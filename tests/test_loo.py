@@ -18,7 +18,7 @@ from visinspect.data.samples import build_sample_table, target_test_images
 from visinspect.errors import ConfigError
 from visinspect.experiments.compare import ComparePreset
 from visinspect.experiments.loo import LeaveOneOut, default_targets, plan_jobs
-from visinspect.experiments.tables import chosen_on_other_targets, paired_against, tables_markdown
+from visinspect.experiments.tables import chosen_on_other_targets, paired_against, switches, tables_markdown
 from visinspect.methods.registry import DEFAULT_MODELS, METHODS
 from visinspect.methods.simclr.pretrain import PretrainConfig
 
@@ -246,6 +246,23 @@ def test_the_method_chosen_on_the_other_targets():
     # On t1 the others prefer b (a: 0.9, 0.9, 0.5 against b: 0.8, 0.8, 0.8), though a is better here.
     assert chosen["t1"]["chosen"] == "b k=20" and chosen["t1"]["best"] == "a k=20"
     assert chosen_on_other_targets(rows, 50) == []  # no method at K = 50 on every target
+    assert chosen["t1"]["tied"] == {"b k=20": 0.8}  # nothing else as good on the others
+
+
+def test_a_rule_for_one_target_alone_is_a_tie_on_the_other_targets():
+    """`b` is `a` plus a rule that fires on t3 alone: the other targets cannot choose between them."""
+    def row(target, model, auroc, seed=0):
+        return {"target": target, "model": model, "image_auroc": auroc, "seed": seed}
+
+    plain = {"t1": 0.9, "t2": 0.8, "t3": 0.5}
+    rows = [row(t, "a k=20", v) for t, v in plain.items()]
+    rows += [row(t, "b k=20", 0.95 if t == "t3" else v) for t, v in plain.items()]
+    rows += [row(t, "c k=20", 0.6) for t in plain]
+    assert switches(rows, 20) == [{"methods": ("a k=20", "b k=20"), "fires_on": ["t3"]}]
+    chosen = {c["target"]: c for c in chosen_on_other_targets(rows, 20)}
+    assert chosen["t3"]["tied"] == {"a k=20": 0.5, "b k=20": 0.95}  # the tie decides t3's figure
+    assert chosen["t3"]["chosen"] == "b k=20"  # broken by name
+    assert chosen["t1"]["tied"] == {"b k=20": 0.9}  # on t1 the rule's product speaks for b
 
 
 def test_paired_against_the_baseline():

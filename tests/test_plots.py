@@ -245,13 +245,16 @@ def test_model_heatmaps_spell_out_truth_and_prediction_relative_to_each_threshol
     *panels, colorbar = fig.axes
     assert len(panels) == 4 and "each model's own" in colorbar.get_ylabel()
     for col, (name, threshold) in enumerate((("baseline", 1.0), ("reference k=5", 0.0))):
-        assert panels[col].get_title().startswith(f"{name}\nscore: {rows[col]['score']}")
+        assert panels[col].get_title().startswith(f"{name}\ntrue: ")  # the model, then the verdict
         for row in range(2):
             score = preds.margins[row] - threshold
             title = panels[2 * row + col].get_title()
             truth = plots.LABEL_NAMES[preds.samples[row].label]
             assert f"true: {truth} · predicted: {'anomaly' if score > 0 else 'good'}" in title
             assert f"score − threshold {score:+.2f}" in title
+    for row in range(2):  # each row says which product and defect type it shows
+        sample = preds.samples[row]
+        assert [t.get_text() for t in panels[2 * row].texts] == [f"{sample.category}\n{sample.defect_type}"]
 
 
 def test_save_figure_writes_png_and_closes(tmp_path):
@@ -391,4 +394,30 @@ def test_metric_vs_k_draws_one_line_per_few_good_parts_model():
     assert list(lines["fused"].get_xdata()) == [5, 10]
     assert list(lines["fused"].get_ydata()) == [0.65, 0.9]
     assert lines["baseline (no good images)"].get_ydata()[0] == 0.7
-    assert list(lines["chance (0.5)"].get_ydata()) == [0.5, 0.5]
+    assert list(lines["chance (0.5)"].get_ydata()) == [0.5, 0.5]  # near the data: drawn
+    assert ax.get_ylim()[0] < 0.5 and ax.get_ylim()[1] < 1.0  # the axis spans the data, not 0..1
+
+
+def test_metric_vs_k_names_methods_with_the_same_values_on_one_line():
+    from visinspect.viz.comparisons import plot_metric_vs_k
+
+    rows = [{"model": f"{m} k={k}", "target": "all", "image_auroc": v}
+            for m in ("a", "a+rule") for k, v in ((5, 0.9), (10, 0.95))]
+    rows += [{"model": "b k=5", "target": "all", "image_auroc": 0.92},
+             {"model": "b k=10", "target": "all", "image_auroc": 0.93}]
+    ax = plot_metric_vs_k(rows).axes[0]
+    labels = [ln.get_label() for ln in ax.get_lines()]
+    assert labels == ["a = a+rule", "b"]  # no line hidden under another; chance (0.5) too far below
+    assert 0.85 < ax.get_ylim()[0] < 0.9 and ax.get_legend() is not None
+
+
+def test_metric_vs_k_panels_have_one_legend_below_and_a_title_per_product():
+    from visinspect.viz.comparisons import plot_metric_vs_k_panels
+
+    rows = [{"model": f"a k={k}", "target": t, "image_auroc": v}
+            for t, v in (("nut", 0.7), ("fabric", 0.9)) for k in (2, 5)]
+    rows += [{"model": "baseline", "target": t, "image_auroc": 0.8} for t in ("nut", "fabric")]
+    fig = plot_metric_vs_k_panels(rows)
+    assert [ax.get_title() for ax in fig.axes] == ["fabric", "nut"]
+    assert all(ax.get_legend() is None for ax in fig.axes) and len(fig.legends) == 1
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["a", "baseline (no good images)"]

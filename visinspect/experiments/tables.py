@@ -3,6 +3,7 @@ chosen on the other targets (nested leave-one-product-out), paired differences, 
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,25 +34,29 @@ def _mean_std(values: list[float | None], seeds: int = 1) -> str:
     return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}{fewer}"
 
 
-def pivot_table(rows: Sequence[dict], metric: str = "image_auroc") -> str:
+def pivot_table(rows: Sequence[dict], metric: str = "image_auroc", by_model: bool = False) -> str:
     """Markdown: targets down, models across, mean ± std of one metric over seeds (K-dependent
-    models are named with their K)."""
+    models are named with their K); `by_model`: models down and targets across (narrow when there
+    are many models and few targets)."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["target"], r["model"]), []).append(r)
     targets = sorted({t for t, _ in groups}, key=lambda t: (t == "all", t))
     models = list(dict.fromkeys(r["model"] for r in rows))
-    lines = [
-        f"{metric}, positive class = anomaly",
-        "",
-        "| target | n | " + " | ".join(models) + " |",
-        "|" + " --- |" * (len(models) + 2),
-    ]
     seeds = max(len(g) for g in groups.values())
-    for t in targets:
-        n = next(g[0]["n_images"] for (tt, _), g in groups.items() if tt == t)
-        cells = [_mean_std([r.get(metric) for r in groups.get((t, m), [])], seeds) for m in models]
-        lines.append(f"| {t} | {n} | " + " | ".join(cells) + " |")
+    n = {t: next(g[0]["n_images"] for (tt, _), g in groups.items() if tt == t) for t in targets}
+
+    def cell(t: str, m: str) -> str:
+        return _mean_std([r.get(metric) for r in groups.get((t, m), [])], seeds)
+
+    lines = [f"{metric}, positive class = anomaly", ""]
+    if by_model:
+        lines += ["| method | " + " | ".join(f"{t} ({n[t]})" for t in targets) + " |",
+                  "|" + " --- |" * (len(targets) + 1)]
+        lines += [f"| {m} | " + " | ".join(cell(t, m) for t in targets) + " |" for m in models]
+        return "\n".join(lines)
+    lines += ["| target | n | " + " | ".join(models) + " |", "|" + " --- |" * (len(models) + 2)]
+    lines += [f"| {t} | {n[t]} | " + " | ".join(cell(t, m) for m in models) + " |" for t in targets]
     return "\n".join(lines)
 
 
@@ -103,16 +108,23 @@ def budget_text(budget: dict) -> str:
     ])
 
 
-def chosen_on_other_targets(rows: Sequence[dict], k: int) -> list[dict]:
-    """For each target, the method (at K = k, or one that needs no good image) with the best mean
-    image AUROC over the *other* targets, and what it gets on this one: the method a user would
-    pick on the products they have (nested leave-one-out), against the best one picked by
-    looking at this target. Only methods with rows on every target (that has K good images) compete."""
+def _means_at_k(rows: Sequence[dict], k: int) -> dict[tuple[str, str], list[float]]:
+    """Image AUROCs per (target, model) of the methods at K = k and those that need no good image."""
     auroc: dict[tuple[str, str], list[float]] = {}
     for r in rows:
         if r["image_auroc"] is not None and (" k=" not in r["model"] or r["model"].endswith(f" k={k}")):
             auroc.setdefault((r["target"], r["model"]), []).append(r["image_auroc"])
-    mean = {key: statistics.mean(v) for key, v in auroc.items()}
+    return auroc
+
+
+def chosen_on_other_targets(rows: Sequence[dict], k: int) -> list[dict]:
+    """For each target, the method (at K = k, or one that needs no good image) with the best mean
+    image AUROC over the *other* targets, and what it gets on this one: the method a user would
+    pick on the products they have (nested leave-one-out), against the best one picked by
+    looking at this target. Only methods with rows on every target (that has K good images) compete.
+    `tied`: every method as good as the chosen one on the other targets (they cannot tell them
+    apart; the tie is broken by name), with what each gets on this target."""
+    mean = {key: statistics.mean(v) for key, v in _means_at_k(rows, k).items()}
     # Targets without K good images (no "k=" rows) would leave only the baseline to compare.
     targets = sorted({t for t, m in mean if " k=" in m} or {t for t, _ in mean})
     models = sorted(m for m in {m for _, m in mean} if all((t, m) in mean for t in targets))
@@ -120,12 +132,29 @@ def chosen_on_other_targets(rows: Sequence[dict], k: int) -> list[dict]:
         return []
     out = []
     for t in targets:
-        others = [o for o in targets if o != t]
-        chosen = max(models, key=lambda m: (statistics.mean(mean[o, m] for o in others), m))
+        others = {m: statistics.mean(mean[o, m] for o in targets if o != t) for m in models}
+        chosen = max(models, key=lambda m: (others[m], m))
         best = max(models, key=lambda m: (mean[t, m], m))
+        tied = {m: mean[t, m] for m in models if math.isclose(others[m], others[chosen], abs_tol=1e-12)}
         out.append({"target": t, "chosen": chosen, "auroc": mean[t, chosen],
-                    "best": best, "best_auroc": mean[t, best]})
+                    "best": best, "best_auroc": mean[t, best], "tied": tied})
     return out
+
+
+def switches(rows: Sequence[dict], k: int) -> list[dict]:
+    """Pairs of methods (at K = k) whose rows are the same on every target but some: one of them
+    is the other plus a rule that switches on for those targets alone (e.g. a score for binary
+    drawings). Each: `methods` (the pair, sorted), `fires_on` (the targets where they differ)."""
+    auroc = _means_at_k(rows, k)
+    targets = sorted({t for t, _ in auroc})
+    models = sorted(m for m in {m for _, m in auroc} if all((t, m) in auroc for t in targets))
+    found = []
+    for i, a in enumerate(models):
+        for b in models[i + 1:]:
+            differ = [t for t in targets if sorted(auroc[t, a]) != sorted(auroc[t, b])]
+            if 0 < len(differ) < len(targets):
+                found.append({"methods": (a, b), "fires_on": differ})
+    return found
 
 
 def _chosen_table(rows: Sequence[dict], k: int) -> str:
@@ -248,9 +277,7 @@ def tables_markdown(rows: Sequence[dict], settings: dict) -> str:
 def draw_figures(rows: Sequence[dict], folder: Path) -> None:
     """The figures docs/results.md shows: AUROC and balanced accuracy per model and target, and
     both against K for the few-good-parts models."""
-    import matplotlib.pyplot as plt
-
-    from visinspect.viz.comparisons import plot_metric_bars, plot_metric_vs_k
+    from visinspect.viz.comparisons import plot_metric_bars, plot_metric_vs_k_panels
     from visinspect.viz.plots import save_figure
 
     plain = [r for r in rows if " k=" not in r["model"]]
@@ -263,21 +290,9 @@ def draw_figures(rows: Sequence[dict], folder: Path) -> None:
         ("image_auroc", lambda m: "calibrated" not in m),
         ("balanced_accuracy", lambda m: True),
     ):
-        targets = sorted({r["target"] for r in rows if " k=" in r["model"] and keep(r["model"])})
-        if not targets:
-            continue
-        fig, axes = plt.subplots(1, len(targets), figsize=(3.6 * len(targets), 3.6), squeeze=False,
-                                 sharey=True)
-        for i, (ax, target) in enumerate(zip(axes[0], targets, strict=True)):
-            plot_metric_vs_k([r for r in rows if r["target"] == target and keep(r["model"])], metric,
-                             target, ax=ax)
-            ax.set_title(target)
-            ax.get_legend().remove()
-            if i:
-                ax.set_ylabel("")
-        handles, labels = axes[0][0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, frameon=False)
-        save_figure(fig, folder / f"loo_{metric}_vs_k.png")
+        kept = [r for r in rows if keep(r["model"])]
+        if any(" k=" in r["model"] for r in kept):
+            save_figure(plot_metric_vs_k_panels(kept, metric), folder / f"loo_{metric}_vs_k.png")
 
 
 def hms(seconds: float) -> str:
