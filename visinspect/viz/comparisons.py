@@ -126,9 +126,9 @@ def plot_model_heatmaps(
             above = float(s.scores[i]) - t
             title = (f"true: {LABEL_NAMES[sample.label]} · predicted: {LABEL_NAMES[int(above > 0)]}\n"
                      f"score − threshold {above:+.2f}")
-            if row == 0:
-                title = f"{textwrap.shorten(name, 28, placeholder='…')}\n{title}"
-            ax.set_title(title, fontsize=FONT_SIZES["label"] - 1)
+            if row == 0:  # the model, on at most two lines of the column's width
+                title = f"{textwrap.fill(name, 24)}\n{title}"
+            ax.set_title(title, fontsize=FONT_SIZES["tick"] - 1)
             if col == 0:
                 ax.text(-0.04, 0.5, f"{sample.category}\n{sample.defect_type}", transform=ax.transAxes,
                         rotation=90, ha="right", va="center", fontsize=FONT_SIZES["label"])
