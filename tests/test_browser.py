@@ -95,35 +95,46 @@ def lab(tmp_path_factory):
         log.close()
 
 
-@contextlib.contextmanager
-def notebook_run_in_lab(lab, notebook: Path, name: str):
-    """A temporary copy of `notebook` opened in JupyterLab in a headless Chromium page, all its
-    cells run; yields the page."""
-    url, root = lab
-    shutil.copy(notebook, root / name)
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium for every notebook of the module (Playwright's sync API allows one
+    instance per thread)."""
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(f"{url}/lab/tree/{name}", timeout=120_000)
-            page.wait_for_function(
-                "() => window.jupyterapp && window.jupyterapp.shell.currentWidget"
-                " && window.jupyterapp.shell.currentWidget.sessionContext"
-                " && window.jupyterapp.shell.currentWidget.sessionContext.session"
-                " && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel",
-                timeout=120_000,
-            )
-            page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
-            wait_until_run(page, notebook.name)
-            yield page
+            yield browser
         finally:
             browser.close()
 
 
+@contextlib.contextmanager
+def notebook_run_in_lab(lab, browser, notebook: Path, name: str):
+    """A temporary copy of `notebook` opened in JupyterLab in a new page, all its cells run;
+    yields the page."""
+    url, root = lab
+    shutil.copy(notebook, root / name)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    try:
+        # A workspace of its own: the notebook, not one an earlier page opened, is the current one.
+        page.goto(f"{url}/lab/workspaces/{Path(name).stem}/tree/{name}?reset", timeout=120_000)
+        page.wait_for_function(
+            "() => window.jupyterapp && window.jupyterapp.shell.currentWidget"
+            " && window.jupyterapp.shell.currentWidget.sessionContext"
+            " && window.jupyterapp.shell.currentWidget.sessionContext.session"
+            " && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel",
+            timeout=120_000,
+        )
+        page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+        wait_until_run(page, notebook.name)
+        yield page
+    finally:
+        page.close()
+
+
 @pytest.fixture(scope="module")
-def page(lab, tmp_path_factory):
+def page(lab, browser):
     """Notebook 04 (a temporary copy), all cells run, in a headless Chromium page."""
-    with notebook_run_in_lab(lab, NOTEBOOK, "explorers.ipynb") as page:
+    with notebook_run_in_lab(lab, browser, NOTEBOOK, "explorers.ipynb") as page:
         yield page
 
 
@@ -269,9 +280,9 @@ def test_explorer_labels_are_readable(page, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def good_parts_page(lab):
+def good_parts_page(lab, browser):
     """Notebook 07 (a temporary copy), all cells run, in a headless Chromium page."""
-    with notebook_run_in_lab(lab, GOOD_PARTS_NOTEBOOK, "good_parts.ipynb") as page:
+    with notebook_run_in_lab(lab, browser, GOOD_PARTS_NOTEBOOK, "good_parts.ipynb") as page:
         yield page
 
 
