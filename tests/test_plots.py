@@ -499,3 +499,17 @@ def test_good_parts_explorer_opens_on_a_box_on_a_defect_and_redraws(preds, good_
     assert all(c.style.description_width == "initial" for c in (image, k_slider, t_slider))
     fig = widgets.render_good_parts_view(good_parts, calls[0])
     assert rectangles(fig.axes[0]) == as_rectangles(calls[0].boxes)
+
+
+def test_metric_vs_k_panels_keep_one_colour_per_method_and_every_point_in_view():
+    from visinspect.viz.comparisons import plot_metric_vs_k_panels
+
+    # a and a+rule are equal on "nut" only: two lines there too, in the colours of "pcb".
+    rows = [{"model": f"{m} k={k}", "target": t, "image_auroc": v}
+            for t, m, v in (("nut", "a", 0.9), ("nut", "a+rule", 0.9), ("pcb", "a", 0.4),
+                            ("pcb", "a+rule", 0.95)) for k in (2, 5)]
+    fig = plot_metric_vs_k_panels(rows)
+    colours = [{ln.get_label(): ln.get_color() for ln in ax.get_lines()} for ax in fig.axes]
+    assert colours[0]["a"] == colours[1]["a"] != colours[0]["a+rule"] == colours[1]["a+rule"]
+    low, high = fig.axes[0].get_ylim()
+    assert low < 0.4 and high > 0.95  # the shared axis spans every panel's points

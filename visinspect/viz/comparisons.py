@@ -147,13 +147,15 @@ def same_series(series: Mapping[str, Mapping[int, float]]) -> dict[str, list[str
 
 
 def plot_metric_vs_k(rows: Sequence[Mapping], metric: str = "image_auroc", target: str = "all",
-                     ax: Axes | None = None, legend: bool = True) -> Figure:
+                     ax: Axes | None = None, legend: bool = True,
+                     groups: Mapping[str, Sequence[str]] | None = None) -> Figure:
     """A metric against K, the number of good images of the new product, for each few-good-parts
     model (rows named "... k=K"), with the uncalibrated models as horizontal reference lines.
 
     Models with the same values at every K share one line, named "a = b" (one would hide the
     other); the y axis spans the data (and the chance level when it lies near them). `legend`
-    False leaves the legend to the caller (one legend for several panels: plot_metric_vs_k_panels).
+    False leaves the legend to the caller (one legend for several panels: plot_metric_vs_k_panels);
+    `groups` (see `same_series`) fixes which models share a line and each line's colour (its place).
     """
     by_model: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     flat: dict[str, list[float]] = defaultdict(list)
@@ -169,14 +171,22 @@ def plot_metric_vs_k(rows: Sequence[Mapping], metric: str = "image_auroc", targe
         raise DataError(f"no rows with a K ('... k=K' models) and a {metric!r} for target {target!r}")
     fig, (ax,) = axes_for(ax, 1, 1, (6.0, 3.8), "plot_metric_vs_k")
     means = {name: {k: float(np.mean(v)) for k, v in ks.items()} for name, ks in sorted(by_model.items())}
-    shown = []
-    for i, (name, names) in enumerate(same_series(means).items()):
+    groups = same_series(means) if groups is None else groups
+    shown, drawn = [], set()
+    for i, names in enumerate(groups.values()):
+        name = next((n for n in names if n in means), None)
+        if name is None:  # a group of another panel
+            continue
         xs = sorted(means[name])
         ys = [means[name][k] for k in xs]
-        ax.plot(xs, ys, marker="o", color=PALETTE[i % len(PALETTE)], label=" = ".join(names))
+        # Equal here, not on another panel (`groups`): dashed over the first, so both show.
+        again = (tuple(xs), tuple(round(y, 12) for y in ys)) in drawn
+        drawn.add((tuple(xs), tuple(round(y, 12) for y in ys)))
+        ax.plot(xs, ys, marker="x" if again else "o", linestyle="--" if again else "-",
+                color=PALETTE[i % len(PALETTE)], label=" = ".join(names))
         shown += ys
     for j, (name, values) in enumerate(sorted(flat.items())):
-        color = PALETTE[(j + len(by_model)) % len(PALETTE)]
+        color = PALETTE[(j + len(groups)) % len(PALETTE)]
         ax.axhline(np.mean(values), linestyle="--", linewidth=1, color=color,
                    label=f"{name} (no good images)")
         shown.append(float(np.mean(values)))
@@ -206,17 +216,33 @@ def plot_metric_vs_k_panels(rows: Sequence[Mapping], metric: str = "image_auroc"
     targets = list(targets or sorted({str(r["target"]) for r in rows if " k=" in str(r["model"])}))
     if not targets:
         raise DataError("no rows with a K ('... k=K' models) to plot against K")
+    # Models share a line only where they are equal on every panel, and keep one colour throughout.
+    joint: dict[str, dict[tuple[str, int], float]] = defaultdict(dict)
+    for (name, target, k), values in _k_values(rows, metric).items():
+        joint[name][target, k] = float(np.mean(values))
+    groups = same_series(dict(sorted(joint.items())))
     fig, axes = axes_for(None, 1, len(targets), (4.2, 3.6), "plot_metric_vs_k_panels", sharey=True)
     handles: dict[str, object] = {}
+    ranges = []
     for i, (ax, target) in enumerate(zip(axes, targets, strict=True)):
-        plot_metric_vs_k(rows, metric, target, ax=ax, legend=False)
+        plot_metric_vs_k(rows, metric, target, ax=ax, legend=False, groups=groups)
+        ranges.append(ax.get_ylim())  # before the next panel sets the shared axis
         ax.set_title(target)
         if i:
             ax.set_ylabel("")
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             handles.setdefault(label, handle)
-    lows, highs = zip(*(ax.get_ylim() for ax in axes), strict=True)
-    axes[0].set_ylim(min(lows), max(highs))  # shared: the union of the panels' ranges
+    axes[0].set_ylim(min(r[0] for r in ranges), max(r[1] for r in ranges))  # the union of the panels' ranges
     fig.legend(list(handles.values()), list(handles), loc="outside lower center",
                ncol=min(3, len(handles)), frameon=False)
     return fig
+
+
+def _k_values(rows: Sequence[Mapping], metric: str) -> dict[tuple[str, str, int], list[float]]:
+    """The metric's values per (model, target, K) of the rows named "... k=K"."""
+    found: dict[tuple[str, str, int], list[float]] = defaultdict(list)
+    for row in rows:
+        name, _, k = str(row["model"]).rpartition(" k=")
+        if name and k.isdigit() and row.get(metric) is not None:
+            found[name, str(row["target"]), int(k)].append(float(row[metric]))
+    return found
