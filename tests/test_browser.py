@@ -4,9 +4,11 @@ nbval runs the notebooks but cannot tell whether a slider does anything. Here no
 temporary copy) runs in JupyterLab, driven by Playwright through Debian's `chromium` package
 (nothing is downloaded); the box-threshold and decision-threshold sliders are moved with the
 keyboard, as a person would, and the drawn boxes and the precision/recall table must change.
+Notebook 07's explorer is moved the same way: K and its threshold must redraw the map and boxes.
 Screenshots go to the test's temporary folder. Skips, saying why, without Chromium or Playwright.
 """
 
+import contextlib
 import os
 import re
 import shutil
@@ -21,6 +23,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "04_cam_heatmaps_and_boxes.ipynb"
+GOOD_PARTS_NOTEBOOK = REPO / "notebooks" / "07_new_product_few_good_parts.ipynb"
 CHROMIUM = "/usr/bin/chromium"  # Debian's package; Playwright never downloads a browser here
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -93,30 +96,49 @@ def lab(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(lab, tmp_path_factory):
-    """Notebook 04 (a temporary copy), all cells run, in a headless Chromium page."""
-    url, root = lab
-    shutil.copy(NOTEBOOK, root / "explorers.ipynb")
+def browser():
+    """One headless Chromium for every notebook of the module (Playwright's sync API allows one
+    instance per thread)."""
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(f"{url}/lab/tree/explorers.ipynb", timeout=120_000)
-            page.wait_for_function(
-                "() => window.jupyterapp && window.jupyterapp.shell.currentWidget"
-                " && window.jupyterapp.shell.currentWidget.sessionContext"
-                " && window.jupyterapp.shell.currentWidget.sessionContext.session"
-                " && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel",
-                timeout=120_000,
-            )
-            page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
-            wait_until_run(page)
-            yield page
+            yield browser
         finally:
             browser.close()
 
 
-def wait_until_run(page) -> None:
+@contextlib.contextmanager
+def notebook_run_in_lab(lab, browser, notebook: Path, name: str):
+    """A temporary copy of `notebook` opened in JupyterLab in a new page, all its cells run;
+    yields the page."""
+    url, root = lab
+    shutil.copy(notebook, root / name)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    try:
+        # A workspace of its own: the notebook, not one an earlier page opened, is the current one.
+        page.goto(f"{url}/lab/workspaces/{Path(name).stem}/tree/{name}?reset", timeout=120_000)
+        page.wait_for_function(
+            "() => window.jupyterapp && window.jupyterapp.shell.currentWidget"
+            " && window.jupyterapp.shell.currentWidget.sessionContext"
+            " && window.jupyterapp.shell.currentWidget.sessionContext.session"
+            " && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel",
+            timeout=120_000,
+        )
+        page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+        wait_until_run(page, notebook.name)
+        yield page
+    finally:
+        page.close()
+
+
+@pytest.fixture(scope="module")
+def page(lab, browser):
+    """Notebook 04 (a temporary copy), all cells run, in a headless Chromium page."""
+    with notebook_run_in_lab(lab, browser, NOTEBOOK, "explorers.ipynb") as page:
+        yield page
+
+
+def wait_until_run(page, what: str = "notebook 04") -> None:
     """Until every code cell has run (asked of JupyterLab's notebook model, not of the page);
     fail at the first error output."""
     deadline = time.monotonic() + RUN_TIMEOUT_S
@@ -129,10 +151,10 @@ def wait_until_run(page) -> None:
                 .map(out => `${out.ename}: ${out.evalue}`);
             return {n: cells.length, done: cells.filter(cell => cell.model.executionCount).length, errors};
         }""")
-        assert not state["errors"], f"notebook 04 failed in JupyterLab: {state['errors']}"
+        assert not state["errors"], f"{what} failed in JupyterLab: {state['errors']}"
         if state["n"] and state["done"] == state["n"]:
             return
-        assert time.monotonic() < deadline, f"notebook 04 did not finish in {RUN_TIMEOUT_S} s: {state}"
+        assert time.monotonic() < deadline, f"{what} did not finish in {RUN_TIMEOUT_S} s: {state}"
         time.sleep(1)
 
 
@@ -273,3 +295,34 @@ def test_explorer_labels_are_readable(page, tmp_path):
         return cut;
     }""")
     assert cut == []
+
+
+@pytest.fixture(scope="module")
+def good_parts_page(lab, browser):
+    """Notebook 07 (a temporary copy), all cells run, in a headless Chromium page."""
+    with notebook_run_in_lab(lab, browser, GOOD_PARTS_NOTEBOOK, "good_parts.ipynb") as page:
+        yield page
+
+
+def test_good_parts_explorer_moves_k_and_the_threshold(good_parts_page, tmp_path):
+    page = good_parts_page
+    area = explorer(page, "K good parts")
+    summary = area.locator(".widget-html", has_text=re.compile(r"box\(es\) at distance"))
+    text, drawn = summary.inner_text(), figure(area)
+    assert "predicted anomaly" in text and boxes_drawn(text)[0] >= 1  # opens on a box on a defect
+    area.screenshot(path=tmp_path / "good_parts_explorer_before.png")
+    k_before = int(re.search(r"K = (\d+)", text).group(1))
+    press(page, "K good parts", "ArrowRight")  # the next K: other good parts, another threshold
+    sync_api.expect(summary).not_to_contain_text(f"K = {k_before}:", timeout=UPDATE_TIMEOUT_MS)
+    settle(page)
+    after_k = summary.inner_text()
+    assert int(re.search(r"K = (\d+)", after_k).group(1)) > k_before and figure(area) != drawn
+    drawn = figure(area)
+    press(page, "threshold", "ArrowRight", times=10)  # 1.00 -> 1.50 times the calibrated threshold
+    sync_api.expect(summary).to_contain_text("> 1.50", timeout=UPDATE_TIMEOUT_MS)
+    settle(page)
+    area.screenshot(path=tmp_path / "good_parts_explorer_after.png")
+    after = boxes_drawn(summary.inner_text())
+    before = boxes_drawn(after_k)
+    assert figure(area) != drawn
+    assert sum(area_of(b) for b in after[1]) <= sum(area_of(b) for b in before[1])  # a higher bar

@@ -73,6 +73,9 @@ def test_tables_say_when_a_cell_has_fewer_seeds():
     rows.append({**row, "model": "residual", "seed": 0})
     pivot = pivot_table(rows)
     assert "| bottle | 10 | 0.600 ± 0.100 | 0.500 (1 seed) |" in pivot
+    by_model = pivot_table(rows, by_model=True)  # methods down, targets across: narrow
+    assert "| method | bottle (10) |" in by_model
+    assert "| baseline | 0.600 ± 0.100 |" in by_model and "| residual | 0.500 (1 seed) |" in by_model
     summary = summary_table(rows, ["image_auroc"])
     assert "| bottle | baseline | 10 | 0.600 ± 0.100 |" in summary
     assert "| bottle | residual | 10 | 0.500 (1 seed) |" in summary

@@ -1,10 +1,11 @@
 """Tests for visinspect.experiments.demo: the one setup call every course notebook starts with."""
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
-from visinspect.data.samples import build_sample_table
+from visinspect.data.samples import build_sample_table, default_synthetic_root
 from visinspect.experiments import demo
 
 
@@ -87,3 +88,9 @@ def test_outputs_are_reproducible_only_with_both_imagenet_weights_fp32_and_the_s
     for part in ("no ImageNet VGG16 weights", "no ImageNet MobileNetV2 weights", "precision bf16",
                  demo.DATA_ENV):
         assert part in reasons
+
+
+def test_a_source_checkout_keeps_its_data_and_weights_in_the_checkout():
+    repo = Path(__file__).resolve().parents[1]
+    assert default_synthetic_root() == repo / "data" / "synthetic"
+    assert demo.default_weights_dir() == repo / "weights"

@@ -23,6 +23,7 @@ from visinspect.experiments.tables import (
     chosen_on_all_targets,
     chosen_on_other_targets,
     paired_against,
+    switches,
     tables_markdown,
 )
 from visinspect.methods.registry import DEFAULT_MODELS, METHODS
@@ -252,6 +253,7 @@ def test_the_method_chosen_on_the_other_targets():
     assert chosen["t4"]["pixel_auroc"] == 0.7 and chosen["t3"]["pixel_auroc"] is None
     # On t1 the others prefer b (a: 0.9, 0.9, 0.5 against b: 0.8, 0.8, 0.8), though a is better here.
     assert chosen["t1"]["chosen"] == "b" and chosen["t1"]["best"] == "a"
+    assert chosen["t1"]["tied"] == {"b": 0.8}  # nothing else as good on the others
     rows.append(row("t4", "b k=20", 0.9, seed=1))  # b: 0.8, 0.8, 0.8, 0.85 against a's mean 0.8
     assert chosen_on_all_targets(rows, 20) == "b"
     # A product with fewer good images than K counts at the largest K it has.
@@ -259,6 +261,22 @@ def test_the_method_chosen_on_the_other_targets():
     chosen = {c["target"]: c for c in chosen_on_other_targets(few, 20)}
     assert chosen["t5"]["k"] == 4 and chosen["t5"]["chosen"] == "b" and chosen["t5"]["auroc"] == 0.6
     assert chosen_on_other_targets([row("t1", "a k=20", 0.9)], 20) == []  # one target: nothing to nest
+
+
+def test_a_rule_for_one_target_alone_is_a_tie_on_the_other_targets():
+    """`b` is `a` plus a rule that fires on t3 alone: the other targets cannot choose between them."""
+    def row(target, model, auroc, seed=0):
+        return {"target": target, "model": model, "image_auroc": auroc, "seed": seed}
+
+    plain = {"t1": 0.9, "t2": 0.8, "t3": 0.5}
+    rows = [row(t, "a k=20", v) for t, v in plain.items()]
+    rows += [row(t, "b k=20", 0.95 if t == "t3" else v) for t, v in plain.items()]
+    rows += [row(t, "c k=20", 0.6) for t in plain]
+    assert switches(rows, 20) == [{"methods": ("a", "b"), "fires_on": ["t3"]}]
+    chosen = {c["target"]: c for c in chosen_on_other_targets(rows, 20)}
+    assert chosen["t3"]["tied"] == {"a": 0.5, "b": 0.95}  # the tie decides t3's figure
+    assert chosen["t3"]["chosen"] == "b"  # broken by name
+    assert chosen["t1"]["tied"] == {"b": 0.9}  # on t1 the rule's product speaks for b
 
 
 def test_paired_against_the_baseline():

@@ -337,7 +337,7 @@ def test_box_hit_rate_without_regions():
 
 
 def test_auroc_standard_error_matches_the_bootstrap():
-    # Hanley & McNeil's formula against a bootstrap of one test set of the size notebook 05 scores.
+    # Hanley & McNeil's formula against a bootstrap of one test set of the size notebook 06 scores.
     rng = np.random.default_rng(0)
     labels = np.r_[np.ones(36), np.zeros(20)].astype(int)
     scores = rng.normal(size=56) + 1.2 * labels

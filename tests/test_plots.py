@@ -15,11 +15,12 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from visinspect.backbones.cam import HeatmapNormalizer
 from visinspect.boxes import Box, heatmap_to_boxes
+from visinspect.calibration import Calibration
 from visinspect.data.samples import build_sample_table, summarize
 from visinspect.data.synthetic import generate_synthetic_dataset
 from visinspect.errors import ConfigError, DataError, VisinspectError
 from visinspect.metrics import box_hit_rate, classification_metrics
-from visinspect.scoring import Predictions
+from visinspect.scoring import Predictions, ScoredImages
 from visinspect.viz import comparisons, plots, widgets
 
 
@@ -249,13 +250,16 @@ def test_model_heatmaps_spell_out_truth_and_prediction_relative_to_each_threshol
     *panels, colorbar = fig.axes
     assert len(panels) == 4 and "each model's own" in colorbar.get_ylabel()
     for col, (name, threshold) in enumerate((("baseline", 1.0), ("reference k=5", 0.0))):
-        assert panels[col].get_title().startswith(f"{name}\nscore: {rows[col]['score']}")
+        assert panels[col].get_title().startswith(f"{name}\ntrue: ")  # the model, then the verdict
         for row in range(2):
             score = preds.margins[row] - threshold
             title = panels[2 * row + col].get_title()
             truth = plots.LABEL_NAMES[preds.samples[row].label]
             assert f"true: {truth} · predicted: {'anomaly' if score > 0 else 'good'}" in title
             assert f"score − threshold {score:+.2f}" in title
+    for row in range(2):  # each row says which product and defect type it shows
+        sample = preds.samples[row]
+        assert [t.get_text() for t in panels[2 * row].texts] == [f"{sample.category}\n{sample.defect_type}"]
 
 
 def test_save_figure_writes_png_and_closes(tmp_path):
@@ -395,7 +399,8 @@ def test_metric_vs_k_draws_one_line_per_few_good_parts_model():
     assert list(lines["fused"].get_xdata()) == [5, 10]
     assert list(lines["fused"].get_ydata()) == [0.65, 0.9]
     assert lines["baseline (no good images)"].get_ydata()[0] == 0.7
-    assert list(lines["chance (0.5)"].get_ydata()) == [0.5, 0.5]
+    assert list(lines["chance (0.5)"].get_ydata()) == [0.5, 0.5]  # near the data: drawn
+    assert ax.get_ylim()[0] < 0.5 and ax.get_ylim()[1] < 1.0  # the axis spans the data, not 0..1
 
 
 def test_box_threshold_on_defect_gives_the_boxes_that_best_match_the_defect(preds):
@@ -428,3 +433,119 @@ def test_heatmap_explorer_opens_on_a_box_on_the_defect(preds):
     assert (given[1].value, given[2].children[0].value) == ("image", 0.7)
     good = next(i for i, s in enumerate(preds.samples) if s.label == 0)
     assert widgets.explorer_start(preds, good) == ("dataset", 0.5)
+
+
+def test_metric_vs_k_names_methods_with_the_same_values_on_one_line():
+    from visinspect.viz.comparisons import plot_metric_vs_k
+
+    rows = [{"model": f"{m} k={k}", "target": "all", "image_auroc": v}
+            for m in ("a", "a+rule") for k, v in ((5, 0.9), (10, 0.95))]
+    rows += [{"model": "b k=5", "target": "all", "image_auroc": 0.92},
+             {"model": "b k=10", "target": "all", "image_auroc": 0.93}]
+    ax = plot_metric_vs_k(rows).axes[0]
+    labels = [ln.get_label() for ln in ax.get_lines()]
+    assert labels == ["a = a+rule", "b"]  # no line hidden under another; chance (0.5) too far below
+    assert 0.85 < ax.get_ylim()[0] < 0.9 and ax.get_legend() is not None
+
+
+def test_metric_vs_k_panels_have_one_legend_below_and_a_title_per_product():
+    from visinspect.viz.comparisons import plot_metric_vs_k_panels
+
+    rows = [{"model": f"a k={k}", "target": t, "image_auroc": v}
+            for t, v in (("nut", 0.7), ("fabric", 0.9)) for k in (2, 5)]
+    rows += [{"model": "baseline", "target": t, "image_auroc": 0.8} for t in ("nut", "fabric")]
+    fig = plot_metric_vs_k_panels(rows)
+    assert [ax.get_title() for ax in fig.axes] == ["fabric", "nut"]
+    assert all(ax.get_legend() is None for ax in fig.axes) and len(fig.legends) == 1
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["a", "baseline (no good images)"]
+
+
+@pytest.fixture
+def good_parts(preds) -> dict[int, widgets.GoodPartsRun]:
+    """Two runs (K = 2, 5) over the fixture's images: patch distance 1 everywhere, 5 under each
+    defect; calibrated threshold 2 at K = 2 and 4 at K = 5 (more good parts, another threshold)."""
+    masks = torch.tensor(preds.masks()).float()[:, None]
+    under = torch.nn.functional.adaptive_max_pool2d(masks, (8, 8))[:, 0] > 0
+    maps = torch.where(under, 5.0, 1.0)
+    scored = ScoredImages(preds.samples, maps.flatten(1).amax(1).double().numpy(), maps, 64)
+    return {2: widgets.GoodPartsRun(scored, {"round_pill": 2.0}),
+            5: widgets.GoodPartsRun(scored, {"round_pill": 4.0})}
+
+
+def test_good_parts_state_boxes_what_is_above_the_threshold(preds, good_parts):
+    defective = next(i for i, s in enumerate(preds.samples) if s.label == 1 and s.mask_path)
+    good = next(i for i, s in enumerate(preds.samples) if s.label == 0)
+    state = widgets.good_parts_state(good_parts, defective, 2)
+    assert state.hit and state.boxes and state.anomalous and state.score == 2.5  # 5 / 2
+    assert state.heat.max() == 1.0  # 5 / 2 / HEAT_SPAN, clipped
+    quiet = widgets.good_parts_state(good_parts, good, 2)
+    assert not quiet.boxes and not quiet.anomalous and quiet.score == 0.5
+    low = widgets.good_parts_state(good_parts, defective, 2, threshold=0.4)  # 0.8 < 1: every patch
+    assert low.anomalous and [b.area for b in low.boxes] == [64 * 64]
+    flat = widgets.good_parts_state(good_parts, good, 2, threshold=0.4)
+    assert flat.anomalous and not flat.boxes  # a constant map has nothing to localise
+    # More good parts, a higher calibrated threshold here: the defect now scores 5 / 4.
+    assert widgets.good_parts_state(good_parts, defective, 5).score == 1.25
+    assert not widgets.good_parts_state(good_parts, defective, 5, threshold=1.5).boxes
+    with pytest.raises(ConfigError, match="K = 3"):
+        widgets.good_parts_state(good_parts, defective, 3)
+    with pytest.raises(ConfigError, match="threshold"):
+        widgets.good_parts_state(good_parts, defective, 2, threshold=0.0)
+
+
+def test_good_parts_runs_adapt_to_the_first_k_good_parts_of_each_product(preds):
+    adapted = []
+
+    class Fake:
+        def __init__(self):
+            self.calibrations = {}
+
+        def adapt(self, parts):
+            adapted.append([s.path.name for s in parts])
+            self.calibrations[parts[0].category] = Calibration(
+                parts[0].category, len(parts), 0.01, float(len(parts)), "quantile", HeatmapNormalizer(0, 1))
+
+        def raw(self, samples):
+            return ScoredImages(list(samples), np.zeros(len(samples)), torch.zeros(len(samples), 2, 2), 64)
+
+    good = {"round_pill": [s for s in preds.samples if s.label == 0][:3]}
+    runs = widgets.good_parts_runs(Fake, good, preds.samples[:2], [3, 1])
+    assert sorted(runs) == [1, 3] and runs[3].thresholds == {"round_pill": 3.0}
+    assert [len(a) for a in adapted] == [1, 3] and adapted[1][:1] == adapted[0]
+
+
+def test_good_parts_explorer_opens_on_a_box_on_a_defect_and_redraws(preds, good_parts, monkeypatch):
+    calls = []
+    render = widgets.render_good_parts_view
+
+    def spy(runs, state, ax=None):
+        calls.append(state)
+        return render(runs, state, ax)
+
+    monkeypatch.setattr(widgets, "render_good_parts_view", spy)
+    box = widgets.good_parts_explorer(good_parts, k=2)
+    image, (k_slider, t_slider), summary, _ = box.children[0], box.children[1].children, *box.children[2:]
+    assert calls[0].hit and image.value == widgets.first_box_on_a_defect(good_parts, 2)
+    assert "predicted anomaly" in summary.value and "1 box(es)" in summary.value
+    k_slider.value = 5
+    assert calls[-1].k == 5 and calls[-1].score == 1.25
+    t_slider.value = 1.5
+    assert calls[-1].threshold == 1.5 and not calls[-1].boxes and "0 box(es)" in summary.value
+    assert len(calls) == 3  # the first drawing, then one per change
+    assert all(c.style.description_width == "initial" for c in (image, k_slider, t_slider))
+    fig = widgets.render_good_parts_view(good_parts, calls[0])
+    assert rectangles(fig.axes[0]) == as_rectangles(calls[0].boxes)
+
+
+def test_metric_vs_k_panels_keep_one_colour_per_method_and_every_point_in_view():
+    from visinspect.viz.comparisons import plot_metric_vs_k_panels
+
+    # a and a+rule are equal on "nut" only: two lines there too, in the colours of "pcb".
+    rows = [{"model": f"{m} k={k}", "target": t, "image_auroc": v}
+            for t, m, v in (("nut", "a", 0.9), ("nut", "a+rule", 0.9), ("pcb", "a", 0.4),
+                            ("pcb", "a+rule", 0.95)) for k in (2, 5)]
+    fig = plot_metric_vs_k_panels(rows)
+    colours = [{ln.get_label(): ln.get_color() for ln in ax.get_lines()} for ax in fig.axes]
+    assert colours[0]["a"] == colours[1]["a"] != colours[0]["a+rule"] == colours[1]["a+rule"]
+    low, high = fig.axes[0].get_ylim()
+    assert low < 0.4 and high > 0.95  # the shared axis spans every panel's points

@@ -533,7 +533,7 @@ class DefectDataset(Dataset):
 
 def default_synthetic_root() -> Path:
     """Where the embedded synthetic dataset lives: `data/synthetic` in a source checkout."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]  # visinspect/data/samples.py -> the checkout
     if (repo / "pyproject.toml").is_file():
         return repo / "data" / "synthetic"
     return Path.home() / ".cache" / "visinspect" / "synthetic"

@@ -3,6 +3,7 @@ chosen on the other targets (nested leave-one-product-out), paired differences, 
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,25 +34,29 @@ def _mean_std(values: list[float | None], seeds: int = 1) -> str:
     return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}{fewer}"
 
 
-def pivot_table(rows: Sequence[dict], metric: str = "image_auroc") -> str:
+def pivot_table(rows: Sequence[dict], metric: str = "image_auroc", by_model: bool = False) -> str:
     """Markdown: targets down, models across, mean ± std of one metric over seeds (K-dependent
-    models are named with their K)."""
+    models are named with their K); `by_model`: models down and targets across (narrow when there
+    are many models and few targets)."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["target"], r["model"]), []).append(r)
     targets = sorted({t for t, _ in groups}, key=lambda t: (t == "all", t))
     models = list(dict.fromkeys(r["model"] for r in rows))
-    lines = [
-        f"{metric}, positive class = anomaly",
-        "",
-        "| target | n | " + " | ".join(models) + " |",
-        "|" + " --- |" * (len(models) + 2),
-    ]
     seeds = max(len(g) for g in groups.values())
-    for t in targets:
-        n = next(g[0]["n_images"] for (tt, _), g in groups.items() if tt == t)
-        cells = [_mean_std([r.get(metric) for r in groups.get((t, m), [])], seeds) for m in models]
-        lines.append(f"| {t} | {n} | " + " | ".join(cells) + " |")
+    n = {t: next(g[0]["n_images"] for (tt, _), g in groups.items() if tt == t) for t in targets}
+
+    def cell(t: str, m: str) -> str:
+        return _mean_std([r.get(metric) for r in groups.get((t, m), [])], seeds)
+
+    lines = [f"{metric}, positive class = anomaly", ""]
+    if by_model:
+        lines += ["| method | " + " | ".join(f"{t} ({n[t]})" for t in targets) + " |",
+                  "|" + " --- |" * (len(targets) + 1)]
+        lines += [f"| {m} | " + " | ".join(cell(t, m) for t in targets) + " |" for m in models]
+        return "\n".join(lines)
+    lines += ["| target | n | " + " | ".join(models) + " |", "|" + " --- |" * (len(models) + 2)]
+    lines += [f"| {t} | {n[t]} | " + " | ".join(cell(t, m) for m in models) + " |" for t in targets]
     return "\n".join(lines)
 
 
@@ -112,10 +117,10 @@ def _k_of(model: str) -> int | None:
     return int(model.rsplit(" k=", 1)[1]) if " k=" in model else None
 
 
-def _competition(rows: Sequence[dict], k: int) -> tuple[dict, dict, list[str], list[str]]:
-    """Per (target, method): the mean image AUROC over seeds at the target's K (the largest K up to
-    `k` it has rows of: a product with fewer good images is scored with all it has; a method that
-    uses no good image has one K); each target's K; the targets; the methods with rows on all."""
+def _values(rows: Sequence[dict], k: int) -> tuple[dict[tuple[str, str], list[float]], dict[str, int]]:
+    """Image AUROCs per (target, method) at the target's K (the largest K up to `k` it has rows of:
+    a product with fewer good images is scored with all it has; a method that uses no good image
+    has one K), and each target's K."""
     ks: dict[str, set[int]] = {}
     for r in rows:
         if (rk := _k_of(r["model"])) is not None and rk <= k:
@@ -126,6 +131,13 @@ def _competition(rows: Sequence[dict], k: int) -> tuple[dict, dict, list[str], l
         rk = _k_of(r["model"])
         if r["image_auroc"] is not None and (rk is None or rk == own_k.get(r["target"])):
             values.setdefault((r["target"], method_name(r["model"])), []).append(r["image_auroc"])
+    return values, own_k
+
+
+def _competition(rows: Sequence[dict], k: int) -> tuple[dict, dict, list[str], list[str]]:
+    """Per (target, method) the mean image AUROC over seeds (see `_values`); each target's K; the
+    targets (those with good images, if any); the methods with rows on every target."""
+    values, own_k = _values(rows, k)
     mean = {key: statistics.mean(v) for key, v in values.items()}
     targets = sorted(own_k or {t for t, _ in mean})
     models = sorted(m for m in {m for _, m in mean} if all((t, m) in mean for t in targets))
@@ -145,18 +157,20 @@ def chosen_on_other_targets(rows: Sequence[dict], k: int) -> list[dict]:
     at this target. A target with fewer than k good train/ images counts at the largest K it has
     (`k` in each result). Only methods with rows on every target (that has good images) compete.
     Each result also holds the chosen method's pixel AUROC and balanced accuracy there (None when
-    the target has no masks)."""
+    the target has no masks) and `tied`: every method as good as the chosen one on the other
+    targets (they cannot tell them apart; the tie is broken by name), with what each gets here."""
     mean, own_k, targets, models = _competition(rows, k)
     if len(targets) < 2 or not models:
         return []
     out = []
     for t in targets:
-        others = [o for o in targets if o != t]
-        chosen = max(models, key=lambda m: (statistics.mean(mean[o, m] for o in others), m))
+        others = {m: statistics.mean(mean[o, m] for o in targets if o != t) for m in models}
+        chosen = max(models, key=lambda m: (others[m], m))
         best = max(models, key=lambda m: (mean[t, m], m))
+        tied = {m: mean[t, m] for m in models if math.isclose(others[m], others[chosen], abs_tol=1e-12)}
         row = f"{chosen} k={own_k[t]}" if _uses_good(rows, chosen) else chosen
         out.append({"target": t, "k": own_k.get(t), "chosen": chosen, "auroc": mean[t, chosen],
-                    "best": best, "best_auroc": mean[t, best],
+                    "best": best, "best_auroc": mean[t, best], "tied": tied,
                     "pixel_auroc": _metric_at(rows, t, row, "pixel_auroc"),
                     "balanced_accuracy": _metric_at(rows, t, row, "balanced_accuracy")})
     return out
@@ -171,6 +185,22 @@ def chosen_on_all_targets(rows: Sequence[dict], k: int) -> str | None:
 
 def _uses_good(rows: Sequence[dict], method: str) -> bool:
     return any(method_name(r["model"]) == method and _k_of(r["model"]) is not None for r in rows)
+
+
+def switches(rows: Sequence[dict], k: int) -> list[dict]:
+    """Pairs of methods (at K = k, see `_values`) whose rows are the same on every target but some:
+    one of them is the other plus a rule that switches on for those targets alone (e.g. a score for
+    binary drawings). Each: `methods` (the pair, sorted), `fires_on` (the targets where they differ)."""
+    values, _ = _values(rows, k)
+    targets = sorted({t for t, _ in values})
+    models = sorted(m for m in {m for _, m in values} if all((t, m) in values for t in targets))
+    found = []
+    for i, a in enumerate(models):
+        for b in models[i + 1:]:
+            differ = [t for t in targets if sorted(values[t, a]) != sorted(values[t, b])]
+            if 0 < len(differ) < len(targets):
+                found.append({"methods": (a, b), "fires_on": differ})
+    return found
 
 
 def _chosen_table(rows: Sequence[dict], k: int) -> str:
@@ -293,9 +323,7 @@ def tables_markdown(rows: Sequence[dict], settings: dict) -> str:
 def draw_figures(rows: Sequence[dict], folder: Path) -> None:
     """The figures docs/results.md shows: AUROC and balanced accuracy per model and target, and
     both against K for the few-good-parts models."""
-    import matplotlib.pyplot as plt
-
-    from visinspect.viz.comparisons import plot_metric_bars, plot_metric_vs_k
+    from visinspect.viz.comparisons import plot_metric_bars, plot_metric_vs_k_panels
     from visinspect.viz.plots import save_figure
 
     plain = [r for r in rows if " k=" not in r["model"]]
@@ -308,21 +336,9 @@ def draw_figures(rows: Sequence[dict], folder: Path) -> None:
         ("image_auroc", lambda m: "calibrated" not in m),
         ("balanced_accuracy", lambda m: True),
     ):
-        targets = sorted({r["target"] for r in rows if " k=" in r["model"] and keep(r["model"])})
-        if not targets:
-            continue
-        fig, axes = plt.subplots(1, len(targets), figsize=(3.6 * len(targets), 3.6), squeeze=False,
-                                 sharey=True)
-        for i, (ax, target) in enumerate(zip(axes[0], targets, strict=True)):
-            plot_metric_vs_k([r for r in rows if r["target"] == target and keep(r["model"])], metric,
-                             target, ax=ax)
-            ax.set_title(target)
-            ax.get_legend().remove()
-            if i:
-                ax.set_ylabel("")
-        handles, labels = axes[0][0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, frameon=False)
-        save_figure(fig, folder / f"loo_{metric}_vs_k.png")
+        kept = [r for r in rows if keep(r["model"])]
+        if any(" k=" in r["model"] for r in kept):
+            save_figure(plot_metric_vs_k_panels(kept, metric), folder / f"loo_{metric}_vs_k.png")
 
 
 def hms(seconds: float) -> str:

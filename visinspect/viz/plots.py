@@ -358,9 +358,12 @@ def plot_prediction_grid(
     return fig
 
 
-def add_heat_colorbar(fig: Figure, axes, heat_mode: str, label: str | None = None) -> None:
-    """The 0..1 heat scale of normalised heatmaps, beside `axes` (opaque, unlike the overlay)."""
-    scale = ScalarMappable(Normalize(0.0, 1.0), HEATMAP_CMAP)
+def add_heat_colorbar(
+    fig: Figure, axes, heat_mode: str, label: str | None = None, high: float = 1.0
+) -> None:
+    """The 0..1 heat scale of normalised heatmaps, beside `axes` (opaque, unlike the overlay);
+    `high` labels its top (a map drawn as value / high)."""
+    scale = ScalarMappable(Normalize(0.0, high), HEATMAP_CMAP)
     fig.colorbar(scale, ax=axes, shrink=0.8, label=label or f"heat ({heat_mode}-normalised)")
 
 

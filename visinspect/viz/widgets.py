@@ -1,4 +1,5 @@
-"""Notebook explorers: move a slider, see the boxes or the metrics change.
+"""Notebook explorers: move a slider, see the boxes or the metrics change (a CAM's boxes, a
+decision threshold's metrics, a nearest-good-patch map with K good parts and its threshold).
 
 The logic lives in pure functions (tested without a notebook); the widgets only wire sliders to
 them and redraw into an ipywidgets.Output.
@@ -6,7 +7,8 @@ them and redraw into an ipywidgets.Output.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
@@ -15,16 +17,21 @@ from IPython.display import display
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from visinspect.backbones.cam import HeatmapNormalizer
+from visinspect.backbones.cam import HeatmapNormalizer, upsample
 from visinspect.boxes import Box, heatmap_to_boxes
+from visinspect.data.samples import Sample
 from visinspect.errors import ConfigError, DataError
+from visinspect.methods.nearest_patch import ReferenceDetector
 from visinspect.metrics import POSITIVE_CLASS, box_hit_rate, classification_metrics
-from visinspect.scoring import Predictions
+from visinspect.scoring import Predictions, ScoredImages
 from visinspect.viz.plots import (
+    FONT_SIZES,
     LABEL_NAMES,
     add_heat_colorbar,
     apply_style,
     draw_prediction,
+    load_image,
+    overlay,
     plot_score_distributions,
     prediction_heatmaps,
 )
@@ -133,10 +140,12 @@ def _show(out: widgets.Output, fig: Figure) -> None:
 READABLE = {"description_width": "initial"}
 
 
-def _boxes_html(boxes: Sequence[Box], box_threshold: float, min_area: int) -> str:
-    """The drawn boxes as text: how many, at which settings, and where (readable without the figure)."""
-    where = "; ".join(f"({b.x0}, {b.y0}, {b.x1}, {b.y1}) peak {b.score:.2f}" for b in boxes)
-    return (f"<b>{len(boxes)} box(es)</b> at heat &gt; {box_threshold:.2f}, ≥ {min_area} px"
+def _boxes_html(boxes: Sequence[Box], box_threshold: float, min_area: int, unit: str = "heat",
+                peak_scale: float = 1.0) -> str:
+    """The drawn boxes as text: how many, at which settings, and where (readable without the
+    figure). `unit` names what the threshold is on; box peaks are shown times `peak_scale`."""
+    where = "; ".join(f"({b.x0}, {b.y0}, {b.x1}, {b.y1}) peak {b.score * peak_scale:.2f}" for b in boxes)
+    return (f"<b>{len(boxes)} box(es)</b> at {unit} &gt; {box_threshold:.2f}, ≥ {min_area} px"
             + (f": {where} (x0, y0, x1, y1)" if boxes else ""))
 
 
@@ -282,3 +291,145 @@ def threshold_explorer(
     slider.observe(redraw, names="value")
     redraw()
     return widgets.VBox([slider, widgets.HBox([table, out])])
+
+
+# ----------------------------------------------------------------------------- K good parts
+
+HEAT_SPAN = 2.0  # the good-parts explorer's colour scale: 0 to twice the calibrated threshold
+
+
+@dataclass(frozen=True)
+class GoodPartsRun:
+    """A nearest-good-patch method adapted to K good parts of each product: its patch distances
+    on the scored images (`scored`, uncalibrated) and each product's calibrated threshold."""
+
+    scored: ScoredImages
+    thresholds: dict[str, float]
+
+
+def good_parts_runs(
+    make: Callable[[], ReferenceDetector],
+    good: Mapping[str, Sequence[Sample]],
+    samples: Sequence[Sample],
+    ks: Sequence[int],
+) -> dict[int, GoodPartsRun]:
+    """For each K: a new detector (`make()`) adapted to the first K good parts of each product,
+    its patch distances on `samples` and its calibrated thresholds."""
+    runs = {}
+    for k in sorted(ks):
+        detector = make()
+        for parts in good.values():
+            detector.adapt(parts[:k])
+        runs[k] = GoodPartsRun(detector.raw(samples),
+                               {c: cal.threshold for c, cal in detector.calibrations.items()})
+    return runs
+
+
+@dataclass(frozen=True)
+class GoodPartsState:
+    """What the good-parts explorer shows for one image, K and threshold (in units of the
+    calibrated threshold: 1 is the method's own decision)."""
+
+    index: int
+    k: int
+    threshold: float
+    heat: np.ndarray  # (S, S): patch distance / calibrated threshold / HEAT_SPAN, clipped to [0, 1]
+    boxes: list[Box]  # where the distance is above `threshold` times the calibrated threshold
+    score: float  # the image score / the calibrated threshold
+    hit: bool  # a box overlaps the true defect
+
+    @property
+    def anomalous(self) -> bool:
+        return self.score > self.threshold
+
+
+def good_parts_state(
+    runs: Mapping[int, GoodPartsRun], index: int, k: int, threshold: float = 1.0, min_area: int = 16
+) -> GoodPartsState:
+    """The explorer's state: image `index` scored against K good parts, boxes where its patch
+    distance exceeds `threshold` times the product's calibrated threshold (0 < threshold <=
+    HEAT_SPAN). With the largest patch distance as image score (`reference`), an image is
+    called anomalous exactly when some patch is above the threshold."""
+    if k not in runs:
+        raise ConfigError(f"no run with K = {k}; the runs have K = {sorted(runs)}")
+    if not 0 < threshold <= HEAT_SPAN:
+        raise ConfigError(f"threshold must be in (0, {HEAT_SPAN:g}] times the calibrated one; "
+                          f"got {threshold}")
+    run = runs[k]
+    if not 0 <= index < len(run.scored.samples):
+        raise DataError(f"image {index} is out of range for {len(run.scored.samples)} scored images")
+    calibrated = run.thresholds[run.scored.samples[index].category]
+    distance = upsample(run.scored.maps[index : index + 1], run.scored.image_size)[0].numpy()
+    heat = np.clip(distance / calibrated / HEAT_SPAN, 0.0, 1.0)
+    boxes = heatmap_to_boxes(heat, threshold / HEAT_SPAN, min_area)
+    mask = run.scored.masks([index])[0]
+    hit = any(mask[b.y0 : b.y1, b.x0 : b.x1].any() for b in boxes)
+    return GoodPartsState(index, k, threshold, heat, boxes, float(run.scored.scores[index]) / calibrated, hit)
+
+
+def first_box_on_a_defect(runs: Mapping[int, GoodPartsRun], k: int, threshold: float = 1.0) -> int:
+    """The first defective image with a box on its defect at these settings (else the first
+    defective image, else 0): where the explorer opens."""
+    samples = runs[k].scored.samples
+    defective = [i for i, s in enumerate(samples) if s.label == 1]
+    return next((i for i in defective if good_parts_state(runs, i, k, threshold).hit), (defective or [0])[0])
+
+
+def render_good_parts_view(
+    runs: Mapping[int, GoodPartsRun], state: GoodPartsState, ax: Axes | None = None
+) -> Figure:
+    """One image with its nearest-good-patch map, boxes and true defect (green), titled with the
+    verdict at the state's K and threshold."""
+    apply_style()
+    own_figure = ax is None
+    if own_figure:
+        fig, ax = plt.subplots(figsize=(4.6, 4.4), layout="constrained")
+    scored = runs[state.k].scored
+    s = scored.samples[state.index]
+    overlay(ax, load_image(s.path, scored.image_size), state.heat, state.boxes,
+            scored.masks([state.index])[0], alpha=0.6)
+    ax.set_title(f"{s.category}/{s.defect_type}/{s.path.name}, K = {state.k}\n"
+                 f"true: {LABEL_NAMES[s.label]} · predicted: {LABEL_NAMES[int(state.anomalous)]}\n"
+                 f"score {state.score:.2f} × the calibrated threshold", fontsize=FONT_SIZES["label"])
+    if own_figure:
+        add_heat_colorbar(fig, ax, "", label=f"patch distance ÷ calibrated threshold (0…{HEAT_SPAN:g})",
+                          high=HEAT_SPAN)
+    return ax.figure
+
+
+def good_parts_explorer(
+    runs: Mapping[int, GoodPartsRun], k: int | None = None, threshold: float = 1.0, min_area: int = 16
+) -> widgets.VBox:
+    """Pick an image, K (how many good parts the method compares with) and the threshold (times
+    the calibrated one); see the nearest-good-patch map and its boxes live. Opens at `k` (default
+    the middle K) on the first defective image with a box on its defect."""
+    ks = sorted(runs)
+    if not ks or not runs[ks[0]].scored.samples:
+        raise DataError("no scored images to explore: give good_parts_runs at least one K and image")
+    k = ks[len(ks) // 2] if k is None else k
+    samples = runs[k].scored.samples
+    options = [(f"{s.category}/{s.defect_type}/{s.path.name} (true: {LABEL_NAMES[s.label]})", i)
+               for i, s in enumerate(samples)]
+    image = widgets.Dropdown(options=options, value=first_box_on_a_defect(runs, k, threshold),
+                             description="image", style=READABLE,
+                             layout=widgets.Layout(width="max-content", max_width="100%"))
+    wide = {"style": READABLE, "layout": widgets.Layout(width="30em")}
+    k_slider = widgets.SelectionSlider(options=ks, value=k, description="K good parts",
+                                       continuous_update=False, **wide)
+    t_slider = widgets.FloatSlider(value=threshold, min=0.25, max=HEAT_SPAN, step=0.05,
+                                   description="threshold (× calibrated)", continuous_update=False, **wide)
+    summary = widgets.HTML()
+    out = widgets.Output()
+
+    def redraw(_change=None) -> None:
+        state = good_parts_state(runs, image.value, k_slider.value, t_slider.value, min_area)
+        verdict = (f"K = {state.k}: image score {state.score:.2f} × the calibrated threshold, "
+                   f"predicted {LABEL_NAMES[int(state.anomalous)]}; ")
+        summary.value = verdict + _boxes_html(state.boxes, state.threshold, min_area,
+                                              unit="distance (× calibrated threshold)", peak_scale=HEAT_SPAN)
+        _show(out, render_good_parts_view(runs, state))
+
+    for control in (image, k_slider, t_slider):
+        control.observe(redraw, names="value")
+    redraw()
+    return widgets.VBox([image, widgets.HBox([k_slider, t_slider]), summary, out])
