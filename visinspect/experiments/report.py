@@ -21,6 +21,7 @@ from visinspect.experiments.tables import (
     headline_k,
     method_name,
     pivot_table,
+    switches,
 )
 from visinspect.methods.registry import RECOMMENDED
 from visinspect.utils import atomic_path
@@ -87,6 +88,26 @@ def headline_table(rows: Sequence[dict], k: int) -> str:
     lines.append(f"| mean | | | | **{mean.get('auroc', '–')}** | {mean.get('pixel', '–')} | "
                  f"{mean.get('balanced', '–')} | {mean.get('best', '–')} | {mean.get('base', '–')} |")
     return "\n".join(lines)
+
+
+def switch_notes(rows: Sequence[dict], k: int) -> list[str]:
+    """One line per rule that acts on one product alone (`tables.switches`, the rows of a pair of
+    methods differ there only): the other products cannot choose it, so its credit in the headline
+    rests on that product's own rows. Each line gives both figures there and the headline mean with
+    the lower one, the figure of a protocol that cannot flatter itself."""
+    chosen = chosen_on_other_targets(rows, k)
+    figures, ks = {c["target"]: c["auroc"] for c in chosen}, {c["target"]: c["k"] for c in chosen}
+    lines = []
+    for s in switches(rows, k):
+        if len(s["fires_on"]) != 1 or s["fires_on"][0] not in figures:
+            continue
+        t, (a, b) = s["fires_on"][0], s["methods"]
+        va, vb = (_mean(_cells(rows, t, f"{m} k={ks[t]}") or _cells(rows, t, m)) for m in (a, b))
+        alt = statistics.mean([min(va, vb) if o == t else v for o, v in figures.items()])
+        lines.append(f"- `{a}` and `{b}` differ on {t} alone ({va:.3f} and {vb:.3f} there): a rule the "
+                     f"other products cannot choose; with the lower figure on {t} the mean above is "
+                     f"{alt:.3f}.")
+    return lines
 
 
 def lever_pairs(rows: Sequence[dict]) -> list[tuple[str, str]]:
@@ -252,6 +273,8 @@ def report_markdown(files: Sequence[Path], page_dir: Path, anchors: Path | None 
         "",
         headline_table(rows, k),
         "",
+        *switch_notes(rows, k),
+        "",
     ]
     if anchors and anchors.is_file():
         lines += ["Published few-shot figures beside ours (what differs: backbone, resolution, K, products; "
@@ -288,7 +311,9 @@ def readme_block(files: Sequence[Path]) -> str:
     """The README's results in short: the headline table between its markers."""
     rows, _ = load_rows(files)
     k = headline_k(sorted({int(r["model"].rsplit(" k=", 1)[1]) for r in rows if " k=" in r["model"]}))
-    return f"{README_START}\n{headline_table(rows, k)}\n{README_END}"
+    notes = "\n".join(["", *switch_notes(rows, k)]) if switch_notes(rows, k) else ""
+    return f"{README_START}\n{headline_table(rows, k)}\n{notes}\n{README_END}" if notes else (
+        f"{README_START}\n{headline_table(rows, k)}\n{README_END}")
 
 
 def replace_block(text: str, block: str) -> str:
