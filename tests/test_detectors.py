@@ -149,6 +149,33 @@ def test_predict_names_a_reference_image_unlike_the_others(recommended, tiny_roo
     assert out.rstrip().count("odd.png") == 1 and "copy_" not in out
 
 
+def test_predict_takes_non_square_scans_and_names_too_few_good_images(recommended, tiny_root, tmp_path,
+                                                                       capsys):
+    """Good images and images to score of any size and aspect ratio (scans wider than high, a
+    portrait photo); one good image is too few, and the error says how many to give."""
+    from PIL import Image
+
+    sources = sorted((tiny_root / "round_pill" / "train" / "good").iterdir())[:3]
+    reference, scans = tmp_path / "good", tmp_path / "scans"
+    reference.mkdir()
+    scans.mkdir()
+    for i, (path, size) in enumerate(zip(sources, [(150, 40), (40, 150), (97, 61)], strict=True)):
+        Image.open(path).convert("RGB").resize(size).save(reference / f"{i}.png")
+        Image.open(path).convert("RGB").resize(size[::-1]).save(scans / f"{i}.png")
+    code = main(["predict", "--checkpoint", str(recommended), "--reference-dir", str(reference), str(scans),
+                 "--out", str(tmp_path / "pred")])
+    assert code == 0, capsys.readouterr().err
+    rows = [json.loads(line) for line in (tmp_path / "pred" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(isinstance(r["score"], float) and r["label"] in (0, 1) for r in rows)
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "0.png").write_bytes((reference / "0.png").read_bytes())
+    code = main(["predict", "--checkpoint", str(recommended), "--reference-dir", str(one), str(scans),
+                 "--out", str(tmp_path / "pred1")])
+    err = capsys.readouterr().err
+    assert code == 2 and "need at least 2 good images" in err and "(got 1)" in err
+
+
 def test_predict_refuses_a_missing_or_useless_reference(
     recommended, pristine_model, tiny_root, tmp_path, capsys
 ):
