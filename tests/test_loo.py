@@ -275,7 +275,7 @@ def test_a_rule_for_one_target_alone_is_a_tie_on_the_other_targets():
     assert switches(rows, 20) == [{"methods": ("a", "b"), "fires_on": ["t3"]}]
     chosen = {c["target"]: c for c in chosen_on_other_targets(rows, 20)}
     assert chosen["t3"]["tied"] == {"a": 0.5, "b": 0.95}  # the tie decides t3's figure
-    assert chosen["t3"]["chosen"] == "b"  # broken by name
+    assert chosen["t3"]["chosen"] == "a"  # a tie goes to the method listed first (here by name)
     assert chosen["t1"]["tied"] == {"b": 0.9}  # on t1 the rule's product speaks for b
 
 
@@ -314,3 +314,32 @@ def test_rows_keep_what_a_method_learnt_on_the_sources_without_its_weights():
                                                            "config": {"epochs": 2}},
                                         "weights": ["tensor [1]"], "w": 0.5}
     json.dumps(_without_tensors(learnt))
+
+
+def test_a_tie_goes_to_the_method_the_registry_lists_first():
+    """The binary-drawing rule fires on one product alone: with that product left out, the others
+    cannot tell `reference-mobilenet` from `reference-mobilenet+patterns`, and the tie goes to the
+    method without the rule (listed first), not to the name that sorts last."""
+    def row(target, model, auroc):
+        return {"target": target, "model": model, "image_auroc": auroc, "seed": 0}
+
+    rows = [row(t, f"{m} k=20", 0.9) for t in ("a", "b") for m in ("reference-mobilenet+patterns",
+                                                                  "reference-mobilenet")]
+    rows += [row("pcb", "reference-mobilenet k=20", 0.5),
+             row("pcb", "reference-mobilenet+patterns k=20", 0.9)]
+    chosen = {c["target"]: c for c in chosen_on_other_targets(rows, 20)}
+    assert chosen["pcb"]["chosen"] == "reference-mobilenet" and chosen["pcb"]["auroc"] == 0.5
+    assert chosen_on_all_targets(rows, 20) == "reference-mobilenet+patterns"  # pcb's own rows decide
+
+
+def test_the_recorded_command_names_the_weights_and_precision_it_ran_with(monkeypatch):
+    from visinspect.experiments import loo
+
+    monkeypatch.setattr(sys, "argv", ["/x/visinspect/__main__.py", "loo", "--data", "a b"])
+    for name in ("VISINSPECT_BACKBONE_WEIGHTS", "VISINSPECT_MOBILENET_WEIGHTS", "VISINSPECT_PRECISION"):
+        monkeypatch.delenv(name, raising=False)
+    assert loo.command_line() == "python -m visinspect loo --data 'a b'"
+    monkeypatch.setenv("VISINSPECT_MOBILENET_WEIGHTS", "../w/m.pth")
+    monkeypatch.setenv("VISINSPECT_FEATURE_STORE", "/tmp/s")  # where features are kept: no number changes
+    expected = "VISINSPECT_MOBILENET_WEIGHTS=../w/m.pth python -m visinspect loo --data 'a b'"
+    assert loo.command_line() == expected

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import shlex
 import statistics
 import subprocess
@@ -33,7 +34,9 @@ from pathlib import Path
 
 import torch
 
+from visinspect.backbones.mobilenet import MOBILENET_ENV
 from visinspect.backbones.store import LAYERS, FeatureStore, use_store
+from visinspect.backbones.vgg16 import WEIGHTS_ENV
 from visinspect.calibration import DEFAULT_RULE
 from visinspect.checkpoint import load_checkpoint, load_classifier, save_classifier
 from visinspect.data.samples import Sample, build_sample_table, single_class_categories
@@ -48,7 +51,14 @@ from visinspect.experiments.compare import (
 )
 from visinspect.experiments.tables import budget_text, draw_figures, hms, tables_markdown
 from visinspect.methods.registry import DEFAULT_MODELS, METHODS, make_detector, training, untrained
-from visinspect.utils import atomic_path, describe_machine, resolve_device, resolve_precision, write_json
+from visinspect.utils import (
+    PRECISION_ENV,
+    atomic_path,
+    describe_machine,
+    resolve_device,
+    resolve_precision,
+    write_json,
+)
 
 MODELS = tuple(METHODS)
 # A run's folder holds jobs of one setting: these must not change when a run is resumed or extended
@@ -427,11 +437,14 @@ class LeaveOneOut:
 
 
 def command_line() -> str:
-    """The command that runs this process, as a user would type it."""
+    """The command that runs this process, as a user would type it, after the environment
+    variables that change its numbers (the weights files, the precision) it ran with."""
+    env = [f"{name}={shlex.quote(os.environ[name])}" for name in (WEIGHTS_ENV, MOBILENET_ENV, PRECISION_ENV)
+           if os.environ.get(name)]
     args = [shlex.quote(a) for a in sys.argv[1:]]
     if Path(sys.argv[0]).name == "__main__.py" and Path(sys.argv[0]).parent.name == "visinspect":
-        return " ".join(["python -m visinspect", *args])
-    return " ".join([shlex.quote(sys.argv[0]), *args])
+        return " ".join([*env, "python -m visinspect", *args])
+    return " ".join([*env, shlex.quote(sys.argv[0]), *args])
 
 
 def package_commit() -> str | None:

@@ -103,6 +103,8 @@ def switch_notes(rows: Sequence[dict], k: int) -> list[str]:
             continue
         t, (a, b) = s["fires_on"][0], s["methods"]
         va, vb = (_mean(_cells(rows, t, f"{m} k={ks[t]}") or _cells(rows, t, m)) for m in (a, b))
+        if round(va, 3) == round(vb, 3):  # a difference the tables do not show
+            continue
         alt = statistics.mean([min(va, vb) if o == t else v for o, v in figures.items()])
         lines.append(f"- `{a}` and `{b}` differ on {t} alone ({va:.3f} and {vb:.3f} there): a rule the "
                      f"other products cannot choose; with the lower figure on {t} the mean above is "
@@ -177,9 +179,11 @@ def anchors_table(anchors: dict, rows: Sequence[dict], ks: Sequence[int], settin
         lines.append(f"| {a['method']} | {a['source']} | {a['backbone']} | {a['resolution'] or '–'} | "
                      f"{' / '.join(map(str, a['k']))} | MVTec AD (15) | "
                      f"{' / '.join(f'{v:.1f}' for v in a['image_auroc'])} |")
+    # The K values every product can be nested at (each at its largest K up to it).
+    ks = [k for k in ks if chosen_on_other_targets(rows, k)]
     nested = [chosen_on_other_targets(rows, k) for k in ks]
     targets = sorted({c["target"] for n in nested for c in n})
-    rec = [[_mean(_cells(rows, t, f"{RECOMMENDED} k={k}")) for t in targets] for k in ks]
+    rec = [[_mean(_cells(rows, c["target"], f"{RECOMMENDED} k={c['k']}")) for c in n] for n in nested]
     ours = {
         "visinspect, chosen without the product's labels": [
             statistics.mean(c["auroc"] for c in n) * 100 if n else None for n in nested],
@@ -268,7 +272,7 @@ def report_markdown(files: Sequence[Path], page_dir: Path, anchors: Path | None 
         "",
         f"## Headline: image AUROC with K = {k} good images of the new product",
         "",
-        "The first column is the figure to quote: the method chosen on the *other* products (nested "
+        "The bold figure is the one to quote: the method chosen on the *other* products (nested "
         "leave-one-out), as a user without this product's labels would choose it.",
         "",
         headline_table(rows, k),

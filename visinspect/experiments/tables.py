@@ -8,6 +8,7 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
+from visinspect.methods.registry import METHODS
 from visinspect.metrics import seed_spread
 
 ROW_KEYS = (
@@ -158,15 +159,16 @@ def chosen_on_other_targets(rows: Sequence[dict], k: int) -> list[dict]:
     (`k` in each result). Only methods with rows on every target (that has good images) compete.
     Each result also holds the chosen method's pixel AUROC and balanced accuracy there (None when
     the target has no masks) and `tied`: every method as good as the chosen one on the other
-    targets (they cannot tell them apart; the tie is broken by name), with what each gets here."""
+    targets (they cannot tell them apart; the tie goes to the one listed first, `_earlier`), with
+    what each gets here."""
     mean, own_k, targets, models = _competition(rows, k)
     if len(targets) < 2 or not models:
         return []
     out = []
     for t in targets:
         others = {m: statistics.mean(mean[o, m] for o in targets if o != t) for m in models}
-        chosen = max(models, key=lambda m: (others[m], m))
-        best = max(models, key=lambda m: (mean[t, m], m))
+        chosen = max(models, key=lambda m: (others[m], _earlier(m)))
+        best = max(models, key=lambda m: (mean[t, m], _earlier(m)))
         tied = {m: mean[t, m] for m in models if math.isclose(others[m], others[chosen], abs_tol=1e-12)}
         row = f"{chosen} k={own_k[t]}" if _uses_good(rows, chosen) else chosen
         out.append({"target": t, "k": own_k.get(t), "chosen": chosen, "auroc": mean[t, chosen],
@@ -180,7 +182,17 @@ def chosen_on_all_targets(rows: Sequence[dict], k: int) -> str | None:
     """The method with the best mean image AUROC over every target (each at its K, as in
     `chosen_on_other_targets`): the one to ship, chosen on all the products there are."""
     mean, _, targets, models = _competition(rows, k)
-    return max(models, key=lambda m: (statistics.mean(mean[t, m] for t in targets), m)) if models else None
+    if not models:
+        return None
+    return max(models, key=lambda m: (statistics.mean(mean[t, m] for t in targets), _earlier(m)))
+
+
+def _earlier(method: str) -> tuple[int, list[int]]:
+    """A tie's winner is the method listed first: the registry lists each method before the levers
+    and rules built on it, so a tie (the products cannot tell two methods apart) goes to the one
+    with fewer; names the registry does not know come after it, in alphabetical order."""
+    order = list(METHODS)
+    return (-order.index(method), []) if method in order else (-len(order), [-ord(c) for c in method])
 
 
 def _uses_good(rows: Sequence[dict], method: str) -> bool:
@@ -191,8 +203,8 @@ def switches(rows: Sequence[dict], k: int) -> list[dict]:
     """Pairs of methods (at K = k, see `_values`) whose rows are the same on every target but some:
     one of them is the other plus a rule that switches on for those targets alone (e.g. a score for
     binary drawings). Each: `methods` (the pair, sorted), `fires_on` (the targets where they differ)."""
-    values, _ = _values(rows, k)
-    targets = sorted({t for t, _ in values})
+    values, own_k = _values(rows, k)
+    targets = sorted(own_k or {t for t, _ in values})
     models = sorted(m for m in {m for _, m in values} if all((t, m) in values for t in targets))
     found = []
     for i, a in enumerate(models):
