@@ -112,6 +112,27 @@ def switch_notes(rows: Sequence[dict], k: int) -> list[str]:
     return lines
 
 
+def _by_seed(rows: Sequence[dict], target: str, method: str, k: int | None) -> dict[int, float]:
+    """Image AUROC by seed of `method` on `target` (at K = k when it uses good images)."""
+    return {r["seed"]: r["image_auroc"] for r in rows if r["target"] == target
+            and r["model"] in (method, f"{method} k={k}") and r["image_auroc"] is not None}
+
+
+def simclr_table(rows: Sequence[dict], k: int, plain: str, twin: str) -> str:
+    """`twin` (features adapted by SimCLR) against `plain` per product at its K: mean ± std over
+    seeds and the paired difference."""
+    lines = ["| product | K | ImageNet features | adapted by SimCLR | difference (same seed) |",
+             "| --- | --- | --- | --- | --- |"]
+    for c in chosen_on_other_targets(rows, k):
+        a, b = (_by_seed(rows, c["target"], m, c["k"]) for m in (plain, twin))
+        both = sorted(set(a) & set(b))
+        if both:
+            lines.append(f"| {c['target']} | {c['k']} | {_mean_std([a[s] for s in both], len(both))} | "
+                         f"{_mean_std([b[s] for s in both], len(both))} | "
+                         f"{statistics.mean(b[s] - a[s] for s in both):+.3f} |")
+    return "\n".join(lines)
+
+
 def lever_pairs(rows: Sequence[dict]) -> list[tuple[str, str]]:
     """(method, its lever variant) for each method of the rows named as another one plus a lever
     ("+poses", "@256", "+simclr", ...): the variant against the longest method name it extends."""
@@ -135,9 +156,7 @@ def levers_table(rows: Sequence[dict], k: int) -> str:
     for base, variant in lever_pairs(rows):
         diffs = []
         for t, kt in targets:
-            a, b = ({r["seed"]: r["image_auroc"] for r in rows if r["target"] == t
-                     and r["model"] in (m, f"{m} k={kt}") and r["image_auroc"] is not None}
-                    for m in (base, variant))
+            a, b = (_by_seed(rows, t, m, kt) for m in (base, variant))
             both = sorted(set(a) & set(b))
             diffs.append(statistics.mean(b[s] - a[s] for s in both) if both else None)
         if all(d is None for d in diffs):
@@ -216,10 +235,10 @@ def _provenance(source: dict, page_dir: Path) -> list[str]:
 
 def _bullets(rows: Sequence[dict], k: int, ks: Sequence[int]) -> list[str]:
     """"What this shows", from the numbers of the tables above."""
-    targets = _k_targets(rows)
     chosen = chosen_on_other_targets(rows, k)
-    rec = {t: _mean(_cells(rows, t, f"{RECOMMENDED} k={k}")) for t in targets}
-    base = {t: _mean(_cells(rows, t, "baseline")) for t in targets}
+    own_k = {c["target"]: c["k"] for c in chosen}  # each product at its K (fewer good images: all)
+    rec = {t: _mean(_cells(rows, t, f"{RECOMMENDED} k={kt}")) for t, kt in own_k.items()}
+    base = {t: _mean(_cells(rows, t, "baseline")) for t in own_k}
     out = []
     if chosen:
         picks = sorted({c["chosen"] for c in chosen})
@@ -237,8 +256,8 @@ def _bullets(rows: Sequence[dict], k: int, ks: Sequence[int]) -> list[str]:
         out.append(f"- Without any good image of the product the baseline averages "
                    f"{statistics.mean(base.values()):.3f}; K = {k} good images lift the mean to "
                    f"{statistics.mean(rec.values()):.3f} (recommended method).")
-    bal = {t: _mean(_cells(rows, t, f"{RECOMMENDED} k={k}", "balanced_accuracy")) for t in targets}
-    bal0 = {t: _mean(_cells(rows, t, "baseline", "balanced_accuracy")) for t in targets}
+    bal = {t: _mean(_cells(rows, t, f"{RECOMMENDED} k={kt}", "balanced_accuracy")) for t, kt in own_k.items()}
+    bal0 = {t: _mean(_cells(rows, t, "baseline", "balanced_accuracy")) for t in own_k}
     if all(v is not None for v in [*bal.values(), *bal0.values()]):
         out.append(f"- The threshold: learnt on the other products, the baseline's balanced accuracy "
                    f"averages {statistics.mean(bal0.values()):.3f}; calibrated on K = {k} good images, "
@@ -296,9 +315,12 @@ def report_markdown(files: Sequence[Path], page_dir: Path, anchors: Path | None 
               "protocol picks it (for how many products), \"shipped\": chosen on all products, what "
               "`train` sets up.", "", levers_table(rows, k), ""]
     lines += ["## SimCLR", ""]
+    for base_method, twin in (p for p in lever_pairs(rows) if p[1].endswith("+simclr")):
+        lines += [f"On the patch network: `{twin}` against `{base_method}` (the same score on ImageNet "
+                  "features), image AUROC:", "", simclr_table(rows, k, base_method, twin), ""]
     lines += ([pivot_table(simclr, "image_auroc"), ""] if simclr else [
-        "The rows quoted here hold no SimCLR run, so this page gives no SimCLR figure; the earlier "
-        "screens are history in [experiments.md](experiments.md).", ""])
+        "No classifier pre-trained by SimCLR is in these rows; the earlier screens are history in "
+        "[experiments.md](experiments.md).", ""])
     lines += ["## K against AUROC", "", f"Mean image AUROC over {', '.join(_k_targets(rows))}:", "",
               k_against_auroc(rows, ks), "", "![image AUROC against K](loo_image_auroc_vs_k.png)", ""]
     calibrated = [r for r in rows if r["model"].endswith(f" k={k}") or r["model"] == "baseline"]
