@@ -49,7 +49,7 @@ def test_report_command_writes_page_and_readme_block(tmp_path):
     assert sorted(p.name for p in out.parent.glob("*.png")) == sorted(report.FIGURES)
     assert readme.read_text() == f"intro\n{report.readme_block(rows)}\nend\n"
     page = out.read_text()
-    assert "`python -m visinspect loo --data /tmp/s" in page and "hold no SimCLR run" in page
+    assert "`python -m visinspect loo --data /tmp/s" in page and "No classifier pre-trained by SimCLR" in page
     assert "| mean | | | | **" in page  # the nested figure's mean, the headline
 
 
