@@ -182,8 +182,9 @@ def markdown(result: dict) -> str:
     """The benchmark's table and the lines under it, from its result (printed, and the page's block)."""
     limit = result["serial_limit"]
     lines = [f"`{result['command']}` on {result['date']} at commit {result['commit']}: {result['machine']}",
-             "", f"Images: {result['images']} from {result['what']}; method: the recommended one at "
-             f"{result['image_size']} px, K = {K}; precision {result['precision']}.", "",
+             "", f"Images: {result['images']} from {result['what']}; method: `{result['method']}` (the "
+             f"recommended one then) at {result['image_size']} px, K = {K}; precision "
+             f"{result['precision']}.", "",
              "| stage | images/s | share of the serial limit |", "| --- | ---: | ---: |",
              f"| decode + resize (load_rgb + to_tensor, 1 thread) | {result['decode']:.1f} | |"]
     for batch, rate in result["network"].items():
@@ -208,8 +209,9 @@ def summary(result: dict) -> str:
     """One sentence for the README: predict's rates as shares of the machine's limit."""
     limit = result["serial_limit"]
     _, plain, overlays = (r["images"] / r["seconds"] for r in result["runs"])
-    return (f"On {result['machine'].split(',')[0]} ({result['precision']}), `predict` of the recommended "
-            f"method scored {plain:.0f} images/s without overlays and {overlays:.0f} with overlays at the "
+    return (f"On {result['machine'].split(',')[0]} ({result['precision']}), `predict` of "
+            f"`{result['method']}` scored {plain:.0f} images/s without overlays and {overlays:.0f} with "
+            f"overlays at the "
             f"images' own resolution: {100 * plain / limit:.0f} % and {100 * overlays / limit:.0f} % of that "
             f"machine's decode + network limit ({limit:.0f} images/s), `benchmarks/bench_predict.py`.")
 
@@ -253,8 +255,10 @@ def main() -> None:
                 run_worker("overlays", tmp / "m.pt", test, good, tmp / "out_overlays")]
 
     from visinspect.backbones.store import FILL_BATCH
+    from visinspect.methods.registry import RECOMMENDED
 
     result = {
+        "method": RECOMMENDED,  # what `train` set up without --method
         "command": "python benchmarks/bench_predict.py" + (f" --n {args.n}" if args.n else ""),
         "date": time.strftime("%Y-%m-%d"), "commit": package_commit(), "machine": describe_machine(),
         "torch": torch.__version__, "images": len(files), "what": what, "image_size": image_size,

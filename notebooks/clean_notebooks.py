@@ -41,6 +41,7 @@ VOLATILE_CELL_KEYS = ("execution", "ExecuteTime", "collapsed", "scrolled")
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_NOTE = "[a widget: run this cell in Jupyter to see it]"
 IGNORE_TAG = "nbval-ignore-output"
+CELL_TIMEOUT = 900  # seconds
 # Why nbval may not compare a cell's output: in the metadata, where a reader of the notebook does
 # not have to read it, and where the tests and this script can insist on it.
 REASON_KEY = "nbval-ignore-output-reason"
@@ -128,7 +129,9 @@ def execute(path: Path) -> float:
 
     nb = nbformat.read(path, as_version=4)
     start = time.monotonic()
-    NotebookClient(nb, timeout=None, kernel_name="python3",
+    # A cell may run for minutes (02 trains), never for CELL_TIMEOUT: a kernel that stopped
+    # answering then fails the run, naming the notebook, instead of waiting for ever.
+    NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3",
                    resources={"metadata": {"path": str(path.parent)}}).execute()
     seconds = time.monotonic() - start
     nbformat.write(nb, path)

@@ -176,7 +176,8 @@ def _k_targets(rows: Sequence[dict]) -> list[str]:
 
 
 def k_against_auroc(rows: Sequence[dict], ks: Sequence[int]) -> str:
-    """Each method with good images: mean image AUROC over the targets (of its seeds' means) at each K."""
+    """Each method with good images: mean image AUROC over the targets (of its seeds' means) at each
+    K; a target with fewer good images counts at the largest K up to it that it has."""
     methods = dict.fromkeys(r["model"].rsplit(" k=", 1)[0] for r in rows if " k=" in r["model"]
                             and "calibrated" not in r["model"])
     targets = _k_targets(rows)
@@ -184,7 +185,10 @@ def k_against_auroc(rows: Sequence[dict], ks: Sequence[int]) -> str:
     for m in methods:
         cells = []
         for k in ks:
-            means = [_mean(_cells(rows, t, f"{m} k={k}")) for t in targets]
+            has = {t: [int(r["model"].rsplit(" k=", 1)[1]) for r in rows if r["target"] == t
+                       and method_name(r["model"]) == m and " k=" in r["model"]] for t in targets}
+            means = [_mean(_cells(rows, t, f"{m} k={max(x for x in has[t] if x <= k)}"))
+                     if any(x <= k for x in has[t]) else None for t in targets]
             cells.append(f"{statistics.mean(means):.3f}" if all(v is not None for v in means) else "–")
         lines.append(f"| `{m}` | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -200,8 +200,8 @@ def _uses_good(rows: Sequence[dict], method: str) -> bool:
 
 
 def switches(rows: Sequence[dict], k: int) -> list[dict]:
-    """Pairs of methods (at K = k, see `_values`) whose rows are the same on every target but some:
-    one of them is the other plus a rule that switches on for those targets alone (e.g. a score for
+    """Pairs of methods (at K = k, see `_values`) whose rows are the same on every target but one:
+    one of them is the other plus a rule that switches on for that target alone (e.g. a score for
     binary drawings). Each: `methods` (the pair, sorted), `fires_on` (the targets where they differ)."""
     values, own_k = _values(rows, k)
     targets = sorted(own_k or {t for t, _ in values})
@@ -210,7 +210,7 @@ def switches(rows: Sequence[dict], k: int) -> list[dict]:
     for i, a in enumerate(models):
         for b in models[i + 1:]:
             differ = [t for t in targets if sorted(values[t, a]) != sorted(values[t, b])]
-            if 0 < len(differ) < len(targets):
+            if len(differ) == 1 < len(targets):  # a rule for one product, not another method
                 found.append({"methods": (a, b), "fires_on": differ})
     return found
 
