@@ -12,21 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import TINY, TINY_CATEGORIES
 
 from visinspect.backbones.store import STORE_ENV
 from visinspect.backbones.vgg16 import VGG16CAM, build_model
-from visinspect.data.drawing import CATEGORIES
 from visinspect.data.synthetic import generate_synthetic_dataset
-
-# Two products (one texture, one object), 4 train good + 2 test good + 2 per defect type each.
-TINY_CATEGORIES = ("grain_wood", "round_pill")
-TINY = {"image_size": 64, "n_train_good": 4, "n_test_good": 2, "n_test_per_defect": 2}
-TINY_PER_CATEGORY = {
-    "train_good": TINY["n_train_good"],
-    "test_good": TINY["n_test_good"],
-    "anomaly": TINY["n_test_per_defect"] * len(CATEGORIES[TINY_CATEGORIES[0]]),
-}
-
 
 _STORE_DIR: str | None = None
 

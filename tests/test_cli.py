@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CATEGORIES, TINY_PER_CATEGORY
+from tiny import TINY_CATEGORIES, TINY_PER_CATEGORY
 
 from visinspect.calibration import fit_calibration, save_calibration
 from visinspect.checkpoint import load_classifier, save_classifier

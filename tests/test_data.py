@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, TINY_CATEGORIES, TINY_PER_CATEGORY
 from PIL import Image
+from tiny import TINY, TINY_CATEGORIES, TINY_PER_CATEGORY
 
 from visinspect.data import samples as data  # the module itself: tests patch its constants
 from visinspect.data.drawing import CATEGORIES
