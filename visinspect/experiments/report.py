@@ -341,9 +341,9 @@ def readme_block(files: Sequence[Path]) -> str:
     """The README's results in short: the headline table between its markers."""
     rows, _ = load_rows(files)
     k = headline_k(sorted({int(r["model"].rsplit(" k=", 1)[1]) for r in rows if " k=" in r["model"]}))
-    notes = "\n".join(["", *switch_notes(rows, k)]) if switch_notes(rows, k) else ""
-    return f"{README_START}\n{headline_table(rows, k)}\n{notes}\n{README_END}" if notes else (
-        f"{README_START}\n{headline_table(rows, k)}\n{README_END}")
+    notes = switch_notes(rows, k)  # computed once: each call runs the nested choice again
+    block = "\n".join([headline_table(rows, k), *(["", *notes] if notes else [])])
+    return f"{README_START}\n{block}\n{README_END}"
 
 
 def replace_block(text: str, block: str) -> str:
