@@ -14,7 +14,7 @@ from visinspect.backbones.store import STORE_ENV
 from visinspect.data.synthetic import generate_synthetic_dataset
 from visinspect.experiments import report
 from visinspect.experiments.tables import chosen_on_all_targets, headline_k
-from visinspect.methods.registry import DEFAULT_MODELS, RECOMMENDED, methods_markdown
+from visinspect.methods.registry import DEFAULT_MODELS, METHODS, RECOMMENDED, methods_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -66,13 +66,14 @@ def test_results_pages_are_short():
     assert len((REPO / "docs" / "results.md").read_text().splitlines()) <= 250
 
 
-def test_readme_method_table_is_methods_markdown():
+def test_readme_method_table_is_methods_markdown_of_the_defaults():
     text = README.read_text()
     block = text[text.index(METHODS_START) + len(METHODS_START):text.index(METHODS_END)]
-    assert block.strip() == methods_markdown()
-    defaults = [line.split("|")[1].strip(" *`").removesuffix("`** (recommended)").strip("`*")
-                for line in methods_markdown().splitlines()[2:] if line.split("|")[4].strip() == "yes"]
-    assert defaults == list(DEFAULT_MODELS)
+    assert block.strip() == methods_markdown(defaults_only=True)
+    names = [line.split("|")[1].strip(" *`").removesuffix("`** (recommended)").strip("`*")
+             for line in block.strip().splitlines()[2:]]
+    assert names == list(DEFAULT_MODELS)
+    assert len(methods_markdown().splitlines()) == len(METHODS) + 2
 
 
 def commands(text: str) -> list[str]:

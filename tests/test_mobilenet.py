@@ -9,7 +9,13 @@ import pytest
 import torch
 import torchvision
 
-from visinspect.backbones.mobilenet import CHANNELS, MOBILENET_ENV, ImageStandardisation, build_mobilenet
+from visinspect.backbones.mobilenet import (
+    CHANNELS,
+    MOBILENET_ENV,
+    ImageStandardisation,
+    LocalContrastNormalisation,
+    build_mobilenet,
+)
 from visinspect.backbones.store import FeatureStore
 from visinspect.checkpoint import load_checkpoint
 from visinspect.cli import main
@@ -55,6 +61,32 @@ def test_each_image_is_standardised_first_so_lighting_does_not_move_the_maps():
     model, _ = build_mobilenet("random")
     with torch.no_grad():
         assert torch.equal(model(x), model.blocks(standardise(x)))
+
+
+def test_local_contrast_normalisation_evens_out_light_that_falls_off_across_a_part():
+    """A light gradient across the image barely moves the normalised image away from the borders,
+    where the per-image standardisation alone keeps it; a local mark still shows; a flat image stays
+    finite; and the store keeps the two networks' features apart (other parameter names)."""
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 64, 64)
+    lit = x * torch.linspace(0.4, 1.6, 64).view(1, 1, 1, -1) + torch.linspace(0, 2, 64).view(1, 1, -1, 1)
+    lcn, standardise = LocalContrastNormalisation(), ImageStandardisation()
+    inner = (..., slice(16, 48), slice(16, 48))
+    moved = (standardise(lit) - standardise(x))[inner].abs().mean()
+    assert (lcn(lit) - lcn(x))[inner].abs().mean() < 0.25 * moved
+    marked = x.clone()
+    marked[..., 28:36, 28:36] += 2.0
+    assert (lcn(marked) - lcn(x))[inner].abs().max() > 1.0
+    assert torch.isfinite(lcn(torch.full((1, 3, 32, 32), 0.3))).all()
+    local, _ = build_mobilenet("random", contrast="local")
+    plain, _ = build_mobilenet("random")
+    with torch.no_grad():
+        assert torch.equal(local(x), plain(lcn(x)))
+    a, b = (FeatureStore(None).namespace(m, 64, "fp32", layer=layer).weights
+            for m, layer in ((plain, "mobilenet_v2"), (local, "mobilenet_v2_lcn")))
+    assert a != b  # the same weights, other names: the store can never mix the two
+    with pytest.raises(VisinspectError, match="contrast must be one of"):
+        build_mobilenet("random", contrast="nope")
 
 
 def test_random_weights_are_the_same_every_time_and_leave_the_global_seed_alone():

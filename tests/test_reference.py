@@ -12,7 +12,7 @@ from visinspect.backbones.cam import anomaly_cam, upsample
 from visinspect.backbones.store import FeatureStore
 from visinspect.backbones.vgg16 import VGG16CAM
 from visinspect.data.drawing import render_sample
-from visinspect.data.samples import Sample, to_tensor
+from visinspect.data.samples import Sample, model_input, to_tensor
 from visinspect.errors import ConfigError, DataError, VisinspectError
 from visinspect.methods.fusion import FusedScorer, Standardizer, fit_fusion
 from visinspect.methods.memory_bank import PatchMemoryBank, backbone_maps, greedy_coreset, patch_features
@@ -131,6 +131,26 @@ def test_score_features_shares_the_classifier_pass(model, data, tmp_path):
     torch.testing.assert_close(maps, expected_maps, rtol=1e-4, atol=1e-5)
     with pytest.raises(VisinspectError, match="1024"):
         two.score_features(patch_features(c4))
+
+
+def test_a_patch_scores_its_mean_distance_to_its_k_nearest_good_patches(model, data, bank):
+    """neighbours=3 (SPADE's k nearest): each patch's score is the mean of its three smallest
+    distances to the bank (leave-one-out for the good images' own maps), never below the nearest."""
+    good, defects = data
+    three = PatchMemoryBank.fit(model, good, image_size=SIZE, max_patches=None, neighbours=3, **FP32)
+    assert torch.equal(three.bank, bank.bank)
+    sample = defects["crack"][0]
+    _, (one_map,) = bank.score(model, [sample], **FP32)
+    _, (three_map,) = three.score(model, [sample], **FP32)
+    feats = patch_features(FeatureStore(None).compute(model, model_input(sample.path, SIZE)[None], **FP32)
+                           .batch(slice(None)))
+    queries = feats.permute(0, 2, 3, 1).reshape(-1, 512)
+    expected = torch.cdist(queries, bank.bank).topk(3, dim=1, largest=False).values.mean(1).view(8, 8)
+    assert torch.allclose(three_map, expected, atol=1e-3)
+    assert torch.all(three_map >= one_map - 1e-4) and torch.any(three_map > one_map + 1e-3)
+    assert torch.all(three.good_maps >= bank.good_maps - 1e-4)
+    with pytest.raises(VisinspectError, match="neighbours must be at least 1"):
+        PatchMemoryBank.fit(model, good, image_size=SIZE, neighbours=0)
 
 
 def test_fit_refuses_bad_input(model, data):

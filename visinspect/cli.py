@@ -71,7 +71,7 @@ def cmd_download(args) -> None:
 def cmd_methods(args) -> None:
     from visinspect.methods.registry import methods_markdown
 
-    print(methods_markdown())
+    print(methods_markdown(defaults_only=args.defaults))
 
 
 def cmd_train(args) -> None:
@@ -254,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", type=Path, default="data/mvtec_ad")
     p.add_argument("--archive", type=Path, help="use an archive you downloaded yourself")
     p.add_argument("--sha256", help="expected sha256 of the archive")
-    _command(sub, "methods", cmd_methods, "every method: what it trains, whether it adapts to K good images")
+    p = _command(sub, "methods", cmd_methods, "every method: what it trains, whether it adapts to good parts")
+    p.add_argument("--defaults", action="store_true", help="only the methods `loo` runs by default")
 
     p = _command(sub, "train", cmd_train, "set up a method for new products (default: the recommended one)",
                  "--data", "--categories", "--method", "--seed", *RUN, "--resume", *RECIPE)

@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -40,6 +41,10 @@ MOBILENET_URL = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1.url
 BLOCKS = 14
 PATCH_END = 2  # features = (the per-image standardisation, MobileNetV2's first BLOCKS blocks)
 CHANNELS, STRIDE = 96, 16
+# How an image's lighting is evened out before the network: "image" (ImageStandardisation alone) or
+# "local" (LocalContrastNormalisation first, then ImageStandardisation: one more module in features).
+CONTRASTS = {"image": PATCH_END, "local": PATCH_END + 1}  # contrast -> the end of its patch layers
+LCN_SIGMA = 1 / 8  # LocalContrastNormalisation's Gaussian: its sigma as a share of the image side
 
 
 class ImageStandardisation(nn.Module):
@@ -56,25 +61,56 @@ class ImageStandardisation(nn.Module):
         return (x - x.mean(dim=(2, 3), keepdim=True)) / std
 
 
-class MobileNetPatches(nn.Module):
-    """Each image standardised, then MobileNetV2's layers up to its stride-16 block, frozen and in
-    eval mode (batch norm uses ImageNet's statistics): images (N, 3, S, S) -> maps (N, 96, S/16,
-    S/16)."""
+class LocalContrastNormalisation(nn.Module):
+    """Each pixel minus the Gaussian-weighted mean of its neighbourhood (sigma: `sigma` of the image
+    side), divided by their standard deviation, or by its image-wide mean where that is larger (Jarrett
+    et al., ICCV 2009): lighting that changes slowly across a part vanishes, local structure stays,
+    and flat regions are not blown up into noise."""
 
-    def __init__(self) -> None:
+    def __init__(self, sigma: float = LCN_SIGMA) -> None:
         super().__init__()
-        # One Sequential, so that the feature store runs exactly this (features[:PATCH_END]); its
-        # parameter names (features.1.*) differ from the unstandardised network's, so the store
-        # can never serve features computed without the standardisation.
+        self.sigma = sigma
+
+    def _blur(self, x: torch.Tensor) -> torch.Tensor:
+        sigma = self.sigma * x.shape[-1]
+        radius = min(int(3 * sigma), x.shape[-1] - 1, x.shape[-2] - 1)
+        taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=x.dtype) / sigma) ** 2)
+        taps = (taps / taps.sum()).to(x.device)
+        c = x.shape[1]
+        taps = taps.repeat(c, 1, 1, 1)  # (C, 1, 1, taps): channel by channel
+        # Separable: along rows, then columns; reflected borders, so the border is not darkened.
+        x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), taps, groups=c)
+        return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), taps.transpose(2, 3), groups=c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        centred = x - self._blur(x)
+        std = self._blur(centred**2).clamp_min(0).sqrt()
+        return centred / torch.maximum(std, std.mean(dim=(2, 3), keepdim=True)).clamp_min(1e-3)
+
+
+class MobileNetPatches(nn.Module):
+    """Each image standardised (`contrast` "local": its local contrast normalised first), then
+    MobileNetV2's layers up to its stride-16 block, frozen and in eval mode (batch norm uses ImageNet's
+    statistics): images (N, 3, S, S) -> maps (N, 96, S/16, S/16)."""
+
+    def __init__(self, contrast: str = "image") -> None:
+        super().__init__()
+        if contrast not in CONTRASTS:
+            raise VisinspectError(f"contrast must be one of {', '.join(CONTRASTS)}; got {contrast!r}")
+        # One Sequential, so that the feature store runs exactly this (features[:CONTRASTS[contrast]]);
+        # its parameter names (features.1.*, features.2.* with "local") differ from those of the network
+        # without these steps, so the store can never serve features computed without them.
         blocks = torchvision.models.mobilenet_v2().features[:BLOCKS]
-        self.features = nn.Sequential(ImageStandardisation(), blocks)
+        lighting = [LocalContrastNormalisation()] if contrast == "local" else []
+        self.features = nn.Sequential(*lighting, ImageStandardisation(), blocks)
         self.requires_grad_(False)
         self.eval()
 
     @property
     def blocks(self) -> nn.Sequential:
         """The MobileNetV2 part (its modules), numbered as torchvision's `features`."""
-        return self.features[1]
+        return self.features[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
@@ -106,14 +142,15 @@ def mobilenet_available() -> bool:
 
 
 def build_mobilenet(
-    weights: str | Path | None = "auto", *, timeout: float = 20.0
+    weights: str | Path | None = "auto", *, timeout: float = 20.0, contrast: str = "image"
 ) -> tuple[MobileNetPatches, dict]:
-    """MobileNetV2's patch layers with ImageNet weights, and where they came from (network, source,
-    path, sha256). "auto": $VISINSPECT_MOBILENET_WEIGHTS, else torchvision's (cache or download),
-    else random; "random" skips it all (tests). Random weights are seeded: the same every time."""
+    """MobileNetV2's patch layers (`contrast`: see MobileNetPatches) with ImageNet weights, and where
+    they came from (network, source, path, sha256). "auto": $VISINSPECT_MOBILENET_WEIGHTS, else
+    torchvision's (cache or download), else random; "random" skips it all (tests). Random weights
+    are seeded: the same every time."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = MobileNetPatches()
+        model = MobileNetPatches(contrast)
     if weights is None or weights == "random":
         return model, _provenance("random", None)
     env = os.environ.get(MOBILENET_ENV)
@@ -131,14 +168,16 @@ def build_mobilenet(
     return model, _provenance("torchvision", path)
 
 
-def mobilenet_for(info: dict) -> tuple[MobileNetPatches, dict]:
-    """The MobileNetV2 of the nearest-good-patch score for a model or checkpoint with this `info`:
-    ImageNet weights ("auto"), random exactly when its backbone is (tests, the offline demo).
+def mobilenet_for(info: dict, contrast: str = "image") -> tuple[MobileNetPatches, dict]:
+    """The MobileNetV2 of the nearest-good-patch score (`contrast`: see MobileNetPatches) for a model
+    or checkpoint with this `info`: ImageNet weights ("auto"), random exactly when its backbone is
+    (tests, the offline demo).
 
     When `info` records MobileNetV2's own weights (a settings checkpoint of `train`), the weights
     found here must be ImageNet's too: scoring with random features would mean nothing."""
     recorded = info.get("backbone") or {}
-    model, found = build_mobilenet("random" if recorded.get("source") == "random" else "auto")
+    weights = "random" if recorded.get("source") == "random" else "auto"
+    model, found = build_mobilenet(weights, contrast=contrast)
     if recorded.get("network") == "MobileNetV2" and recorded.get("sha256") != found["sha256"]:
         if found["source"] == "random":
             raise CheckpointError(

@@ -62,8 +62,11 @@ def _vgg16(weights: str | Path | None, seed: int) -> VGG16CAM:
     return build_model(weights)[0]
 
 
-def _mobilenet(weights: str | Path | None, seed: int) -> mobilenet.MobileNetPatches:
-    return mobilenet.build_mobilenet("random" if weights in (None, "random") else "auto")[0]
+def _mobilenet(contrast: str) -> Callable[[str | Path | None, int], mobilenet.MobileNetPatches]:
+    def build(weights: str | Path | None, seed: int) -> mobilenet.MobileNetPatches:
+        weights = "random" if weights in (None, "random") else "auto"
+        return mobilenet.build_mobilenet(weights, contrast=contrast)[0]
+    return build
 
 
 @dataclass(frozen=True)
@@ -84,9 +87,11 @@ class Layer:
 
 LAYERS = {
     "conv4_3": Layer(CONV4_3_END, 512, 8, _vgg16),  # of VGG16CAM: three 2x2 max-pools before conv4_3
-    # of mobilenet.MobileNetPatches: four stride-2 convolutions
-    "mobilenet_v2": Layer(mobilenet.PATCH_END, mobilenet.CHANNELS, mobilenet.STRIDE, _mobilenet,
-                          round_up=True),
+    # of mobilenet.MobileNetPatches: four stride-2 convolutions; "_lcn": local contrast normalised first
+    "mobilenet_v2": Layer(mobilenet.CONTRASTS["image"], mobilenet.CHANNELS, mobilenet.STRIDE,
+                          _mobilenet("image"), round_up=True),
+    "mobilenet_v2_lcn": Layer(mobilenet.CONTRASTS["local"], mobilenet.CHANNELS, mobilenet.STRIDE,
+                              _mobilenet("local"), round_up=True),
 }
 # fp32 by default: rounding the classifier's training features to fp16 moved its trained rows by up
 # to 0.018 image AUROC (docs/experiments.md, "fp16 feature store"), above the 0.002 a stored feature

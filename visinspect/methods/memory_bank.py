@@ -211,6 +211,9 @@ class PatchMemoryBank:
     # Image score: the mean of the `top` fraction of largest patch distances (AnomalyDINO uses the
     # top 1 %); 0 is the largest one alone (PatchCore's).
     top: float = 0.0
+    # A patch's score: its mean distance to its `neighbours` nearest bank patches (1: PatchCore's
+    # nearest one; more: SPADE's k nearest, so one stray good patch near a defect counts less).
+    neighbours: int = 1
 
     def image_scores(self, maps: torch.Tensor) -> np.ndarray:
         """Image scores (N,) from patch-distance maps (N, h, w): see `top`."""
@@ -232,12 +235,15 @@ class PatchMemoryBank:
         progress: bool = False,
         store: FeatureStore | None = None,
         top: float = 0.0,
+        neighbours: int = 1,
     ) -> PatchMemoryBank:
         """Build the bank from good train/ images (at least 2); max_patches=None keeps them all.
 
-        `seed` fixes the coreset's random projection and starting point; `top` sets the image
-        score (see the field).
+        `seed` fixes the coreset's random projection and starting point; `top` and `neighbours` set
+        the image and patch scores (see the fields).
         """
+        if neighbours < 1:
+            raise VisinspectError(f"neighbours must be at least 1; got {neighbours}")
         if not 0.0 <= top < 1.0:
             raise VisinspectError(f"top is a fraction of the patches in [0, 1); got {top}")
         category = require_leave_one_out_samples(good_samples)
@@ -251,7 +257,7 @@ class PatchMemoryBank:
         device = model_device(model)
         key = None
         if stored.identity is not None and "conv5_3" not in layers:
-            key = (stored.identity, max_patches, seed, str(device))
+            key = (stored.identity, max_patches, seed, str(device), neighbours)
 
         def build() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             feats = torch.cat(list(_patch_batches(model, stored, layers, batch_size, precision)))
@@ -265,13 +271,12 @@ class PatchMemoryBank:
                 raise VisinspectError(f"max_patches={max_patches} kept patches of one image: raise it")
             # The bank lives where the model lives: on a GPU the nearest-neighbour search runs there.
             bank = cls(patches[keep].contiguous().to(device), owners[keep].to(device), layers, image_size,
-                       category)
+                       category, neighbours=neighbours)
             return bank.bank, bank.owners, bank.nearest(patches, exclude=owners)[0].view(n, h, w)
 
         patches, owners, good_maps = remember(_BANKS, key, build)
-        bank = cls(
-            patches, owners, layers, image_size, category, [str(s.path) for s in good_samples], top=top
-        )
+        bank = cls(patches, owners, layers, image_size, category, [str(s.path) for s in good_samples],
+                   top=top, neighbours=neighbours)
         bank.good_maps = good_maps.clone()  # a copy: a caller may change its maps in place
         bank.good_scores = bank.image_scores(bank.good_maps)
         return bank
@@ -298,6 +303,7 @@ class PatchMemoryBank:
             torch.cat([self.bank, _patches(feats.float()).to(self.bank.device)]),
             torch.cat([self.owners, owners.repeat_interleave(h * w).to(self.owners.device)]),
             self.layers, self.image_size, self.category, list(self.images), top=self.top,
+            neighbours=self.neighbours,
         )
         own = torch.arange(originals.shape[0])
         bigger.good_scores, bigger.good_maps = bigger.left_out_scores(originals, own)
@@ -321,9 +327,9 @@ class PatchMemoryBank:
     def nearest(
         self, queries: torch.Tensor, exclude: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """L2 distance of each query (P, C) to its nearest bank patch, and that patch's index in
-        the bank, skipping patches whose owner is the query's `exclude` owner; computed on the
-        bank's device, returned on the CPU."""
+        """L2 distance of each query (P, C) to its nearest bank patch (the mean over its `neighbours`
+        nearest), and the nearest one's index in the bank, skipping patches whose owner is the
+        query's `exclude` owner; computed on the bank's device, returned on the CPU."""
         device = self.bank.device
         out = torch.empty(len(queries))
         which = torch.empty(len(queries), dtype=torch.long)
@@ -333,11 +339,13 @@ class PatchMemoryBank:
             d = torch.cdist(q, self.bank)
             if exclude is not None:
                 d.masked_fill_(exclude[i : i + rows, None].to(device) == self.owners[None, :], float("inf"))
-            nearest = d.argmin(dim=1)
+            # (P, neighbours), nearest first; argmin for one (its tie-breaking is the rows' history).
+            nearest = (d.argmin(dim=1, keepdim=True) if self.neighbours == 1
+                       else d.topk(self.neighbours, dim=1, largest=False).indices)
             # cdist's fast matrix-product formula loses digits when a query nearly equals a bank
-            # patch; recomputing the winner's distance directly gives ~0 for an in-bank patch.
-            out[i : i + rows] = (q - self.bank[nearest]).norm(dim=1).cpu()
-            which[i : i + rows] = nearest.cpu()
+            # patch; recomputing the winners' distances directly gives ~0 for an in-bank patch.
+            out[i : i + rows] = (q[:, None] - self.bank[nearest]).norm(dim=-1).mean(1).cpu()
+            which[i : i + rows] = nearest[:, 0].cpu()
         return out, which
 
     def score_features(self, feats: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
@@ -373,7 +381,8 @@ class PatchMemoryBank:
         # depend on the model's block 5): the reference, top-5 % and fused rows of a split share them.
         key = None
         if stored.identity is not None and "conv5_3" not in self.layers:
-            key = (hashlib.blake2b(self.bank.cpu().numpy().tobytes()).hexdigest(), stored.identity)
+            bank = hashlib.blake2b(self.bank.cpu().numpy().tobytes()).hexdigest()
+            key = (bank, stored.identity, self.neighbours)
         maps = remember(_DISTANCES, key, lambda: torch.cat([
             self.score_features(f)[1]
             for f in _patch_batches(model, stored, self.layers, batch_size, precision)

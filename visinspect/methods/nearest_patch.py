@@ -25,6 +25,7 @@ class ReferenceDetector(Detector):
     top = 0.0  # image score: the largest patch distance (PatchCore); see PatchMemoryBank.top
     layers: tuple[str, ...] = ("conv4_3",)  # the patch features: the model's VGG16 conv4_3
     max_patches: int | None = DEFAULT_MAX_PATCHES  # the bank's coreset size
+    neighbours = 1  # a patch's score: mean distance to this many nearest good patches (PatchMemoryBank)
 
     def __init__(self, model: VGG16CAM, info: dict, **kwargs) -> None:
         super().__init__(model, info, **kwargs)
@@ -37,7 +38,7 @@ class ReferenceDetector(Detector):
         super().adapt(good)
         bank = PatchMemoryBank.fit(
             self.patch_model, good, self.image_size, layers=self.layers, max_patches=self.max_patches,
-            seed=self.seed, precision=self.precision, top=self.top,
+            seed=self.seed, precision=self.precision, top=self.top, neighbours=self.neighbours,
         )
         self.banks[bank.category] = bank
         self.calibrations[bank.category] = bank.calibrate(self.false_alarm_rate)
@@ -70,8 +71,9 @@ class MobileNetReferenceDetector(TopReferenceDetector):
     layers = stored_layers = ("mobilenet_v2",)
     max_patches = None
     input_size: int | None = None  # the side its images are read at; None: the checkpoint's image_size
+    contrast = "image"  # how lighting is evened out before the network (backbones.mobilenet.CONTRASTS)
 
     def __init__(self, model: VGG16CAM | None, info: dict, **kwargs) -> None:
         super().__init__(model, info, **kwargs)
         self.image_size = self.input_size or self.image_size
-        self.patch_model, self.patch_provenance = mobilenet_for(info)
+        self.patch_model, self.patch_provenance = mobilenet_for(info, self.contrast)

@@ -24,6 +24,7 @@ from visinspect.methods.binary_patterns import PatternReferenceDetector
 from visinspect.methods.classifier import CalibratedClassifier, ClassifierDetector, fit_baseline
 from visinspect.methods.fusion import FusedDetector, FusedMobileNetDetector, FusedTopDetector
 from visinspect.methods.learnt_fusion import LearntFusionDetector
+from visinspect.methods.local_contrast import LocalContrastReferenceDetector
 from visinspect.methods.nearest_patch import (
     MobileNetReferenceDetector,
     ReferenceDetector,
@@ -133,6 +134,12 @@ METHODS: dict[str, Method] = {
         Method("reference-mobilenet+patterns@256", PatternReferenceDetector,
                "reference-mobilenet+patterns with the images read at 256 px (the data's size), not 224",
                options={"input_size": 256}, default=True),
+        Method("reference-mobilenet+patterns+3-nearest", PatternReferenceDetector,
+               "reference-mobilenet+patterns, a patch's score its mean distance to its 3 nearest good "
+               "patches, not the nearest alone (SPADE's k nearest)", options={"neighbours": 3}, default=True),
+        Method("reference-mobilenet+patterns+lcn", LocalContrastReferenceDetector,
+               "reference-mobilenet+patterns on images whose local contrast is normalised first (lighting "
+               "that changes across a part evened out)", default=True),
         Method("reference-mobilenet+patterns+simclr", ContrastReferenceDetector,
                "reference-mobilenet+patterns on MobileNetV2 adapted by dense contrast (DenseCL, defect "
                "negatives, L2-SP) on the source products' unlabelled images", default=True),
@@ -176,12 +183,14 @@ DEFAULT_MODELS = tuple(name for name, m in METHODS.items() if m.default)
 RECOMMENDED = "reference-mobilenet+patterns+poses"
 
 
-def methods_markdown() -> str:
-    """Every method as a Markdown table: what `python -m visinspect methods` prints and the
-    README's method table is (a test keeps the two the same)."""
+def methods_markdown(defaults_only: bool = False) -> str:
+    """Every method (or `loo`'s defaults) as a Markdown table: what `python -m visinspect methods`
+    prints; the README's method table is the defaults' (a test keeps the two the same)."""
     lines = ["| method | trained on the source products | adapts to K good parts | `loo` default | what it is |",  # noqa: E501
              "| --- | --- | --- | --- | --- |"]
     for m in METHODS.values():
+        if defaults_only and not m.default:
+            continue
         name = f"**`{m.name}`** (recommended)" if m.name == RECOMMENDED else f"`{m.name}`"
         trains = f"`{m.trains.name}`" if m.trains else (m.detector.learns_on_sources or "no")
         good = f"yes, K ≥ {m.min_k}" if m.detector.uses_good else "no"
