@@ -22,6 +22,7 @@ from visinspect.experiments.tables import (
     method_name,
     pivot_table,
     switches,
+    targets_k,
 )
 from visinspect.methods.registry import RECOMMENDED
 from visinspect.utils import atomic_path
@@ -123,11 +124,11 @@ def simclr_table(rows: Sequence[dict], k: int, plain: str, twin: str) -> str:
     seeds and the paired difference."""
     lines = ["| product | K | ImageNet features | adapted by SimCLR | difference (same seed) |",
              "| --- | --- | --- | --- | --- |"]
-    for c in chosen_on_other_targets(rows, k):
-        a, b = (_by_seed(rows, c["target"], m, c["k"]) for m in (plain, twin))
+    for t, kt in sorted(targets_k(rows, k).items()):
+        a, b = (_by_seed(rows, t, m, kt) for m in (plain, twin))
         both = sorted(set(a) & set(b))
         if both:
-            lines.append(f"| {c['target']} | {c['k']} | {_mean_std([a[s] for s in both], len(both))} | "
+            lines.append(f"| {t} | {kt} | {_mean_std([a[s] for s in both], len(both))} | "
                          f"{_mean_std([b[s] for s in both], len(both))} | "
                          f"{statistics.mean(b[s] - a[s] for s in both):+.3f} |")
     return "\n".join(lines)
@@ -185,10 +186,8 @@ def k_against_auroc(rows: Sequence[dict], ks: Sequence[int]) -> str:
     for m in methods:
         cells = []
         for k in ks:
-            has = {t: [int(r["model"].rsplit(" k=", 1)[1]) for r in rows if r["target"] == t
-                       and method_name(r["model"]) == m and " k=" in r["model"]] for t in targets}
-            means = [_mean(_cells(rows, t, f"{m} k={max(x for x in has[t] if x <= k)}"))
-                     if any(x <= k for x in has[t]) else None for t in targets]
+            own_k = targets_k(rows, k)
+            means = [_mean(_cells(rows, t, f"{m} k={own_k[t]}")) if t in own_k else None for t in targets]
             cells.append(f"{statistics.mean(means):.3f}" if all(v is not None for v in means) else "–")
         lines.append(f"| `{m}` | " + " | ".join(cells) + " |")
     return "\n".join(lines)

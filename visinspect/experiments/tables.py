@@ -118,15 +118,20 @@ def _k_of(model: str) -> int | None:
     return int(model.rsplit(" k=", 1)[1]) if " k=" in model else None
 
 
-def _values(rows: Sequence[dict], k: int) -> tuple[dict[tuple[str, str], list[float]], dict[str, int]]:
-    """Image AUROCs per (target, method) at the target's K (the largest K up to `k` it has rows of:
-    a product with fewer good images is scored with all it has; a method that uses no good image
-    has one K), and each target's K."""
+def targets_k(rows: Sequence[dict], k: int) -> dict[str, int]:
+    """Each target's K: the largest K up to `k` it has rows of (a product with fewer good images is
+    scored with all it has); targets without rows that use good images are left out."""
     ks: dict[str, set[int]] = {}
     for r in rows:
         if (rk := _k_of(r["model"])) is not None and rk <= k:
             ks.setdefault(r["target"], set()).add(rk)
-    own_k = {t: max(v) for t, v in ks.items()}
+    return {t: max(v) for t, v in ks.items()}
+
+
+def _values(rows: Sequence[dict], k: int) -> tuple[dict[tuple[str, str], list[float]], dict[str, int]]:
+    """Image AUROCs per (target, method) at the target's K (`targets_k`; a method that uses no good
+    image has one K), and each target's K."""
+    own_k = targets_k(rows, k)
     values: dict[tuple[str, str], list[float]] = {}
     for r in rows:
         rk = _k_of(r["model"])

@@ -37,7 +37,7 @@ from visinspect.calibration import (
 from visinspect.data.samples import Sample, load_rgb
 from visinspect.errors import DataError
 from visinspect.methods.base import by_product
-from visinspect.methods.memory_bank import PatchMemoryBank
+from visinspect.methods.memory_bank import PatchMemoryBank, remember
 from visinspect.methods.nearest_patch import MobileNetReferenceDetector
 from visinspect.scoring import ScoredImages
 
@@ -60,6 +60,7 @@ SMOOTH, STRIDE = 31, 8
 # 7 x 7: 0.84 at K = 20).
 CLUSTER = 3
 PATTERNS = 512
+_SCORES: dict[tuple, tuple[np.ndarray, torch.Tensor]] = {}  # see PatternBank.score
 
 
 def grey(sample: Sample) -> np.ndarray:
@@ -151,8 +152,17 @@ class PatternBank:
         around each place."""
         if not samples:
             return np.zeros(0), torch.zeros(0, 0, 0)
-        unseen = torch.stack([~self.seen[pattern_codes(grey(s))] for s in samples])
-        return _image_scores(unseen), _maps(unseen)
+
+        def compute() -> tuple[np.ndarray, torch.Tensor]:
+            unseen = torch.stack([~self.seen[pattern_codes(grey(s))] for s in samples])
+            return _image_scores(unseen), _maps(unseen)
+
+        # Every `+patterns` lever of a `loo` run scores a drawing the same way: once per patterns and
+        # images (a file changed on disk since is read again).
+        files = tuple((str(s.path), s.path.stat().st_mtime_ns, s.path.stat().st_size) for s in samples)
+        key = (self.seen.numpy().tobytes(), files)
+        scores, maps = remember(_SCORES, key, compute)
+        return scores.copy(), maps.clone()  # copies: a caller may change them in place
 
     def calibrate(self, false_alarm_rate: float = 0.01) -> Calibration:
         """Threshold and map scaling from the good images' leave-one-out scores."""
