@@ -4,6 +4,7 @@ layer for them, and the detectors that use them."""
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -15,6 +16,7 @@ from visinspect.backbones.mobilenet import (
     ImageStandardisation,
     LocalContrastNormalisation,
     build_mobilenet,
+    stride8_part,
 )
 from visinspect.backbones.store import FeatureStore
 from visinspect.checkpoint import load_checkpoint
@@ -87,6 +89,32 @@ def test_local_contrast_normalisation_evens_out_light_that_falls_off_across_a_pa
     assert a != b  # the same weights, other names: the store can never mix the two
     with pytest.raises(VisinspectError, match="contrast must be one of"):
         build_mobilenet("random", contrast="nope")
+
+
+def test_two_levels_are_the_stride8_maps_with_the_stride16_maps_upsampled_to_them(tmp_path):
+    """The stride-8 layer is the same network's earlier block (its own store entry); a bank on both
+    levels has four times the patches of 32 + 96 values, each level 3x3-averaged at its own size."""
+    from visinspect.data.samples import Sample
+    from visinspect.methods.memory_bank import PatchMemoryBank, patch_features
+
+    model, _ = build_mobilenet("random")
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(stride8_part(model)(x), model.blocks[:7](model.features[0](x)))
+    store = FeatureStore(tmp_path / "store")
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"{i}.png")
+        cv2.imwrite(str(paths[-1]), (np.random.default_rng(i).random((64, 64, 3)) * 255).astype(np.uint8))
+    good = [Sample(p, "part", "train", 0, "good", None) for p in paths]
+    bank = PatchMemoryBank.fit(model, good, 64, layers=("mobilenet_v2_s8", "mobilenet_v2"), max_patches=None,
+                               store=store, precision="fp32")
+    assert bank.bank.shape == (2 * 8 * 8, 32 + CHANNELS)
+    fine = store.fetch_samples(model, good, 64, precision="fp32", layer="mobilenet_v2_s8").batch(slice(None))
+    coarse = store.fetch_samples(model, good, 64, precision="fp32", layer="mobilenet_v2").batch(slice(None))
+    assert fine.shape[1:] == (32, 8, 8) and coarse.shape[1:] == (CHANNELS, 4, 4)
+    expected = patch_features(fine, coarse).permute(0, 2, 3, 1).reshape(-1, 32 + CHANNELS)
+    assert torch.allclose(bank.bank, expected, atol=1e-5)
 
 
 def test_random_weights_are_the_same_every_time_and_leave_the_global_seed_alone():

@@ -40,6 +40,7 @@ MOBILENET_URL = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1.url
 BLOCKS = 14
 PATCH_END = 2  # features = (the per-image standardisation, MobileNetV2's first BLOCKS blocks)
 CHANNELS, STRIDE = 96, 16
+STRIDE8_BLOCKS, STRIDE8_CHANNELS = 7, 32  # features[:7] ends with the last 32-channel block, at stride 8
 # How an image's lighting is evened out before the network: "image" (ImageStandardisation alone) or
 # "local" (LocalContrastNormalisation first, then ImageStandardisation: one more module in features).
 CONTRASTS = {"image": PATCH_END, "local": PATCH_END + 1}  # contrast -> the end of its patch layers
@@ -125,6 +126,13 @@ class MobileNetPatches(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
+
+
+def stride8_part(model: MobileNetPatches) -> nn.Sequential:
+    """The same network up to its stride-8 block (32 channels, S/8 x S/8): finer patches, with the
+    weights of `model` itself (its parameter names are the full network's first ones, so the feature
+    store keeps them apart from the stride-16 maps by digest)."""
+    return nn.Sequential(*model.features[:-1], model.blocks[:STRIDE8_BLOCKS])
 
 
 def _load_file(model: MobileNetPatches, path: Path) -> None:

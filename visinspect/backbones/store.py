@@ -69,13 +69,17 @@ def _mobilenet(contrast: str) -> Callable[[str | Path | None, int], mobilenet.Mo
     return build
 
 
+def _first(end: int) -> Callable[[Network], torch.nn.Module]:
+    return lambda network: network.features[:end]
+
+
 @dataclass(frozen=True)
 class Layer:
-    """A stored layer: the output of `network.features[:end]`, `channels` maps at 1/`stride` of
-    the image size (rounded up after strided convolutions, down after max-pools); `build(weights,
-    seed)` makes that network, with ImageNet weights or, given "random", seeded random ones."""
+    """A stored layer: the output of `part(network)`, `channels` maps at 1/`stride` of the image size
+    (rounded up after strided convolutions, down after max-pools); `build(weights, seed)` makes that
+    network, with ImageNet weights or, given "random", seeded random ones."""
 
-    end: int
+    part: Callable[[Network], torch.nn.Module]
     channels: int
     stride: int
     build: Callable[[str | Path | None, int], Network]
@@ -86,12 +90,15 @@ class Layer:
 
 
 LAYERS = {
-    "conv4_3": Layer(CONV4_3_END, 512, 8, _vgg16),  # of VGG16CAM: three 2x2 max-pools before conv4_3
+    "conv4_3": Layer(_first(CONV4_3_END), 512, 8, _vgg16),  # of VGG16CAM: three 2x2 max-pools before it
     # of mobilenet.MobileNetPatches: four stride-2 convolutions; "_lcn": local contrast normalised first
-    "mobilenet_v2": Layer(mobilenet.CONTRASTS["image"], mobilenet.CHANNELS, mobilenet.STRIDE,
+    "mobilenet_v2": Layer(_first(mobilenet.CONTRASTS["image"]), mobilenet.CHANNELS, mobilenet.STRIDE,
                           _mobilenet("image"), round_up=True),
-    "mobilenet_v2_lcn": Layer(mobilenet.CONTRASTS["local"], mobilenet.CHANNELS, mobilenet.STRIDE,
+    "mobilenet_v2_lcn": Layer(_first(mobilenet.CONTRASTS["local"]), mobilenet.CHANNELS, mobilenet.STRIDE,
                               _mobilenet("local"), round_up=True),
+    # its stride-8 block (three stride-2 convolutions), inside the same network
+    "mobilenet_v2_s8": Layer(mobilenet.stride8_part, mobilenet.STRIDE8_CHANNELS, 8, _mobilenet("image"),
+                             round_up=True),
 }
 # fp32 by default: rounding the classifier's training features to fp16 moved its trained rows by up
 # to 0.018 image AUROC (docs/experiments.md, "fp16 feature store"), above the 0.002 a stored feature
@@ -175,10 +182,10 @@ class Namespace:
         return (layer.channels, layer.side(self.image_size), layer.side(self.image_size))
 
 
-def _frozen_layers(model: Network, layer: str) -> torch.nn.Sequential:
+def _frozen_layers(model: Network, layer: str) -> torch.nn.Module:
     if layer not in LAYERS:
         raise ConfigError(f"the feature store keeps layers {', '.join(LAYERS)}; got {layer!r}")
-    return model.features[: LAYERS[layer].end]
+    return LAYERS[layer].part(model)
 
 
 # ----------------------------------------------------------------------------- stored features

@@ -33,8 +33,9 @@ from visinspect.utils import autocast, model_device, resolve_precision
 
 LAYERS = ("conv4_3", "conv5_3")
 # The layer choices of a bank: any layer the feature store keeps (VGG16's conv4_3, MobileNetV2's
-# stride-16 maps, ...), or conv4_3 with conv5_3 from the classifier's block 5 on top of it.
-LAYER_CHOICES = (*((name,) for name in STORED_LAYERS), LAYERS)
+# stride-16 maps, ...), conv4_3 with conv5_3 from the classifier's block 5 on top of it, or
+# MobileNetV2's stride-8 maps with its stride-16 ones (PatchCore's two levels).
+LAYER_CHOICES = (*((name,) for name in STORED_LAYERS), LAYERS, ("mobilenet_v2_s8", "mobilenet_v2"))
 # Search cost per image = patches per image x max_patches x feature dim multiply-adds: at 224 px
 # 784 x 2048 x 512 = 0.8 G, about 0.04 s on 2 AVX2 cores (~40 GFLOP/s fp32), well under the
 # backbone's own ~0.2 s. Cost grows linearly with max_patches and with conv5_3 (1024 dims).
@@ -107,35 +108,40 @@ def _stored(
     layers: tuple[str, ...],
     progress: bool = False,
     store: FeatureStore | None = None,
-) -> StoredFeatures:
-    """The stored layer of `samples` (the first of `layers`), from the feature store (computed
-    there if missing)."""
+) -> list[StoredFeatures]:
+    """The stored layers of `samples` (those of `layers` the store keeps: not conv5_3), from the
+    feature store (computed there if missing)."""
     # Re-layout the weights outside inference mode (else they become inference tensors and the
     # model can no longer be trained).
     model.eval().to(memory_format=torch.channels_last)
-    return (store or FeatureStore.default()).fetch_samples(
-        model, samples, image_size, precision=resolve_precision(precision), layer=layers[0],
-        progress=progress,
-    )
+    return [(store or FeatureStore.default()).fetch_samples(
+        model, samples, image_size, precision=resolve_precision(precision), layer=layer, progress=progress,
+    ) for layer in layers if layer in STORED_LAYERS]
+
+
+def _identity(stored: list[StoredFeatures]) -> tuple | None:
+    """What the stored layers' features are, for a cache key (None: not from the store)."""
+    ids = tuple(s.identity for s in stored)
+    return None if None in ids else ids
 
 
 def _patch_batches(
-    model: Network, feats: StoredFeatures, layers: tuple[str, ...], batch_size: int, precision: str
+    model: Network, stored: list[StoredFeatures], layers: tuple[str, ...], batch_size: int, precision: str
 ) -> Iterator[torch.Tensor]:
-    """Yield the patch features of stored features (conv4_3 or MobileNetV2's), one batch at a
-    time, in order; conv5_3 (if asked) is computed from conv4_3 with the model's block 5."""
+    """Yield the patch features of stored features (conv4_3 or MobileNetV2's), one batch at a time,
+    in order; conv5_3 (if asked) is computed from conv4_3 with the model's block 5; a second stored
+    layer (coarser) is aggregated at its own resolution and upsampled to the first's (patch_features)."""
     precision = resolve_precision(precision)
     device = model_device(model)
-    for c4 in feats.batches(batch_size):
+    for maps in zip(*(s.batches(batch_size) for s in stored), strict=True):
         # Inference mode per batch: a generator that yields inside the mode would leave it
         # switched on in the caller's code between batches.
         with torch.inference_mode():
-            c4 = c4.to(device, memory_format=torch.channels_last)
-            c5 = None
+            fine, *coarse = (m.to(device, memory_format=torch.channels_last) for m in maps)
             if "conv5_3" in layers:
                 with autocast(device, precision):
-                    c5 = model.maps_from_conv4_3(c4)
-            feats_batch = patch_features(c4, c5).cpu()
+                    coarse = [model.maps_from_conv4_3(fine)]
+            feats_batch = patch_features(fine, *coarse).cpu()
         yield feats_batch
 
 
@@ -256,8 +262,8 @@ class PatchMemoryBank:
         # top-5 % and fused detectors of one product and K share them.
         device = model_device(model)
         key = None
-        if stored.identity is not None and "conv5_3" not in layers:
-            key = (stored.identity, max_patches, seed, str(device), neighbours)
+        if _identity(stored) is not None and "conv5_3" not in layers:
+            key = (_identity(stored), max_patches, seed, str(device), neighbours)
 
         def build() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             feats = torch.cat(list(_patch_batches(model, stored, layers, batch_size, precision)))
@@ -380,9 +386,9 @@ class PatchMemoryBank:
         # The patch distances depend only on the bank and the stored features (conv5_3 would also
         # depend on the model's block 5): the reference, top-5 % and fused rows of a split share them.
         key = None
-        if stored.identity is not None and "conv5_3" not in self.layers:
+        if _identity(stored) is not None and "conv5_3" not in self.layers:
             bank = hashlib.blake2b(self.bank.cpu().numpy().tobytes()).hexdigest()
-            key = (bank, stored.identity, self.neighbours)
+            key = (bank, _identity(stored), self.neighbours)
         maps = remember(_DISTANCES, key, lambda: torch.cat([
             self.score_features(f)[1]
             for f in _patch_batches(model, stored, self.layers, batch_size, precision)

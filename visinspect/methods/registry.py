@@ -22,9 +22,9 @@ from visinspect.methods.augmented_references import PosedReferenceDetector
 from visinspect.methods.base import Detector, reference_samples
 from visinspect.methods.binary_patterns import PatternReferenceDetector
 from visinspect.methods.classifier import CalibratedClassifier, ClassifierDetector, fit_baseline
+from visinspect.methods.feature_levers import LocalContrastReferenceDetector, TwoLevelReferenceDetector
 from visinspect.methods.fusion import FusedDetector, FusedMobileNetDetector, FusedTopDetector
 from visinspect.methods.learnt_fusion import LearntFusionDetector
-from visinspect.methods.local_contrast import LocalContrastReferenceDetector
 from visinspect.methods.nearest_patch import (
     MobileNetReferenceDetector,
     ReferenceDetector,
@@ -140,6 +140,9 @@ METHODS: dict[str, Method] = {
         Method("reference-mobilenet+patterns+lcn", LocalContrastReferenceDetector,
                "reference-mobilenet+patterns on images whose local contrast is normalised first (lighting "
                "that changes across a part evened out)", default=True),
+        Method("reference-mobilenet+patterns+stride8", TwoLevelReferenceDetector,
+               "reference-mobilenet+patterns on MobileNetV2's stride-8 maps with its stride-16 maps "
+               "upsampled to them (PatchCore's two levels): finer patches", default=True),
         Method("reference-mobilenet+patterns+simclr", ContrastReferenceDetector,
                "reference-mobilenet+patterns on MobileNetV2 adapted by dense contrast (DenseCL, defect "
                "negatives, L2-SP) on the source products' unlabelled images", default=True),
