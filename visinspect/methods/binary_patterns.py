@@ -196,10 +196,12 @@ class PatternReferenceDetector(MobileNetReferenceDetector):
         self.calibrations[bank.category] = bank.calibrate(self.false_alarm_rate)
 
     def raw(self, samples: Sequence[Sample]) -> ScoredImages:
-        """Uncalibrated scores: each product's pattern count or patch distances."""
+        """Uncalibrated scores: each product's pattern count or patch score (`patch_scores`)."""
         def score(bank: PatternBank | PatchMemoryBank, group: list[Sample]) -> tuple:
-            if isinstance(bank, PatternBank):
-                return bank.score(group)
-            return bank.score(self.patch_model, group, precision=self.precision, progress=self.progress)
+            return bank.score(group) if isinstance(bank, PatternBank) else self.patch_scores(bank, group)
 
         return by_product(samples, self.image_size, {**self.banks, **self.patterns}, score)
+
+    def patch_scores(self, bank: PatchMemoryBank, group: list[Sample]) -> tuple[np.ndarray, torch.Tensor]:
+        """Image scores and patch maps of one product that is no binary drawing: patch distances."""
+        return bank.score(self.patch_model, group, precision=self.precision, progress=self.progress)

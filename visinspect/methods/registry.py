@@ -32,6 +32,7 @@ from visinspect.methods.nearest_patch import (
 )
 from visinspect.methods.pseudo_defects import PseudoDefectDetector
 from visinspect.methods.residual import ResidualDetector, fit_residual
+from visinspect.methods.residual_head import ResidualHeadDetector
 from visinspect.methods.simclr.checkpoints import load_pretrained_encoder
 from visinspect.methods.simclr.levers import LEVER_SETS
 from visinspect.methods.simclr.patch_network import ContrastReferenceDetector
@@ -146,6 +147,9 @@ METHODS: dict[str, Method] = {
         Method("reference-mobilenet+patterns+simclr", ContrastReferenceDetector,
                "reference-mobilenet+patterns on MobileNetV2 adapted by dense contrast (DenseCL, defect "
                "negatives, L2-SP) on the source products' unlabelled images", default=True),
+        Method("reference-mobilenet+patterns+residual", ResidualHeadDetector,
+               "reference-mobilenet+patterns, each patch scored by a head trained on the source products' "
+               "residuals (patch minus its nearest good patch, ResAD) and masks", default=True),
         Method("fused-mobilenet", FusedMobileNetDetector,
                "fused-top5 with the reference part on MobileNetV2's maps (reference-mobilenet)",
                BASELINE, default=True),

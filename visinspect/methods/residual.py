@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from visinspect.backbones.store import FeatureStore, StoredFeatures
+from visinspect.backbones.store import LAYERS, FeatureStore, Network, StoredFeatures
 from visinspect.backbones.vgg16 import VGG16CAM, build_model
 from visinspect.calibration import fit_calibration
 from visinspect.data.samples import Sample
@@ -33,15 +33,18 @@ K_TRAIN = 8  # good reference images per source product in training (ResAD train
 
 
 def residual_maps(
-    model: VGG16CAM,
+    model: Network,
     bank: PatchMemoryBank,
     samples: Sequence[Sample],
     precision: str = "auto",
     exclude: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Residual maps (N, 512, h, w): each 3x3-averaged conv4_3 patch minus its nearest patch of
-    the bank; `exclude[i]` leaves the bank's own image i out (for the bank's good images)."""
-    feats = FeatureStore.default().fetch_samples(model, samples, bank.image_size, precision=precision)
+    """Residual maps (N, C, h, w): each 3x3-averaged patch of the bank's layer (conv4_3, or
+    MobileNetV2's with that network as `model`) minus its nearest patch of the bank; `exclude[i]`
+    leaves the bank's own image i out (for the bank's good images)."""
+    layer = bank.layers[0]
+    feats = FeatureStore.default().fetch_samples(model, samples, bank.image_size, precision=precision,
+                                                 layer=layer)
     out = []
     for i, c4 in enumerate(feats.batches(16)):
         f = patch_features(c4)
@@ -53,10 +56,11 @@ def residual_maps(
         _, nearest = bank.nearest(patches, exclude=owners)
         residual = patches - bank.bank[nearest.to(bank.bank.device)].cpu()
         out.append(residual.view(n, h, w, c).permute(0, 3, 1, 2).contiguous())
-    return torch.cat(out) if out else torch.zeros(0, 512, bank.image_size // 8, bank.image_size // 8)
+    side = LAYERS[layer].side(bank.image_size)
+    return torch.cat(out) if out else torch.zeros(0, LAYERS[layer].channels, side, side)
 
 
-def _references(samples: Sequence[Sample], seed: int) -> dict[str, list[Sample]]:
+def source_references(samples: Sequence[Sample], seed: int) -> dict[str, list[Sample]]:
     """K_TRAIN good train/ images of each product that has at least two (a seeded choice)."""
     rng = np.random.default_rng(seed)
     refs = {}
@@ -104,7 +108,7 @@ def train_residual(
     model, provenance = build_model(weights)
     model.to(resolve_device(device))
     precision = resolve_precision(config.precision)
-    refs = _references(train, config.seed)
+    refs = source_references(train, config.seed)
     if not refs:
         raise DataError("residual training needs source products with at least 2 good train/ images")
     used = {str(s.path) for group in refs.values() for s in group}
