@@ -187,9 +187,10 @@ class PatternReferenceDetector(MobileNetReferenceDetector):
 
     def raw(self, samples: Sequence[Sample]) -> ScoredImages:
         """Uncalibrated scores: each product's pattern count or patch distances."""
-        def score(bank: PatternBank | PatchMemoryBank, group: list[Sample]) -> tuple:
-            if isinstance(bank, PatternBank):
-                return bank.score(group)
-            return bank.score(self.patch_model, group, precision=self.precision, progress=self.progress)
+        return by_product(samples, self.image_size, {**self.banks, **self.patterns}, self.score_product)
 
-        return by_product(samples, self.image_size, {**self.banks, **self.patterns}, score)
+    def score_product(self, bank: PatternBank | PatchMemoryBank, group: list[Sample]) -> tuple:
+        """One product's uncalibrated image scores and maps, with its pattern or patch bank."""
+        if isinstance(bank, PatternBank):
+            return bank.score(group)
+        return bank.score(self.patch_model, group, precision=self.precision, progress=self.progress)
