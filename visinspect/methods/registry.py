@@ -23,6 +23,7 @@ from visinspect.methods.base import Detector, reference_samples
 from visinspect.methods.binary_patterns import PatternReferenceDetector
 from visinspect.methods.classifier import CalibratedClassifier, ClassifierDetector, fit_baseline
 from visinspect.methods.feature_levers import LocalContrastReferenceDetector, TwoLevelReferenceDetector
+from visinspect.methods.foreground import ForegroundReferenceDetector
 from visinspect.methods.fusion import FusedDetector, FusedMobileNetDetector, FusedTopDetector
 from visinspect.methods.learnt_fusion import LearntFusionDetector
 from visinspect.methods.nearest_patch import (
@@ -132,6 +133,10 @@ METHODS: dict[str, Method] = {
         Method("reference-mobilenet+patterns+poses-always", PosedReferenceDetector,
                "the same, the turned and mirrored good images always added: what the check is worth",
                options={"check": False}, default=True),
+        Method("reference-mobilenet+patterns+foreground", ForegroundReferenceDetector,
+               "reference-mobilenet+patterns, the backdrop's patch distances not counted where the good "
+               "parts show an object on a plain background (AnomalyDINO's masking, told by their borders)",
+               default=True),
         Method("reference-mobilenet+patterns@256", PatternReferenceDetector,
                "reference-mobilenet+patterns with the images read at 256 px (the data's size), not 224",
                options={"input_size": 256}, default=True),
