@@ -18,9 +18,8 @@ here a small head scores each 96-d MobileNetV2 residual.)
    residual, the image score the mean of the top 5 %; the threshold from the K good images' own
    residuals, each against the other K - 1. Binary drawings keep the pattern score.
 
-One screen (magnetic tile, K = 20, seed 0; the head learnt on 150 images each of bottle, whose
-defects have no mask here, and transistor; DeepPCB left out as a drawing): image AUROC 0.70, against
-0.85 for reference-mobilenet+patterns (the residual's length); the logit times the length: 0.75.
+Only products with masked defects teach the head (bottle's defects here have no mask, DeepPCB is a
+drawing): against reference-mobilenet+patterns in docs/results.md's Levers table.
 """
 
 from __future__ import annotations
