@@ -279,6 +279,24 @@ def test_a_rule_for_one_target_alone_is_a_tie_on_the_other_targets():
     assert chosen["t1"]["tied"] == {"b": 0.9}  # on t1 the rule's product speaks for b
 
 
+def test_a_rule_for_one_target_is_noted_where_the_headline_carries_it():
+    """`a+rule` fires on t3 alone, and `a+rule+x` (chosen everywhere) carries it: the note gives the
+    mean without it; `a+other` fires on t3 alone too, but no chosen method carries it: no note."""
+    from visinspect.experiments.report import switch_notes
+
+    def row(target, model, auroc):
+        return {"target": target, "model": f"{model} k=20", "image_auroc": auroc, "seed": 0}
+
+    plain = {"t1": 0.9, "t2": 0.8, "t3": 0.5}
+    rows = [row(t, "a", v) for t, v in plain.items()]
+    rows += [row(t, "a+rule", 0.9 if t == "t3" else v) for t, v in plain.items()]
+    rows += [row(t, "a+rule+x", v + 0.05 if t != "t3" else 0.9) for t, v in plain.items()]
+    rows += [row(t, "a+other", 0.4 if t == "t3" else v) for t, v in plain.items()]
+    (note,) = switch_notes(rows, 20)
+    assert note.startswith("- `a` and `a+rule` differ on t3 alone (0.500 and 0.900 there)")
+    assert note.endswith(f"the mean above is {(0.95 + 0.85 + 0.5) / 3:.3f}.")
+
+
 def test_paired_against_the_baseline():
     """Differences are taken on the same target and seed; unpaired and K-dependent rows are left out."""
     def row(target, model, auroc, seed):

@@ -93,16 +93,21 @@ def headline_table(rows: Sequence[dict], k: int) -> str:
 
 def switch_notes(rows: Sequence[dict], k: int) -> list[str]:
     """One line per rule that acts on one product alone (`tables.switches`, the rows of a pair of
-    methods differ there only): the other products cannot choose it, so its credit in the headline
-    rests on that product's own rows. Each line gives both figures there and the headline mean with
-    the lower one, the figure of a protocol that cannot flatter itself."""
+    methods differ there only) and that the headline's method there carries: the other products
+    cannot choose it, so its credit in the headline rests on that product's own rows. Each line
+    gives both figures there and the headline mean with the lower one, the figure of a protocol
+    that cannot flatter itself."""
     chosen = chosen_on_other_targets(rows, k)
     figures, ks = {c["target"]: c["auroc"] for c in chosen}, {c["target"]: c["k"] for c in chosen}
+    picked = {c["target"]: c["chosen"] for c in chosen}
     lines = []
     for s in switches(rows, k):
         if len(s["fires_on"]) != 1 or s["fires_on"][0] not in figures:
             continue
-        t, (a, b) = s["fires_on"][0], s["methods"]
+        t, (a, b) = s["fires_on"][0], sorted(s["methods"], key=len)
+        # A rule is what b adds to a; noted where the headline's method there carries it.
+        if not extends(b, a) or not (picked[t] == b or extends(picked[t], b)):
+            continue
         va, vb = (_mean(_cells(rows, t, f"{m} k={ks[t]}") or _cells(rows, t, m)) for m in (a, b))
         if round(va, 3) == round(vb, 3):  # a difference the tables do not show
             continue
@@ -134,13 +139,18 @@ def simclr_table(rows: Sequence[dict], k: int, plain: str, twin: str) -> str:
     return "\n".join(lines)
 
 
+def extends(variant: str, method: str) -> bool:
+    """Whether method `variant` is `method` plus a lever, by name ("+poses", "@256", ...)."""
+    return variant.startswith(method) and len(variant) > len(method) and variant[len(method)] in "+@"
+
+
 def lever_pairs(rows: Sequence[dict]) -> list[tuple[str, str]]:
     """(method, its lever variant) for each method of the rows named as another one plus a lever
     ("+poses", "@256", "+simclr", ...): the variant against the longest method name it extends."""
     names = {method_name(r["model"]) for r in rows}
     pairs = []
     for m in sorted(names):
-        bases = [b for b in names if m.startswith(b) and len(m) > len(b) and m[len(b)] in "+@"]
+        bases = [b for b in names if extends(m, b)]
         if bases:
             pairs.append((max(bases, key=len), m))
     return pairs
