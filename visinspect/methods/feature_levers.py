@@ -22,7 +22,7 @@ class LocalContrastReferenceDetector(PatternReferenceDetector):
     drawing keeps its pattern score (it reads no patch network)."""
 
     layers = stored_layers = ("mobilenet_v2_lcn",)
-    contrast = "local"
+    lighting = "local"
 
 
 class TwoLevelReferenceDetector(PatternReferenceDetector):

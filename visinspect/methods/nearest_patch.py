@@ -71,9 +71,9 @@ class MobileNetReferenceDetector(TopReferenceDetector):
     layers = stored_layers = ("mobilenet_v2",)
     max_patches = None
     input_size: int | None = None  # the side its images are read at; None: the checkpoint's image_size
-    contrast = "image"  # how lighting is evened out before the network (backbones.mobilenet.CONTRASTS)
+    lighting = "image"  # how lighting is evened out before the network (backbones.mobilenet.CONTRASTS)
 
     def __init__(self, model: VGG16CAM | None, info: dict, **kwargs) -> None:
         super().__init__(model, info, **kwargs)
         self.image_size = self.input_size or self.image_size
-        self.patch_model, self.patch_provenance = mobilenet_for(info, self.contrast)
+        self.patch_model, self.patch_provenance = mobilenet_for(info, self.lighting)
