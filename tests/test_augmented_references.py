@@ -7,7 +7,7 @@ import torch
 
 from visinspect.backbones.mobilenet import build_mobilenet
 from visinspect.data.samples import build_sample_table
-from visinspect.methods.augmented_references import POSES, augmented_bank, pose, posed_features
+from visinspect.methods.augmented_references import POSES, SHIFTS, augmented_bank, pose, posed_features
 from visinspect.methods.memory_bank import PatchMemoryBank
 from visinspect.methods.registry import backbone_info, make_detector
 
@@ -34,6 +34,16 @@ def test_the_poses_are_the_eight_symmetries_of_the_square():
     assert len({tuple(i.flatten().tolist()) for i in images}) == 8
     assert torch.equal(pose(pose(x, "rot90"), "rot270"), x)
     assert torch.equal(pose(x, "flip-rot90"), torch.rot90(x.flip(-1), 1, dims=(-2, -1)))
+
+
+def test_the_shifts_move_the_image_by_half_a_patch_and_the_zoom_enlarges_its_centre():
+    x = torch.arange(56.0 * 56).view(1, 1, 56, 56)  # SHIFT of 56 px: 2 px
+    right, down, both = (pose(x, p) for p in SHIFTS[:3])
+    assert torch.equal(right[..., 2:], x[..., :-2]) and torch.equal(down[..., 2:, :], x[..., :-2, :])
+    assert torch.equal(both[..., 2:, 2:], x[..., :-2, :-2])
+    assert torch.equal(right[..., :2], x[..., [2, 1]])  # the edge that comes in: reflected
+    zoomed, centre = pose(x, "zoom"), x[..., 4:-4, 4:-4]  # ZOOM 7/8: 48 of 56 px, zoomed back to 56
+    assert zoomed.shape == x.shape and centre.min() <= zoomed.min() and zoomed.max() <= centre.max()
 
 
 def test_the_larger_bank_leaves_each_good_image_and_its_poses_out(network, pills):

@@ -14,6 +14,9 @@ from its K good images alone, without a defect label:
 3. the bank that separates the good parts from the pseudo-defects better (image AUROC of the
    leave-one-out scores) is kept: the augmented one when it lowers the good parts' scores without
    lowering the pseudo-defects' as much, the plain one otherwise.
+
+The same check serves SHIFTS (`+shifts`): the references shifted by half a patch and zoomed in,
+for parts that lie a little displaced or closer rather than turned.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from visinspect.backbones.store import FeatureStore, Network, weights_digest
 from visinspect.data.samples import Sample, load_rgb, model_input, square_rgb, to_tensor
@@ -32,13 +36,28 @@ from visinspect.metrics import ranked_auroc
 
 # The dihedral group of the square without the identity: three turns, a mirror and its three turns.
 POSES = ("rot90", "rot180", "rot270", "flip", "flip-rot90", "flip-rot180", "flip-rot270")
+# The same part a little displaced or closer: shifted by SHIFT of the side (half a stride-16 patch at
+# 224 px) right, down and both, so that the patch grid meets it at other phases, and its central
+# ZOOM zoomed back to the full side (the issue's "small shifts and crops").
+SHIFTS = ("shift-right", "shift-down", "shift-both", "zoom")
+SHIFT, ZOOM = 1 / 28, 7 / 8
 PSEUDO_PER_IMAGE = 2  # pseudo-defects drawn on each good image for the check
 _FEATURES: dict[tuple, torch.Tensor] = {}  # the last few products' posed and pseudo-defect features
 
 
 def pose(images: torch.Tensor, name: str) -> torch.Tensor:
     """Images (N, C, S, S) mirrored left-right ("flip") and/or turned counter-clockwise by 90,
-    180 or 270 degrees ("rot90", ...), as named in POSES."""
+    180 or 270 degrees ("rot90", ...), as named in POSES; or shifted or zoomed, as named in SHIFTS
+    (the edge that comes in is the image's own, reflected)."""
+    side = images.shape[-1]
+    if name.startswith("shift"):
+        step = round(SHIFT * side)
+        dx, dy = step * (name != "shift-down"), step * (name != "shift-right")
+        return F.pad(images, (dx, 0, dy, 0), mode="reflect")[..., :side, :side]
+    if name == "zoom":
+        lo = round(side * (1 - ZOOM) / 2)
+        return F.interpolate(images[..., lo : side - lo, lo : side - lo], size=(side, side), mode="bilinear",
+                             align_corners=False)
     if name.startswith("flip"):
         images, name = images.flip(-1), name.removeprefix("flip").lstrip("-")
     turns = {"": 0, "rot90": 1, "rot180": 2, "rot270": 3}[name]
@@ -58,15 +77,15 @@ def _key(network: Network, good: Sequence[Sample], size: int, layer: str, precis
 
 
 def posed_features(network: Network, good: Sequence[Sample], size: int, layer: str,
-                   precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The patch features of the good images themselves (N, C, h, w) and of their POSES, pose by
-    pose ((len(POSES) * N, C, h, w)): computed once per product, K and network."""
+                   precision: str, poses: Sequence[str] = POSES) -> tuple[torch.Tensor, torch.Tensor]:
+    """The patch features of the good images themselves (N, C, h, w) and of their `poses`, pose by
+    pose ((len(poses) * N, C, h, w)): computed once per product, K, poses and network."""
     def compute() -> torch.Tensor:
         images = torch.stack([model_input(s.path, size) for s in good])
         return torch.cat([_patch_maps(network, pose(images, p) if p else images, layer, precision)
-                          for p in ("", *POSES)])
+                          for p in ("", *poses)])
 
-    feats = remember(_FEATURES, _key(network, good, size, layer, precision, "posed"), compute)
+    feats = remember(_FEATURES, _key(network, good, size, layer, precision, f"posed{tuple(poses)}"), compute)
     return feats[: len(good)], feats[len(good):]
 
 
@@ -102,13 +121,14 @@ def augmented_bank(
     precision: str,
     seed: int,
     check: bool = True,
+    poses: Sequence[str] = POSES,
 ) -> tuple[PatchMemoryBank, dict]:
-    """`bank` (of `good`, every patch kept) with the good images' POSES added where it is safe
+    """`bank` (of `good`, every patch kept) with the good images' `poses` added where it is safe
     (see the module docstring; `check=False`: always), and what was decided, with both banks'
     separations of good parts from pseudo-defects."""
     layer, size = bank.layers[0], bank.image_size
-    originals, posed = posed_features(network, good, size, layer, precision)
-    owners = torch.arange(len(good)).repeat(len(POSES))
+    originals, posed = posed_features(network, good, size, layer, precision, poses)
+    owners = torch.arange(len(good)).repeat(len(poses))
     bigger = bank.with_patches(posed, owners, originals)
     if not check:
         return bigger, {"augmented": True}
@@ -125,6 +145,7 @@ class PosedReferenceDetector(PatternReferenceDetector):
     pattern score."""
 
     check = True  # False: always add the poses (what the check is worth)
+    augment: tuple[str, ...] = POSES  # the poses added (POSES, or SHIFTS: shifted and zoomed)
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -137,7 +158,8 @@ class PosedReferenceDetector(PatternReferenceDetector):
             self.poses.pop(product, None)
             return
         bank, self.poses[product] = augmented_bank(self.banks[product], self.patch_model, good,
-                                                   precision=self.precision, seed=self.seed, check=self.check)
+                                                   precision=self.precision, seed=self.seed, check=self.check,
+                                                   poses=self.augment)
         self.banks[product], self.calibrations[product] = bank, bank.calibrate(self.false_alarm_rate)
 
     def describe(self) -> str:
@@ -148,5 +170,6 @@ class PosedReferenceDetector(PatternReferenceDetector):
         why = "" if "separation_plain" not in decision else (
             f"; good parts against pseudo-defects, AUROC {decision['separation_plain']:.3f} without them, "
             f"{decision['separation_augmented']:.3f} with them")
-        return super().describe() + f"\nturned and mirrored references: {added}{why}"
+        what = "turned and mirrored" if self.augment == POSES else "shifted and zoomed"
+        return super().describe() + f"\n{what} references: {added}{why}"
 

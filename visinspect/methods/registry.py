@@ -18,7 +18,7 @@ from visinspect.backbones.vgg16 import VGG16CAM, build_model, describe_backbone
 from visinspect.calibration import load_calibration
 from visinspect.checkpoint import load_method_checkpoint, save_classifier, save_settings
 from visinspect.errors import ConfigError
-from visinspect.methods.augmented_references import PosedReferenceDetector
+from visinspect.methods.augmented_references import SHIFTS, PosedReferenceDetector
 from visinspect.methods.base import Detector, reference_samples
 from visinspect.methods.binary_patterns import PatternReferenceDetector
 from visinspect.methods.classifier import CalibratedClassifier, ClassifierDetector, fit_baseline
@@ -133,6 +133,10 @@ METHODS: dict[str, Method] = {
         Method("reference-mobilenet+patterns+poses-always", PosedReferenceDetector,
                "the same, the turned and mirrored good images always added: what the check is worth",
                options={"check": False}, default=True),
+        Method("reference-mobilenet+patterns+shifts", PosedReferenceDetector,
+               "reference-mobilenet+patterns, the K good images also shifted by half a patch and zoomed in "
+               "where the good parts say it is safe (the check of +poses)", options={"augment": SHIFTS},
+               default=True),
         Method("reference-mobilenet+patterns+foreground", ForegroundReferenceDetector,
                "reference-mobilenet+patterns, the backdrop's patch distances not counted where the good "
                "parts show an object on a plain background (AnomalyDINO's masking, told by their borders)",
