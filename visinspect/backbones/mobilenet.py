@@ -15,6 +15,7 @@ initialisation with a warning nobody can miss.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from pathlib import Path
@@ -86,6 +87,7 @@ class LocalContrastNormalisation(nn.Module):
             return centred / torch.maximum(std, std.mean(dim=(2, 3), keepdim=True)).clamp_min(1e-3)
 
 
+@functools.lru_cache(maxsize=8)  # one pair per image size: not rebuilt for every batch
 def _gaussian_matrix(n: int, sigma: float, device: torch.device) -> torch.Tensor:
     """(n, n) matrix M such that M @ v is v (length n) blurred by a Gaussian of `sigma`, truncated at
     3 sigma, with v's ends reflected (no darkened border)."""

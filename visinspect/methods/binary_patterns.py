@@ -159,7 +159,7 @@ class PatternBank:
 
         # Every `+patterns` lever of a `loo` run scores a drawing the same way: once per patterns and
         # images (a file changed on disk since is read again).
-        files = tuple((str(s.path), s.path.stat().st_mtime_ns, s.path.stat().st_size) for s in samples)
+        files = tuple((str(s.path), st.st_mtime_ns, st.st_size) for s in samples for st in [s.path.stat()])
         key = (self.seen.numpy().tobytes(), files)
         scores, maps = remember(_SCORES, key, compute)
         return scores.copy(), maps.clone()  # copies: a caller may change them in place
